@@ -1,0 +1,176 @@
+"""``mpsserve`` command line: serve, deploy, demo-model.
+
+Commands that need Ray import it lazily, so ``demo-model`` and ``--help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mpsserve.config import ServiceConfig, load_config
+from mpsserve.errors import MpsServeError
+from mpsserve.settings import settings
+
+logger = logging.getLogger("mpsserve")
+DEFAULT_CONFIG = "deployments/local.yaml"
+REQUEST_DIR = Path(".mpsserve")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpsserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start a local Ray (or join one) and serve until Ctrl-C")
+    serve.add_argument("--config", default=DEFAULT_CONFIG, help="service YAML")
+    serve.add_argument("--rows", type=int, default=2000, help="rows in the printed request")
+
+    deploy = sub.add_parser("deploy", help="deploy to a running Ray cluster and return")
+    deploy.add_argument("--config", default=DEFAULT_CONFIG, help="service YAML")
+    deploy.add_argument("--address", default=None, help="Ray address (default: config, auto)")
+
+    demo = sub.add_parser("demo-model", help="write the demo recommender as DIR/<version>/")
+    demo.add_argument("--out", required=True, type=Path, help="model store directory")
+    demo.add_argument("--format", choices=["tensorflow", "torch"], default="tensorflow")
+    demo.add_argument("--version", type=int, default=1)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--table-rows", type=int, default=100_000, help="rows per embedding table")
+    demo.add_argument("--if-missing", action="store_true", help="do nothing if DIR has a version")
+    return parser
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from mpsserve.demo import DemoSpec, write_demo_model
+
+    existing = [p for p in args.out.glob("*") if p.name.isdigit()] if args.out.exists() else []
+    if args.if_missing and existing:
+        print(f"{args.out} already holds version(s) {sorted(p.name for p in existing)}; kept")
+        return 0
+    started = time.monotonic()
+    spec = DemoSpec(table_rows=args.table_rows)
+    path = write_demo_model(args.out, args.format, args.version, args.seed, spec)
+    print(f"wrote {args.format} demo model to {path} in {time.monotonic() - started:.1f}s")
+    return 0
+
+
+def _start_ray(config: ServiceConfig, address: str | None, local: bool) -> int:
+    """Join or start Ray and Serve; returns the cluster's GPU count."""
+    import ray
+    from ray import serve
+
+    if local and address is None:
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=True, logging_level="WARNING")
+    else:
+        ray.init(address=address or "auto", logging_level="WARNING")
+    http = {"host": config.ingress.host, "port": config.ingress.http_port}
+    serve.start(http_options=http)
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def _deploy(config: ServiceConfig, gpus: int) -> None:
+    from ray import serve
+
+    from mpsserve.serving.app import build_app
+
+    placement = "CPU replicas (no GPU in the cluster)" if gpus == 0 else f"{gpus} GPU(s)"
+    print(f"deploying {[m.name for m in config.models]} on {placement} ...", flush=True)
+    serve.run(build_app(config, gpus), name=config.ray.app_name, route_prefix="/", blocking=False)
+
+
+def _write_request(config: ServiceConfig, model: str, rows: int) -> Path:
+    """A JSON request of ``rows`` rows built from the served model's signature."""
+    from ray import serve
+
+    from mpsserve.features import synthetic_inputs
+    from mpsserve.protocol.kserve import encode_json_request
+    from mpsserve.runtime.base import Signature
+
+    handle = serve.get_deployment_handle(f"model-{model}", app_name=config.ray.app_name)
+    metadata: dict[str, Any] = handle.metadata.remote().result()
+    inputs = synthetic_inputs(Signature.from_dict(metadata), rows)
+    REQUEST_DIR.mkdir(exist_ok=True)
+    path = REQUEST_DIR / f"request-{model}.json"
+    path.write_bytes(encode_json_request(inputs))
+    return path
+
+
+def _print_endpoints(config: ServiceConfig, request: Path) -> None:
+    port, model = config.ingress.http_port, config.models[0].name
+    base = f"http://127.0.0.1:{port}"
+    show = (
+        "import json,sys; o=json.load(sys.stdin)['outputs'][0]; "
+        "print(o['name'], o['shape'], o['data'][:5])"
+    )
+    print(
+        f"\nmpsserve is up.\n"
+        f"  HTTP (KServe v2): {base}/v2/models/{model}/infer\n"
+        f"  health:           {base}/v2/health/ready\n"
+        f"  model metadata:   {base}/v2/models/{model}\n"
+        f"  Ray dashboard:    http://127.0.0.1:8265\n\n"
+        f"Try it (a {request.name} request, written from the model's signature):\n"
+        f"  curl -s -H 'Content-Type: application/json' --data @{request} \\\n"
+        f'    {base}/v2/models/{model}/infer | python3 -c "{show}"\n\n'
+        f"Ctrl-C stops the service and the local Ray.",
+        flush=True,
+    )
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    config = load_config(args.config)
+    try:
+        gpus = _start_ray(config, config.ray.address, local=True)
+        _deploy(config, gpus)
+        _print_endpoints(config, _write_request(config, config.models[0].name, args.rows))
+        _wait_for_signal()
+        print("\nstopping ...", flush=True)
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+    print("stopped.")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    gpus = _start_ray(config, args.address or config.ray.address, local=False)
+    _deploy(config, gpus)
+    print(f"deployed application {config.ray.app_name!r}; HTTP on port {config.ingress.http_port}")
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "deploy": cmd_deploy, "demo-model": cmd_demo_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=settings().log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except MpsServeError as exc:
+        print(f"mpsserve {args.command}: {exc.message}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # Ray Serve reports a failed deployment this way
+        print(f"mpsserve {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

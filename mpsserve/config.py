@@ -1,0 +1,189 @@
+"""The service configuration: one YAML file, validated here, where it enters.
+
+A bad file fails at load with the dotted path of the bad field and what was expected
+(``models.0.placement.replicas_per_gpu: Input should be greater than or equal to 1``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mpsserve.errors import ConfigError
+
+#: MPS accepts at most this many client processes per GPU on Volta and later.
+MPS_MAX_CLIENTS_PER_GPU = 48
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VersionPolicy(_Strict):
+    """Which versions of a model serve (TF Serving's policies); only `latest` is wired so far."""
+
+    latest: int | None = Field(1, ge=1, description="Serve the newest N complete versions.")
+    specific: list[int] | None = Field(None, description="Serve exactly these versions (pins).")
+
+    @model_validator(mode="after")
+    def _one_policy(self) -> VersionPolicy:
+        if self.specific is not None and self.latest not in (None, 1):
+            raise ValueError("give either 'latest' or 'specific', not both")
+        return self
+
+
+class Placement(_Strict):
+    """How a model's replicas are placed on GPUs (fractional) or CPUs."""
+
+    replicas_per_gpu: int = Field(
+        4, ge=1, le=MPS_MAX_CLIENTS_PER_GPU, description="Replica processes sharing each GPU."
+    )
+    gpu_share: float = Field(
+        1.0, gt=0, le=1, description="Fraction of each GPU this model's replicas take together."
+    )
+    gpus: int | Literal["auto"] = Field(
+        "auto", description="GPUs to spread over; 'auto' = every GPU in the Ray cluster."
+    )
+    cpu_replicas: int = Field(1, ge=1, description="Replicas when the cluster has no GPU.")
+    cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs reserved per replica.")
+    max_ongoing_requests: int = Field(8, ge=1, description="Requests queued per replica.")
+
+    def num_gpus_per_replica(self) -> float:
+        """Ray's ``num_gpus`` for one replica: its slice of the GPU's share."""
+        return self.gpu_share / self.replicas_per_gpu
+
+
+class ModelConfig(_Strict):
+    """One served model: where its versions live and how to run them."""
+
+    name: Annotated[str, Field(pattern=_NAME.pattern, description="URL-safe model name.")]
+    store: str = Field(description="Base URI of numbered versions: file://, s3://, a path.")
+    runtime: Literal["tensorflow", "torch"] = Field("tensorflow", description="Model runtime.")
+    signature: str = Field("serving_default", description="SavedModel signature to serve.")
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+    max_rows: int = Field(16384, ge=1, description="Most rows accepted in one request.")
+    intra_op_threads: int = Field(0, ge=0, description="Runtime intra-op threads; 0 = auto.")
+    inter_op_threads: int = Field(0, ge=0, description="Runtime inter-op threads; 0 = auto.")
+    placement: Placement = Field(default_factory=Placement)
+
+
+class IngressConfig(_Strict):
+    """The HTTP (and later gRPC) front door."""
+
+    host: str = Field("0.0.0.0", description="Address the HTTP proxy binds.")
+    http_port: int = Field(8000, ge=1, le=65535, description="KServe v2 / TF-Serving REST port.")
+    grpc_port: int = Field(9000, ge=1, le=65535, description="KServe v2 gRPC port.")
+    replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    cpus_per_replica: float = Field(1.0, ge=0, description="Ray CPUs reserved per ingress replica.")
+    max_request_mb: float = Field(64.0, gt=0, description="Largest request body accepted.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline.")
+
+
+class MpsLimits(_Strict):
+    """Per-replica MPS limits; None derives a default from replicas_per_gpu."""
+
+    active_thread_percentage: float | None = Field(
+        None, gt=0, le=100, description="CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per replica."
+    )
+    pinned_mem_limit_mb: int | None = Field(
+        None, ge=1, description="CUDA_MPS_PINNED_DEVICE_MEM_LIMIT per replica, in MB."
+    )
+
+
+class MpsConfig(_Strict):
+    """CUDA MPS: whether replicas share each GPU through a control daemon."""
+
+    mode: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: MPS when the node has GPUs; on: required; off: never."
+    )
+    pipe_dir: str = Field("/tmp/mpsserve/mps-pipe", description="CUDA_MPS_PIPE_DIRECTORY.")
+    log_dir: str = Field("/tmp/mpsserve/mps-log", description="CUDA_MPS_LOG_DIRECTORY.")
+    limits: MpsLimits = Field(default_factory=MpsLimits)
+
+
+class RayConfig(_Strict):
+    """Where Ray runs; ``address: null`` starts a local cluster for ``mpsserve serve``."""
+
+    address: str | None = Field(None, description="Ray address to join; null = start local.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; null = all.")
+    app_name: str = Field("mpsserve", description="Ray Serve application name.")
+
+
+class ServiceConfig(_Strict):
+    """The whole service."""
+
+    models: list[ModelConfig] = Field(min_length=1, description="Models to serve.")
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    mps: MpsConfig = Field(default_factory=MpsConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check_models(self) -> ServiceConfig:
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {duplicates}")
+        share = sum(m.placement.gpu_share for m in self.models)
+        if share > 1.0 + 1e-9:
+            raise ValueError(f"models' placement.gpu_share add up to {share:g}, more than 1 GPU")
+        clients = sum(m.placement.replicas_per_gpu for m in self.models)
+        if clients > MPS_MAX_CLIENTS_PER_GPU:
+            raise ValueError(
+                f"{clients} replicas per GPU in all; MPS allows at most "
+                f"{MPS_MAX_CLIENTS_PER_GPU} clients per GPU"
+            )
+        return self
+
+    def model(self, name: str) -> ModelConfig:
+        return next(m for m in self.models if m.name == name)
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        lines.append(f"  {path}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: object, source: str = "<dict>") -> ServiceConfig:
+    """Validate already-parsed YAML/JSON data; raise ConfigError naming each bad field."""
+    try:
+        return ServiceConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from exc
+
+
+def load_config(path: str | Path) -> ServiceConfig:
+    """Read and validate a YAML config file; relative store paths resolve from the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    return parse_config(_resolve_stores(data, path.parent), str(path))
+
+
+def _resolve_stores(data: object, base: Path) -> object:
+    """Make relative local store paths absolute, so replicas on any cwd find them."""
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        return data
+    for model in data["models"]:
+        if isinstance(model, dict) and isinstance(model.get("store"), str):
+            model["store"] = _absolute_store(model["store"], base)
+    return data
+
+
+def _absolute_store(uri: str, base: Path) -> str:
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    local = uri.removeprefix("file://")
+    return str((base / local).resolve()) if not Path(local).is_absolute() else local

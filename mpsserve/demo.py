@@ -1,0 +1,231 @@
+"""The demo recommender: the reference workload of BENCHMARK.md, from a fixed seed.
+
+Per row: 13 dense floats, 26 categorical int64 ids hashed (mod ``table_rows``) into one
+table each, and a variable-length history of ids mean-pooled through its own table; an MLP
+(877 -> 1024 -> 512 -> 256 -> 1, ReLU, sigmoid) scores the row. The weights come from numpy
+with a seed, so the TensorFlow and PyTorch builds compute the same function; ``reference``
+is the numpy float64 version both are checked against.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from mpsserve.runtime.base import Signature, TensorSpec, write_signature_file
+
+logger = logging.getLogger(__name__)
+ID_MAX = 2**31 - 1  # ids on the wire are non-negative hashes
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """Sizes of the demo model; the defaults are the reference workload."""
+
+    n_dense: int = 13
+    n_cat: int = 26
+    table_rows: int = 100_000
+    dim: int = 32
+    hidden: tuple[int, ...] = (1024, 512, 256)
+    history_mean: int = 20
+
+    @property
+    def mlp_input(self) -> int:
+        return self.n_dense + self.n_cat * self.dim + self.dim
+
+
+@dataclass
+class DemoWeights:
+    cat_tables: np.ndarray  # [n_cat * table_rows, dim]: table i starts at row i * table_rows
+    history_table: np.ndarray  # [table_rows, dim]
+    layers: list[tuple[np.ndarray, np.ndarray]]  # (W [in, out], b [out]) per layer
+
+
+def make_weights(spec: DemoSpec, seed: int) -> DemoWeights:
+    """Random weights from ``seed``, scaled so scores neither saturate nor collapse to 0.5."""
+    rng = np.random.default_rng(seed)
+    tables = rng.standard_normal((spec.n_cat * spec.table_rows, spec.dim), dtype=np.float32)
+    history = rng.standard_normal((spec.table_rows, spec.dim), dtype=np.float32)
+    tables *= 0.5
+    history *= 0.5
+    layers = []
+    sizes = (spec.mlp_input, *spec.hidden, 1)
+    for fan_in, fan_out in itertools.pairwise(sizes):
+        bound = np.sqrt(6.0 / fan_in)  # He: keeps the signal alive through the ReLUs
+        w = rng.uniform(-bound, bound, (fan_in, fan_out)).astype(np.float32)
+        b = rng.uniform(-0.01, 0.01, fan_out).astype(np.float32)
+        layers.append((w, b))
+    return DemoWeights(tables, history, layers)
+
+
+def make_request(spec: DemoSpec, rows: int = 2000, seed: int = 0) -> dict[str, np.ndarray]:
+    """A reproducible request of the reference workload (history lengths 1..39, mean 20)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 2 * spec.history_mean, rows, dtype=np.int64)
+    return {
+        "dense": rng.standard_normal((rows, spec.n_dense), dtype=np.float32),
+        "cat": rng.integers(0, ID_MAX, (rows, spec.n_cat), dtype=np.int64),
+        "history_values": rng.integers(0, ID_MAX, int(lengths.sum()), dtype=np.int64),
+        "history_lengths": lengths,
+    }
+
+
+def signature(spec: DemoSpec) -> Signature:
+    """The demo's serving signature (inputs in the order the torch program takes them)."""
+    ids = {"dtype": "int64", "min_value": 0, "max_value": ID_MAX}
+    return Signature.from_dict(
+        {
+            "inputs": [
+                {"name": "dense", "dtype": "float32", "shape": [-1, spec.n_dense]},
+                {"name": "cat", "shape": [-1, spec.n_cat], **ids},
+                {"name": "history_values", "shape": [-1], **ids},
+                {"name": "history_lengths", "dtype": "int64", "shape": [-1], "min_value": 0},
+            ],
+            "outputs": [{"name": "score", "dtype": "float32", "shape": [-1]}],
+        }
+    )
+
+
+def reference(spec: DemoSpec, w: DemoWeights, request: dict[str, np.ndarray]) -> np.ndarray:
+    """The model in numpy float64: the ground truth for both framework builds."""
+    rows = request["dense"].shape[0]
+    offsets = np.arange(spec.n_cat) * spec.table_rows
+    cat = w.cat_tables[request["cat"] % spec.table_rows + offsets].reshape(rows, -1)
+    lengths = request["history_lengths"]
+    segments = np.repeat(np.arange(rows), lengths)
+    pooled = np.zeros((rows, spec.dim))
+    np.add.at(pooled, segments, w.history_table[request["history_values"] % spec.table_rows])
+    pooled /= np.maximum(lengths, 1)[:, None]
+    x = np.concatenate([request["dense"], cat, pooled], axis=1).astype(np.float64)
+    for i, (weight, bias) in enumerate(w.layers):
+        x = x @ weight + bias
+        x = np.maximum(x, 0) if i < len(w.layers) - 1 else x
+    return (1 / (1 + np.exp(-x[:, 0]))).astype(np.float32)
+
+
+def build_tensorflow(spec: DemoSpec, w: DemoWeights, out: Path) -> None:
+    """Write a SavedModel whose ``serving_default`` takes the history as values + lengths."""
+    import tensorflow as tf
+
+    class Recommender(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cat_tables = tf.Variable(w.cat_tables, trainable=False, name="cat_tables")
+            self.history = tf.Variable(w.history_table, trainable=False, name="history")
+            self.layers = [(tf.Variable(a), tf.Variable(b)) for a, b in w.layers]
+            self.offsets = tf.constant(np.arange(spec.n_cat, dtype=np.int64) * spec.table_rows)
+
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, spec.n_dense], tf.float32, name="dense"),
+                tf.TensorSpec([None, spec.n_cat], tf.int64, name="cat"),
+                tf.TensorSpec([None], tf.int64, name="history_values"),
+                tf.TensorSpec([None], tf.int64, name="history_lengths"),
+            ]
+        )
+        def serve(self, dense, cat, history_values, history_lengths):  # type: ignore[no-untyped-def]
+            rows = tf.shape(dense)[0]
+            ids = tf.math.floormod(cat, spec.table_rows) + self.offsets
+            cat_emb = tf.reshape(tf.gather(self.cat_tables, ids), [rows, spec.n_cat * spec.dim])
+            segments = tf.repeat(tf.range(rows), history_lengths)
+            hist = tf.gather(self.history, tf.math.floormod(history_values, spec.table_rows))
+            pooled = tf.math.unsorted_segment_sum(hist, segments, rows)
+            count = tf.cast(tf.maximum(history_lengths, 1), tf.float32)[:, None]
+            x = tf.concat([dense, cat_emb, pooled / count], axis=1)
+            for i, (weight, bias) in enumerate(self.layers):
+                x = tf.matmul(x, weight) + bias
+                x = tf.nn.relu(x) if i < len(self.layers) - 1 else x
+            return {"score": tf.sigmoid(x[:, 0])}
+
+    module = Recommender()
+    tf.saved_model.save(module, str(out), signatures={"serving_default": module.serve})
+
+
+def build_torch(spec: DemoSpec, w: DemoWeights, out: Path) -> None:
+    """Write a ``torch.export`` program with dynamic row and history-value counts."""
+    import torch
+
+    class Recommender(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cat_tables = torch.nn.Embedding.from_pretrained(torch.from_numpy(w.cat_tables))
+            self.history = torch.nn.EmbeddingBag.from_pretrained(
+                torch.from_numpy(w.history_table), mode="sum"
+            )
+            offsets = torch.arange(spec.n_cat, dtype=torch.int64) * spec.table_rows
+            self.register_buffer("offsets", offsets)
+            self.linears = torch.nn.ModuleList()
+            for a, b in w.layers:
+                linear = torch.nn.Linear(a.shape[0], a.shape[1])
+                linear.weight.data = torch.from_numpy(np.ascontiguousarray(a.T))
+                linear.bias.data = torch.from_numpy(b)
+                self.linears.append(linear)
+
+        def forward(self, dense, cat, history_values, history_lengths):  # type: ignore[no-untyped-def]
+            ids = torch.remainder(cat, spec.table_rows) + self.offsets
+            cat_emb = self.cat_tables(ids).flatten(1)
+            starts = torch.cumsum(history_lengths, 0) - history_lengths
+            pooled = self.history(torch.remainder(history_values, spec.table_rows), starts)
+            pooled = pooled / history_lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
+            x = torch.cat([dense, cat_emb, pooled], dim=1)
+            for i, linear in enumerate(self.linears):
+                x = linear(x)
+                x = torch.relu(x) if i < len(self.linears) - 1 else x
+            return torch.sigmoid(x[:, 0])
+
+    request = make_request(spec, rows=4)
+    example = tuple(torch.from_numpy(request[s.name]) for s in signature(spec).inputs)
+    rows, values = torch.export.Dim("rows"), torch.export.Dim("values")
+    dynamic = {
+        "dense": {0: rows},
+        "cat": {0: rows},
+        "history_values": {0: values},
+        "history_lengths": {0: rows},
+    }
+    program = torch.export.export(
+        Recommender().eval(), example, dynamic_shapes=dynamic, strict=False
+    )
+    torch.export.save(program, str(out / "model.pt2"))
+
+
+def write_demo_model(
+    out: Path,
+    fmt: Literal["tensorflow", "torch"],
+    version: int = 1,
+    seed: int = 0,
+    spec: DemoSpec | None = None,
+) -> Path:
+    """Build the demo into ``out/<version>/``; the version appears only when complete."""
+    spec = spec or DemoSpec()
+    final = out / str(version)
+    if final.exists():
+        raise FileExistsError(f"{final} already exists")
+    staging = out / f".{version}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    logger.info("building demo model (%s, seed %d) in %s", fmt, seed, final)
+    weights = make_weights(spec, seed)
+    (build_tensorflow if fmt == "tensorflow" else build_torch)(spec, weights, staging)
+    write_signature_file(staging, signature(spec))
+    about = {"seed": seed, "format": fmt, **asdict(spec)}
+    (staging / "demo.json").write_text(json.dumps(about, indent=2) + "\n")
+    staging.rename(final)
+    return final
+
+
+def spec_of(model_dir: Path) -> tuple[DemoSpec, int]:
+    """Read back the spec and seed a demo model was built with (for tests and the benchmark)."""
+    about = json.loads((model_dir / "demo.json").read_text())
+    fields = {k: about[k] for k in DemoSpec.__dataclass_fields__}
+    fields["hidden"] = tuple(fields["hidden"])
+    return DemoSpec(**fields), int(about["seed"])
+
+
+__all__ = ["DemoSpec", "TensorSpec", "make_request", "reference", "write_demo_model"]

@@ -1,0 +1,114 @@
+"""The project's error tree and the one table that maps it to HTTP status and gRPC codes.
+
+Every error a client can see is an ``MpsServeError``. Foreign errors (TensorFlow, torch,
+fsspec, pydantic) are translated where they enter with ``raise XError(...) from exc``.
+Anything else that escapes becomes a generic 500/INTERNAL at the transport edge, logged with
+its traceback and never shown to the client. All classes pickle (they cross Ray actors): each
+keeps its message in ``args`` and takes no other constructor arguments.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+class GrpcCode(enum.IntEnum):
+    """The gRPC status codes we use (values from grpc's ``StatusCode``; no grpc import here)."""
+
+    OK = 0
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    INTERNAL = 13
+    UNAVAILABLE = 14
+
+
+class MpsServeError(Exception):
+    """Base of every error the service reports on purpose; its message is safe to show."""
+
+    http_status = 500
+    grpc_code = GrpcCode.INTERNAL
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class InvalidInput(MpsServeError):
+    """The request is malformed or does not fit the model's signature (names the tensor)."""
+
+    http_status = 400
+    grpc_code = GrpcCode.INVALID_ARGUMENT
+
+
+class PayloadTooLarge(InvalidInput):
+    """The request body or row count is over a configured limit."""
+
+    http_status = 413
+    grpc_code = GrpcCode.RESOURCE_EXHAUSTED
+
+
+class ModelNotFound(MpsServeError):
+    """No model (or model version) of that name is configured."""
+
+    http_status = 404
+    grpc_code = GrpcCode.NOT_FOUND
+
+
+class ModelNotReady(MpsServeError):
+    """The model exists but cannot serve now (loading, no version, replica unhealthy)."""
+
+    http_status = 503
+    grpc_code = GrpcCode.UNAVAILABLE
+
+
+class DeadlineExceeded(MpsServeError):
+    """The request did not finish within the configured deadline."""
+
+    http_status = 504
+    grpc_code = GrpcCode.DEADLINE_EXCEEDED
+
+
+class ModelLoadError(MpsServeError):
+    """A model version could not be loaded or warmed up; the previous one keeps serving."""
+
+    http_status = 503
+    grpc_code = GrpcCode.UNAVAILABLE
+
+
+class ConfigError(MpsServeError):
+    """The service configuration is invalid; the message names the bad field."""
+
+    http_status = 500
+    grpc_code = GrpcCode.FAILED_PRECONDITION
+
+
+class InferenceError(MpsServeError):
+    """The runtime failed on a request that passed validation."""
+
+    http_status = 500
+    grpc_code = GrpcCode.INTERNAL
+
+
+GENERIC_INTERNAL_MESSAGE = "internal error; see the server log"
+
+
+def to_status(exc: BaseException) -> tuple[int, GrpcCode, str]:
+    """Map any exception to (HTTP status, gRPC code, client-safe message).
+
+    The single place where errors meet transports. Unknown exceptions are logged with their
+    traceback here and reported without internals. An error raised in a replica arrives
+    wrapped by Ray (``RayTaskError``) with the original in ``cause``; that is what we map.
+    """
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    if isinstance(exc, MpsServeError):
+        return exc.http_status, exc.grpc_code, exc.message
+    logger.error("unhandled error", exc_info=exc)
+    return 500, GrpcCode.INTERNAL, GENERIC_INTERNAL_MESSAGE

@@ -1,0 +1,392 @@
+"""KServe v2 / Open Inference Protocol REST codec: JSON tensors and the binary-tensor extension.
+
+Pure functions between wire bytes and the transport-free types in ``mpsserve.types``; no HTTP
+framework, no Ray, no model code, so every transport and every test can share one codec.
+
+Binary extension (Triton's ``binary_tensor_data``): when the HTTP header
+``Inference-Header-Content-Length: N`` is present, the first N body bytes are the JSON header and
+the rest is the raw data of every input that carries ``parameters.binary_data_size``, in input
+order, little-endian and row-major. BYTES elements travel as a 4-byte little-endian length and
+the bytes. Decoded binary tensors are views on the body (no copy; they may be read-only).
+
+Every malformed request raises ``InvalidInput`` whose message names the tensor and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any
+
+import numpy as np
+
+from mpsserve.errors import InferenceError, InvalidInput
+from mpsserve.types import InferRequest, InferResponse, RequestedOutput
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+# Explicit little-endian dtypes: the wire is little-endian whatever the host is.
+DATATYPE_TO_NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+_BY_KIND_SIZE = {(d.kind, d.itemsize): n for n, d in DATATYPE_TO_NUMPY.items() if n != "BYTES"}
+# numpy kinds that ``np.array(json_list)`` may produce and that each datatype accepts.
+_JSON_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}
+_LENGTH = struct.Struct("<I")
+_MAX_DIMS = 32
+_MAX_ELEMENTS = 2**59  # times the largest itemsize (8) stays below numpy's size limit
+
+
+def numpy_to_datatype(dtype: np.dtype | type) -> str:
+    """Wire datatype of a numpy dtype (any byte order); ValueError if the wire has none."""
+    dt = np.dtype(dtype)
+    if dt.kind in "OSU":
+        return "BYTES"
+    name = _BY_KIND_SIZE.get((dt.kind, dt.itemsize))
+    if name is None:
+        raise ValueError(f"numpy dtype {dt} has no KServe v2 datatype")
+    return name
+
+
+def decode_infer_request(
+    body: bytes, *, model: str, version: str | None = None, header_length: int | None = None
+) -> InferRequest:
+    """Decode a v2 REST infer request body (JSON, optionally followed by binary tensors).
+
+    ``header_length`` is the value of the ``Inference-Header-Content-Length`` header, or None
+    when the whole body is JSON.
+    """
+    view = memoryview(body).cast("B")
+    header, binary = _split_body(view, header_length)
+    doc = _parse_json(header)
+    params = _get_dict(doc, "parameters", "request")
+    binary_output = params.get("binary_data_output", False)
+    if not isinstance(binary_output, bool):
+        raise InvalidInput('request parameter "binary_data_output" must be a boolean')
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput('request "id" must be a string')
+    return InferRequest(
+        model=model,
+        inputs=_decode_inputs(doc.get("inputs"), binary),
+        outputs=_decode_outputs(doc.get("outputs")),
+        id=request_id,
+        version=version,
+        binary_output=binary_output,
+        parameters=params,
+    )
+
+
+def _split_body(view: memoryview, header_length: int | None) -> tuple[bytes, memoryview]:
+    """Separate the JSON header from the binary tail without copying the tail."""
+    if header_length is None:
+        return view.tobytes(), view[len(view) :]
+    if header_length < 0:
+        raise InvalidInput(f"{HEADER_LENGTH} is negative ({header_length})")
+    if header_length > len(view):
+        raise InvalidInput(
+            f"{HEADER_LENGTH} ({header_length}) is larger than the body ({len(view)} bytes)"
+        )
+    return view[:header_length].tobytes(), view[header_length:]
+
+
+def _parse_json(header: bytes) -> dict[str, Any]:
+    """Parse the JSON header, turning every parser failure into InvalidInput."""
+    try:
+        doc = json.loads(header)
+    except json.JSONDecodeError as exc:
+        msg = f"request body is not valid JSON at position {exc.pos}: {exc.msg}"
+        raise InvalidInput(msg) from None
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"request body is not valid UTF-8 at position {exc.start}") from None
+    except RecursionError:
+        raise InvalidInput("request body JSON is nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return doc
+
+
+def _get_dict(entry: dict[str, Any], key: str, what: str) -> dict[str, Any]:
+    """Optional JSON object member ``key`` (``{}`` when absent); InvalidInput if not an object."""
+    value = entry.get(key, {})
+    if not isinstance(value, dict):
+        raise InvalidInput(f'{what} "{key}" must be a JSON object')
+    return value
+
+
+def _decode_inputs(entries: Any, binary: memoryview) -> dict[str, np.ndarray]:
+    """Decode the "inputs" list, consuming the binary tail in input order."""
+    if not isinstance(entries, list):
+        raise InvalidInput('request "inputs" is missing or not a list')
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for index, entry in enumerate(entries):
+        name = _entry_name(entry, f"inputs[{index}]")
+        if name in inputs:
+            raise InvalidInput(f'duplicate input name "{name}"')
+        inputs[name], offset = _decode_input(name, entry, binary, offset)
+    if offset != len(binary):
+        raise InvalidInput(
+            f"{len(binary)} bytes follow the JSON header but the inputs' binary_data_size "
+            f"add up to {offset}"
+        )
+    return inputs
+
+
+def _entry_name(entry: Any, where: str) -> str:
+    """The non-empty "name" of an inputs/outputs entry."""
+    if not isinstance(entry, dict):
+        raise InvalidInput(f"{where} must be a JSON object")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f'{where} has no "name" (a non-empty string)')
+    return name
+
+
+def _decode_input(
+    name: str, entry: dict[str, Any], binary: memoryview, offset: int
+) -> tuple[np.ndarray, int]:
+    """Decode one input; returns the tensor and the binary offset after it."""
+    datatype = entry.get("datatype")
+    if not isinstance(datatype, str) or datatype not in DATATYPE_TO_NUMPY:
+        raise InvalidInput(f'unknown datatype "{datatype}" for input "{name}"')
+    shape = _shape(name, entry.get("shape"))
+    params = _get_dict(entry, "parameters", f'input "{name}"')
+    if "shared_memory_region" in params:
+        raise InvalidInput(f'input "{name}": shared memory is not supported')
+    size = params.get("binary_data_size")
+    has_data = "data" in entry
+    if size is not None and has_data:
+        raise InvalidInput(f'input "{name}" has both "data" and parameters.binary_data_size')
+    if size is None:
+        if not has_data:
+            raise InvalidInput(f'input "{name}" has neither "data" nor binary_data_size')
+        return _from_json(name, datatype, shape, entry["data"]), offset
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidInput(f'input "{name}": binary_data_size must be a non-negative integer')
+    end = offset + size
+    if end > len(binary):
+        raise InvalidInput(
+            f'input "{name}": binary data ends at byte {end} after the JSON header but only '
+            f"{len(binary)} bytes follow it (is {HEADER_LENGTH} set?)"
+        )
+    return _from_binary(name, datatype, shape, binary[offset:end]), end
+
+
+def _shape(name: str, shape: Any) -> list[int]:
+    """Validate "shape": a list of non-negative ints (JSON booleans are not ints here).
+
+    Dimensions numpy cannot represent are refused even for empty tensors, where no byte count
+    would catch them.
+    """
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise InvalidInput(
+            f'input "{name}": "shape" must be a list of non-negative integers, got {shape!r}'
+        )
+    if len(shape) > _MAX_DIMS or math.prod(d or 1 for d in shape) > _MAX_ELEMENTS:
+        raise InvalidInput(f'input "{name}": "shape" {shape} is too large')
+    return shape
+
+
+def _from_binary(name: str, datatype: str, shape: list[int], raw: memoryview) -> np.ndarray:
+    """View raw little-endian bytes as the tensor (zero-copy for every numeric datatype)."""
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return _unpack_bytes(name, raw, count).reshape(shape)
+    dtype = DATATYPE_TO_NUMPY[datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidInput(
+            f'input "{name}": binary_data_size is {len(raw)} but shape {shape} of {datatype} '
+            f"needs {count * dtype.itemsize} bytes"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _unpack_bytes(name: str, raw: memoryview, count: int) -> np.ndarray:
+    """Split length-prefixed BYTES elements into a flat object array of ``bytes``."""
+    items: list[bytes] = []
+    offset = 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidInput(f'input "{name}": BYTES data ends inside a length prefix')
+        (length,) = _LENGTH.unpack_from(raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise InvalidInput(f'input "{name}": BYTES element {len(items)} overruns its data')
+        items.append(raw[offset : offset + length].tobytes())
+        offset += length
+    if len(items) != count:
+        raise InvalidInput(
+            f'input "{name}": shape needs {count} BYTES elements, binary data has {len(items)}'
+        )
+    return _object_array(items)
+
+
+def _object_array(items: list[bytes]) -> np.ndarray:
+    """A flat object array holding ``items`` as-is (np.array would make a fixed-width S array)."""
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
+
+
+def _from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
+    """Convert flat or nested JSON "data" (row-major) to a tensor of ``shape``."""
+    if not isinstance(data, list):
+        raise InvalidInput(f'input "{name}": "data" must be a list')
+    if datatype == "BYTES":
+        return _json_bytes(name, shape, data)
+    try:
+        arr = np.array(data)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(f'input "{name}": "data" is a ragged nested list') from None
+    _check_count(name, shape, arr.size)
+    dtype = DATATYPE_TO_NUMPY[datatype]
+    if arr.size == 0:
+        return np.empty(shape, dtype=dtype)
+    if arr.dtype.kind not in _JSON_KINDS[dtype.kind]:
+        raise InvalidInput(f'input "{name}": "data" is not convertible to {datatype}')
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if int(arr.min()) < info.min or int(arr.max()) > info.max:
+            raise InvalidInput(f'input "{name}": "data" has values out of range for {datatype}')
+    return arr.astype(dtype, copy=False).reshape(shape)
+
+
+def _json_bytes(name: str, shape: list[int], data: list[Any]) -> np.ndarray:
+    """JSON BYTES elements are strings; they become UTF-8 ``bytes`` like binary BYTES."""
+    flat = list(_flatten(data))
+    _check_count(name, shape, len(flat))
+    if not all(isinstance(item, str) for item in flat):
+        raise InvalidInput(f'input "{name}": BYTES "data" must hold only strings')
+    return _object_array([item.encode("utf-8") for item in flat]).reshape(shape)
+
+
+def _flatten(data: list[Any]) -> Any:
+    """Yield the leaves of a nested list in row-major order."""
+    for item in data:
+        if isinstance(item, list):
+            yield from _flatten(item)
+        else:
+            yield item
+
+
+def _check_count(name: str, shape: list[int], got: int) -> None:
+    """The element count of "data" must equal the product of "shape"."""
+    expected = math.prod(shape)
+    if got != expected:
+        raise InvalidInput(
+            f'input "{name}": shape {shape} needs {expected} elements, "data" has {got}'
+        )
+
+
+def _decode_outputs(entries: Any) -> list[RequestedOutput] | None:
+    """Decode the optional "outputs" list (None: the model's every output)."""
+    if entries is None:
+        return None
+    if not isinstance(entries, list):
+        raise InvalidInput('request "outputs" must be a list')
+    outputs: list[RequestedOutput] = []
+    for index, entry in enumerate(entries):
+        name = _entry_name(entry, f"outputs[{index}]")
+        if any(o.name == name for o in outputs):
+            raise InvalidInput(f'duplicate output name "{name}"')
+        binary = _get_dict(entry, "parameters", f'output "{name}"').get("binary_data", False)
+        if not isinstance(binary, bool):
+            raise InvalidInput(f'output "{name}": parameter "binary_data" must be a boolean')
+        outputs.append(RequestedOutput(name=name, binary=binary))
+    return outputs
+
+
+def encode_infer_response(
+    response: InferResponse, request: InferRequest
+) -> tuple[bytes, dict[str, str]]:
+    """Encode a response as (body, headers); outputs the request wants binary follow the JSON."""
+    entries: list[dict[str, Any]] = []
+    chunks: list[Any] = []
+    for name, arr in response.outputs.items():
+        entry, chunk = _encode_output(name, np.asarray(arr), request.wants_binary(name))
+        entries.append(entry)
+        if chunk is not None:
+            chunks.append(chunk)
+    doc: dict[str, Any] = {"model_name": response.model, "model_version": response.version}
+    if response.id is not None:
+        doc["id"] = response.id
+    doc["outputs"] = entries
+    header = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    if not chunks:
+        return header, {"Content-Type": "application/json"}
+    headers = {HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"}
+    return b"".join([header, *chunks]), headers
+
+
+def encode_json_request(inputs: dict[str, np.ndarray]) -> bytes:
+    """A whole-JSON v2 request (for curl and examples; clients that care send binary)."""
+    entries = [
+        _encode_output(name, np.asarray(arr), binary=False)[0] for name, arr in inputs.items()
+    ]
+    return json.dumps({"inputs": entries}, separators=(",", ":")).encode("utf-8")
+
+
+def _encode_output(name: str, arr: np.ndarray, binary: bool) -> tuple[dict[str, Any], Any]:
+    """JSON entry for one output, plus its raw bytes (a buffer) when it travels binary."""
+    try:
+        datatype = numpy_to_datatype(arr.dtype)
+    except ValueError as exc:
+        raise InferenceError(f'output "{name}": {exc}') from exc
+    entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+    if not binary:
+        entry["data"] = _json_bytes_data(name, arr) if datatype == "BYTES" else arr.ravel().tolist()
+        return entry, None
+    raw = _pack_bytes(name, arr) if datatype == "BYTES" else _raw_view(arr)
+    entry["parameters"] = {"binary_data_size": len(raw)}
+    return entry, raw
+
+
+def _raw_view(arr: np.ndarray) -> memoryview:
+    """Little-endian row-major bytes of a numeric tensor; copies only if layout demands it."""
+    flat = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).reshape(-1)
+    return flat.view(np.uint8).data
+
+
+def _elements_as_bytes(name: str, arr: np.ndarray) -> list[bytes]:
+    """BYTES elements as ``bytes`` (``str`` is UTF-8 encoded; anything else is a model bug)."""
+    items = arr.ravel().tolist()
+    if not all(isinstance(e, (bytes, str)) for e in items):
+        raise InferenceError(f'output "{name}": BYTES elements must be bytes or str')
+    return [e.encode("utf-8") if isinstance(e, str) else e for e in items]
+
+
+def _pack_bytes(name: str, arr: np.ndarray) -> bytes:
+    """Length-prefixed BYTES elements, concatenated in row-major order."""
+    return b"".join(_LENGTH.pack(len(item)) + item for item in _elements_as_bytes(name, arr))
+
+
+def _json_bytes_data(name: str, arr: np.ndarray) -> list[str]:
+    """BYTES as JSON strings; bytes that are not UTF-8 can only travel binary."""
+    try:
+        return [item.decode("utf-8") for item in _elements_as_bytes(name, arr)]
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(
+            f'output "{name}" holds bytes that are not valid UTF-8; request it with '
+            '"binary_data": true'
+        ) from exc
+
+
+def encode_error(message: str) -> bytes:
+    """The v2 error body ``{"error": message}``."""
+    return json.dumps({"error": message}).encode("utf-8")

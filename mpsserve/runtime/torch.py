@@ -1,0 +1,74 @@
+"""PyTorch runtime: a ``torch.export`` program (``model.pt2``) plus ``signature.json``.
+
+The exported program takes the signature's inputs positionally, in the file's order, and
+returns one tensor or a tuple in the order of the signature's outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpsserve.errors import InferenceError, ModelLoadError
+from mpsserve.runtime.base import ModelRuntime, RuntimeOptions, Signature, read_signature_file
+
+MODEL_FILE = "model.pt2"
+
+
+def _device(options: RuntimeOptions) -> torch.device:
+    if options.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def _to_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    # torch refuses to wrap read-only buffers (zero-copy decoded requests): copy those once.
+    host = torch.from_numpy(array if array.flags.writeable else array.copy())
+    return host.to(device, non_blocking=True) if device.type != "cpu" else host
+
+
+class TorchRuntime(ModelRuntime):
+    platform = "pytorch_export"
+
+    def __init__(self, module: Any, signature: Signature, device: torch.device) -> None:
+        super().__init__(signature, device.type.replace("cuda", "gpu"))
+        self._module = module
+        self._torch_device = device
+
+    @classmethod
+    def load(cls, model_dir: Path, options: RuntimeOptions) -> TorchRuntime:
+        signature = read_signature_file(model_dir, required=True)
+        assert signature is not None
+        if options.intra_op_threads:
+            torch.set_num_threads(options.intra_op_threads)
+        device = _device(options)
+        try:
+            program = torch.export.load(str(model_dir / MODEL_FILE))
+            if device.type != "cpu":
+                from torch.export.passes import move_to_device_pass
+
+                program = move_to_device_pass(program, device)
+            module = program.module()
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load {model_dir / MODEL_FILE}: {exc}") from exc
+        return cls(module, signature, device)
+
+    def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [_to_tensor(inputs[spec.name], self._torch_device) for spec in self.signature.inputs]
+        try:
+            with torch.inference_mode():
+                result = self._module(*args)
+        except RuntimeError as exc:
+            raise InferenceError(f"PyTorch failed: {exc}") from exc
+        tensors = result if isinstance(result, (tuple, list)) else (result,)
+        names = [spec.name for spec in self.signature.outputs]
+        return {name: t.detach().cpu().numpy() for name, t in zip(names, tensors, strict=True)}
+
+    def close(self) -> None:
+        self._module = None
+        if self._torch_device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,46 @@
+"""The model deployment: each replica is one process holding one ``Servable``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import ray
+from ray import serve
+
+from mpsserve.config import ModelConfig
+from mpsserve.servable import Servable
+
+logger = logging.getLogger(__name__)
+
+
+@serve.deployment(name="model")
+class ModelReplica:
+    """Loads its model in the constructor; sync methods run in Serve's thread pool, off the
+    replica's event loop, so inference never blocks it."""
+
+    def __init__(self, model: dict[str, Any]) -> None:
+        config = ModelConfig.model_validate(model)
+        device = "auto" if ray.get_gpu_ids() else "cpu"
+        self._servable = Servable(config, device=device)
+        self._servable.load()
+
+    def infer(
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None = None,
+        version: str | None = None,
+    ) -> tuple[str, dict[str, np.ndarray]]:
+        return self._servable.infer(inputs, outputs, version)
+
+    def metadata(self) -> dict[str, Any]:
+        return self._servable.metadata()
+
+    def ready(self) -> bool:
+        return self._servable.ready
+
+    def check_health(self) -> None:
+        """Ray Serve replaces a replica whose health check raises."""
+        if not self._servable.ready:
+            raise RuntimeError(f"model {self._servable.config.name!r} has no loaded version")

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mpsserve.config import load_config, parse_config
+from mpsserve.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def minimal(**model: object) -> dict[str, object]:
+    return {"models": [{"name": "rec", "store": "/models/rec", **model}]}
+
+
+def test_embedded_default_loads_and_resolves_store_from_its_folder() -> None:
+    config = load_config(ROOT / "deployments" / "local.yaml")
+    assert config.models[0].store == str(ROOT / "models" / "rec")
+    assert config.ingress.http_port == 8000 and config.mps.mode == "auto"
+
+
+def test_placement_gives_fractional_gpus() -> None:
+    config = parse_config(minimal(placement={"replicas_per_gpu": 8, "gpu_share": 0.5}))
+    assert config.models[0].placement.num_gpus_per_replica() == pytest.approx(0.0625)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (minimal(placement={"replicas_per_gpu": 0}), "models.0.placement.replicas_per_gpu"),
+        (minimal(runtime="onnx"), "models.0.runtime"),
+        (minimal(colour="red"), "models.0.colour: Extra inputs are not permitted"),
+        ({"models": []}, "models: List should have at least 1 item"),
+        ({**minimal(), "ingress": {"http_port": 70000}}, "ingress.http_port"),
+        ({**minimal(), "mps": {"mode": "maybe"}}, "mps.mode"),
+        (minimal(name="has space"), "models.0.name"),
+    ],
+)
+def test_bad_field_is_named(data: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "test.yaml")
+    assert expected in info.value.message and "test.yaml" in info.value.message
+
+
+def test_more_than_48_clients_per_gpu_is_refused() -> None:
+    models = [
+        {"name": f"m{i}", "store": "/s", "placement": {"replicas_per_gpu": 25, "gpu_share": 0.5}}
+        for i in range(2)
+    ]
+    with pytest.raises(ConfigError, match="at most 48 clients per GPU"):
+        parse_config({"models": models})
+
+
+def test_gpu_shares_over_one_gpu_are_refused() -> None:
+    models = [{"name": f"m{i}", "store": "/s", "placement": {"gpu_share": 0.6}} for i in range(2)]
+    with pytest.raises(ConfigError, match="more than 1 GPU"):
+        parse_config({"models": models})
+
+
+def test_duplicate_model_names_are_refused() -> None:
+    with pytest.raises(ConfigError, match="repeated: \\['rec'\\]"):
+        parse_config({"models": [{"name": "rec", "store": "/a"}, {"name": "rec", "store": "/b"}]})
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
