@@ -65,9 +65,11 @@ def _start_ray(config: ServiceConfig, address: str | None, local: bool) -> int:
     from ray import serve
 
     if local and address is None:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=True, logging_level="WARNING")
+        ray.init(
+            num_cpus=config.ray.num_cpus, include_dashboard=True, logging_level=logging.WARNING
+        )
     else:
-        ray.init(address=address or "auto", logging_level="WARNING")
+        ray.init(address=address or "auto", logging_level=logging.WARNING)
     http = {"host": config.ingress.host, "port": config.ingress.http_port}
     serve.start(http_options=http)
     return int(ray.cluster_resources().get("GPU", 0))

@@ -8,6 +8,7 @@ in-process ``Servable`` in unit tests.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from mpsserve import __version__
@@ -28,7 +29,7 @@ class ModelBackend(Protocol):
 class DataPlane:
     def __init__(
         self,
-        backends: dict[str, ModelBackend],
+        backends: Mapping[str, ModelBackend],
         max_request_bytes: int,
         request_timeout_s: float,
     ) -> None:

@@ -20,7 +20,10 @@ def prepare_inputs(
 ) -> dict[str, np.ndarray]:
     """Check ``inputs`` against ``signature`` and return them in the model's order and dtypes."""
     _check_names(signature, inputs)
-    prepared = {spec.name: _check_tensor(spec, inputs[spec.name]) for spec in signature.inputs}
+    prepared = {
+        s.name: _check_tensor(s, inputs[s.name]) for s in signature.inputs if s.name in inputs
+    }
+    _check_missing(signature, prepared)
     rows = _check_rows(signature, prepared)
     if rows > max_rows:
         raise PayloadTooLarge(f"request has {rows} rows; this model accepts at most {max_rows}")
@@ -36,6 +39,11 @@ def _check_names(signature: Signature, inputs: Mapping[str, np.ndarray]) -> None
     unknown = sorted(set(inputs) - set(expected))
     if unknown:
         raise InvalidInput(f"unknown input {unknown[0]!r}; the model takes {expected}")
+
+
+def _check_missing(signature: Signature, inputs: Mapping[str, np.ndarray]) -> None:
+    """After the tensors that were sent are checked, so their problems are reported first."""
+    expected = [spec.name for spec in signature.inputs]
     missing = [name for name in expected if name not in inputs]
     if missing:
         raise InvalidInput(f"missing input {missing[0]!r}; the model takes {expected}")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from mpsserve.config import ModelConfig, ServiceConfig
 from mpsserve.errors import ConfigError
-from mpsserve.serving.ingress import Ingress
-from mpsserve.serving.model import ModelReplica
+from mpsserve.serving import ingress as _ingress
+from mpsserve.serving import model as _model
+
+# serve.deployment turns the classes into Deployments; their stubs do not say so.
+ModelReplica: Deployment = _model.ModelReplica  # type: ignore[assignment]
+Ingress: Deployment = _ingress.Ingress  # type: ignore[assignment]
 
 
 def model_options(model: ModelConfig, cluster_gpus: int) -> dict[str, Any]:

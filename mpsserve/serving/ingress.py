@@ -23,7 +23,10 @@ class RayModelBackend:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         outputs = [o.name for o in request.outputs] if request.outputs else None
-        version, tensors = await self._handle.infer.remote(request.inputs, outputs, request.version)
+        result = await self._handle.infer.remote(request.inputs, outputs, request.version)
+        if isinstance(result, Exception):
+            raise result
+        version, tensors = result
         return InferResponse(request.model, version, tensors, request.id)
 
     async def metadata(self) -> dict[str, Any]:

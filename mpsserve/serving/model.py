@@ -10,6 +10,7 @@ import ray
 from ray import serve
 
 from mpsserve.config import ModelConfig
+from mpsserve.errors import MpsServeError
 from mpsserve.servable import Servable
 
 logger = logging.getLogger(__name__)
@@ -31,8 +32,13 @@ class ModelReplica:
         inputs: dict[str, np.ndarray],
         outputs: list[str] | None = None,
         version: str | None = None,
-    ) -> tuple[str, dict[str, np.ndarray]]:
-        return self._servable.infer(inputs, outputs, version)
+    ) -> tuple[str, dict[str, np.ndarray]] | MpsServeError:
+        """A client's error comes back as a value: it is an answer, not a replica fault, so
+        Serve neither logs its traceback nor counts it as a failed call."""
+        try:
+            return self._servable.infer(inputs, outputs, version)
+        except MpsServeError as exc:
+            return exc
 
     def metadata(self) -> dict[str, Any]:
         return self._servable.metadata()

@@ -52,8 +52,9 @@ def servable(tf_store: Path) -> Servable:
 
 @pytest.fixture(scope="module")
 def client(servable: Servable) -> TestClient:
-    plane = DataPlane({"rec": LocalBackend(servable)}, max_request_bytes=8 << 20,
-                      request_timeout_s=30)
+    plane = DataPlane(
+        {"rec": LocalBackend(servable)}, max_request_bytes=8 << 20, request_timeout_s=30
+    )
     return TestClient(create_http_app(plane))
 
 

@@ -1,0 +1,53 @@
+"""Integration tier: one real local Ray + Serve session, the app deployed once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mpsserve.config import parse_config
+
+HTTP_PORT = 18000
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def service_config(tf_store: Path) -> dict[str, object]:
+    return {
+        "models": [
+            {
+                "name": "rec",
+                "store": str(tf_store),
+                "max_rows": 4000,
+                "intra_op_threads": 1,
+                "placement": {"cpu_replicas": 1, "cpus_per_replica": 0.5},
+            }
+        ],
+        "ingress": {"http_port": HTTP_PORT, "max_request_mb": 16, "cpus_per_replica": 0.5},
+    }
+
+
+@pytest.fixture(scope="session")
+def base_url(service_config: dict[str, object]) -> Iterator[str]:
+    """Start Ray and Serve, deploy the app; torn down after the session."""
+    import ray
+    from ray import serve
+
+    from mpsserve.serving.app import build_app
+
+    config = parse_config(service_config)
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+        serve.run(build_app(config, cluster_gpus=0), name="mpsserve", route_prefix="/")
+        yield f"http://127.0.0.1:{HTTP_PORT}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

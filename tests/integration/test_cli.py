@@ -1,0 +1,64 @@
+"""The README's service command path: ``mpsserve serve`` prints a request that works."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+PORT = 18100
+
+
+def read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> str:
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    pytest.fail(f"no {marker!r} within {timeout_s}s; output:\n{''.join(seen)}")
+
+
+def test_serve_prints_a_working_request_and_stops_on_ctrl_c(tf_store: Path, tmp_path: Path) -> None:
+    config = {
+        "models": [{"name": "rec", "store": str(tf_store), "placement": {"cpus_per_replica": 0.5}}],
+        "ingress": {"http_port": PORT, "cpus_per_replica": 0.5},
+        "ray": {"num_cpus": 2},
+    }
+    (tmp_path / "service.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpsserve.cli", "serve", "--config", "service.yaml"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output = read_until(proc, "Ctrl-C stops", timeout_s=300)
+        command = re.search(r"Try it.*?:\n(.*?)\n\n", output, re.S)
+        assert command, output
+        curl = command.group(1).replace("\\\n", " ")
+        result = subprocess.run(
+            ["bash", "-c", curl], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert result.stdout.startswith("score [2000]"), result.stdout + result.stderr
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, rest
+        assert "stopped." in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
