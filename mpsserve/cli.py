@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -59,20 +60,37 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_ray(config: ServiceConfig, address: str | None, local: bool) -> int:
-    """Join or start Ray and Serve; returns the cluster's GPU count."""
+def _use_cluster_token() -> None:
+    """Ray 2.60's `ray start` turns on token auth, but a client only sends the token when
+    RAY_AUTH_MODE=token; join such a cluster as `ray` itself would, if the user set no mode."""
+    has_token = Path.home().joinpath(".ray", "auth_token").exists() or any(
+        os.environ.get(name) for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    )
+    if has_token and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _start_ray(config: ServiceConfig, address: str | None, local: bool) -> tuple[int, str]:
+    """Join or start Ray and Serve; returns the cluster's GPU count and the dashboard URL."""
+    joining = not (local and address is None)
+    if joining:
+        _use_cluster_token()  # before Ray is imported: it reads the mode once, at import
     import ray
     from ray import serve
 
-    if local and address is None:
-        ray.init(
-            num_cpus=config.ray.num_cpus, include_dashboard=True, logging_level=logging.WARNING
+    if not joining:  # "local": a new cluster of our own, never one found on the machine
+        context = ray.init(
+            address="local",
+            num_cpus=config.ray.num_cpus,
+            include_dashboard=config.ray.dashboard,
+            logging_level=logging.WARNING,
         )
     else:
-        ray.init(address=address or "auto", logging_level=logging.WARNING)
+        context = ray.init(address=address or "auto", logging_level=logging.WARNING)
     http = {"host": config.ingress.host, "port": config.ingress.http_port}
     serve.start(http_options=http)
-    return int(ray.cluster_resources().get("GPU", 0))
+    dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "(off)"
+    return int(ray.cluster_resources().get("GPU", 0)), dashboard
 
 
 def _deploy(config: ServiceConfig, gpus: int) -> None:
@@ -102,7 +120,7 @@ def _write_request(config: ServiceConfig, model: str, rows: int) -> Path:
     return path
 
 
-def _print_endpoints(config: ServiceConfig, request: Path) -> None:
+def _print_endpoints(config: ServiceConfig, request: Path, dashboard: str) -> None:
     port, model = config.ingress.http_port, config.models[0].name
     base = f"http://127.0.0.1:{port}"
     show = (
@@ -114,7 +132,7 @@ def _print_endpoints(config: ServiceConfig, request: Path) -> None:
         f"  HTTP (KServe v2): {base}/v2/models/{model}/infer\n"
         f"  health:           {base}/v2/health/ready\n"
         f"  model metadata:   {base}/v2/models/{model}\n"
-        f"  Ray dashboard:    http://127.0.0.1:8265\n\n"
+        f"  Ray dashboard:    {dashboard}\n\n"
         f"Try it (a {request.name} request, written from the model's signature):\n"
         f"  curl -s -H 'Content-Type: application/json' --data @{request} \\\n"
         f'    {base}/v2/models/{model}/infer | python3 -c "{show}"\n\n'
@@ -137,9 +155,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     try:
-        gpus = _start_ray(config, config.ray.address, local=True)
+        gpus, dashboard = _start_ray(config, config.ray.address, local=True)
         _deploy(config, gpus)
-        _print_endpoints(config, _write_request(config, config.models[0].name, args.rows))
+        request = _write_request(config, config.models[0].name, args.rows)
+        _print_endpoints(config, request, dashboard)
         _wait_for_signal()
         print("\nstopping ...", flush=True)
     finally:
@@ -152,7 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    gpus = _start_ray(config, args.address or config.ray.address, local=False)
+    gpus, _ = _start_ray(config, args.address or config.ray.address, local=False)
     _deploy(config, gpus)
     print(f"deployed application {config.ray.app_name!r}; HTTP on port {config.ingress.http_port}")
     return 0

@@ -113,6 +113,9 @@ class RayConfig(_Strict):
     address: str | None = Field(None, description="Ray address to join; null = start local.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; null = all.")
     app_name: str = Field("mpsserve", description="Ray Serve application name.")
+    dashboard: bool = Field(
+        True, description="Start the Ray dashboard with a local Ray (needs its web client)."
+    )
 
 
 class ServiceConfig(_Strict):

@@ -9,7 +9,7 @@ import pytest
 
 from mpsserve.config import parse_config
 
-HTTP_PORT = 18000
+HTTP_PORT = 28000  # outside Ray's worker port range (10002-19999)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -43,7 +43,7 @@ def base_url(service_config: dict[str, object]) -> Iterator[str]:
     from mpsserve.serving.app import build_app
 
     config = parse_config(service_config)
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
         serve.run(build_app(config, cluster_gpus=0), name="mpsserve", route_prefix="/")

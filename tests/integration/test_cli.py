@@ -11,9 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
-PORT = 18100
+from mpsserve.demo import make_request
+from mpsserve.protocol.kserve import encode_json_request
+from tests.conftest import SMALL
+
+PORT = 28100  # outside Ray's worker port range (10002-19999)
 
 
 def read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> str:
@@ -62,3 +67,57 @@ def test_serve_prints_a_working_request_and_stops_on_ctrl_c(tf_store: Path, tmp_
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_deploy_to_a_running_cluster(tf_store: Path, tmp_path: Path) -> None:
+    """`ray start --head` then `mpsserve deploy`: the app serves and outlives the command."""
+    ray_port, http_port = 26390, 28200
+    config = {
+        "models": [{"name": "rec", "store": str(tf_store), "placement": {"cpus_per_replica": 0.5}}],
+        "ingress": {"http_port": http_port, "cpus_per_replica": 0.5},
+    }
+    (tmp_path / "service.yaml").write_text(yaml.safe_dump(config))
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            f"--port={ray_port}",
+            "--num-cpus=2",
+            "--node-ip-address=127.0.0.1",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    try:
+        deploy = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mpsserve.cli",
+                "deploy",
+                "--config",
+                "service.yaml",
+                "--address",
+                f"127.0.0.1:{ray_port}",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        assert "deployed application 'mpsserve'" in deploy.stdout
+        body = encode_json_request(make_request(SMALL, rows=2000, seed=4))
+        url = f"http://127.0.0.1:{http_port}/v2/models/rec/infer"
+        response = requests.post(url, data=body, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["outputs"][0]["shape"] == [2000]
+    finally:
+        head.send_signal(signal.SIGTERM)  # --block: stops the processes this head started
+        head.wait(timeout=120)
