@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mpsserve.config import ServiceConfig, load_config
 from mpsserve.errors import MpsServeError
@@ -22,6 +22,11 @@ from mpsserve.settings import settings
 logger = logging.getLogger("mpsserve")
 DEFAULT_CONFIG = "deployments/local.yaml"
 REQUEST_DIR = Path(".mpsserve")
+
+
+class Cluster(NamedTuple):
+    gpus: int
+    cpus: float
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,8 +75,8 @@ def _use_cluster_token() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def _start_ray(config: ServiceConfig, address: str | None, local: bool) -> tuple[int, str]:
-    """Join or start Ray and Serve; returns the cluster's GPU count and the dashboard URL."""
+def _start_ray(config: ServiceConfig, address: str | None, local: bool) -> tuple[Cluster, str]:
+    """Join or start Ray and Serve; returns the cluster's resources and the dashboard URL."""
     joining = not (local and address is None)
     if joining:
         _use_cluster_token()  # before Ray is imported: it reads the mode once, at import
@@ -90,17 +95,20 @@ def _start_ray(config: ServiceConfig, address: str | None, local: bool) -> tuple
     http = {"host": config.ingress.host, "port": config.ingress.http_port}
     serve.start(http_options=http)
     dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "(off)"
-    return int(ray.cluster_resources().get("GPU", 0)), dashboard
+    resources = ray.cluster_resources()
+    return Cluster(int(resources.get("GPU", 0)), float(resources.get("CPU", 0))), dashboard
 
 
-def _deploy(config: ServiceConfig, gpus: int) -> None:
+def _deploy(config: ServiceConfig, cluster: Cluster) -> None:
     from ray import serve
 
     from mpsserve.serving.app import build_app
 
+    gpus = cluster.gpus
     placement = "CPU replicas (no GPU in the cluster)" if gpus == 0 else f"{gpus} GPU(s)"
+    app = build_app(config, gpus, cluster.cpus)
     print(f"deploying {[m.name for m in config.models]} on {placement} ...", flush=True)
-    serve.run(build_app(config, gpus), name=config.ray.app_name, route_prefix="/", blocking=False)
+    serve.run(app, name=config.ray.app_name, route_prefix="/", blocking=False)
 
 
 def _write_request(config: ServiceConfig, model: str, rows: int) -> Path:
@@ -120,7 +128,7 @@ def _write_request(config: ServiceConfig, model: str, rows: int) -> Path:
     return path
 
 
-def _print_endpoints(config: ServiceConfig, request: Path, dashboard: str) -> None:
+def _print_endpoints(config: ServiceConfig, request: Path, rows: int, dashboard: str) -> None:
     port, model = config.ingress.http_port, config.models[0].name
     base = f"http://127.0.0.1:{port}"
     show = (
@@ -128,15 +136,15 @@ def _print_endpoints(config: ServiceConfig, request: Path, dashboard: str) -> No
         "print(o['name'], o['shape'], o['data'][:5])"
     )
     print(
-        f"\nmpsserve is up.\n"
+        f"\n{'=' * 78}\nmpsserve is up.\n"
         f"  HTTP (KServe v2): {base}/v2/models/{model}/infer\n"
         f"  health:           {base}/v2/health/ready\n"
         f"  model metadata:   {base}/v2/models/{model}\n"
         f"  Ray dashboard:    {dashboard}\n\n"
-        f"Try it (a {request.name} request, written from the model's signature):\n"
+        f"Try it: a {rows}-row request written from the model's signature to {request}:\n"
         f"  curl -s -H 'Content-Type: application/json' --data @{request} \\\n"
         f'    {base}/v2/models/{model}/infer | python3 -c "{show}"\n\n'
-        f"Ctrl-C stops the service and the local Ray.",
+        f"Ctrl-C stops the service and the local Ray.\n{'=' * 78}",
         flush=True,
     )
 
@@ -155,10 +163,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     try:
-        gpus, dashboard = _start_ray(config, config.ray.address, local=True)
-        _deploy(config, gpus)
+        cluster, dashboard = _start_ray(config, config.ray.address, local=True)
+        _deploy(config, cluster)
         request = _write_request(config, config.models[0].name, args.rows)
-        _print_endpoints(config, request, dashboard)
+        _print_endpoints(config, request, args.rows, dashboard)
         _wait_for_signal()
         print("\nstopping ...", flush=True)
     finally:
@@ -171,8 +179,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    gpus, _ = _start_ray(config, args.address or config.ray.address, local=False)
-    _deploy(config, gpus)
+    cluster, _ = _start_ray(config, args.address or config.ray.address, local=False)
+    _deploy(config, cluster)
     print(f"deployed application {config.ray.app_name!r}; HTTP on port {config.ingress.http_port}")
     return 0
 

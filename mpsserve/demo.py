@@ -112,7 +112,7 @@ def reference(spec: DemoSpec, w: DemoWeights, request: dict[str, np.ndarray]) ->
 
 def build_tensorflow(spec: DemoSpec, w: DemoWeights, out: Path) -> None:
     """Write a SavedModel whose ``serving_default`` takes the history as values + lengths."""
-    import tensorflow as tf
+    from mpsserve.runtime.tensorflow import tf
 
     class Recommender(tf.Module):
         def __init__(self) -> None:

@@ -7,11 +7,16 @@ GPU, so several replica processes can share one card instead of the first taking
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# TensorFlow's C++ INFO lines (CPU features, CUDA probing) bury the service's own output;
+# warnings and errors still show. Set before the import, which reads it; a user's value wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 import tensorflow as tf
 
 from mpsserve.errors import InferenceError, InvalidInput, ModelLoadError

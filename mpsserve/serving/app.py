@@ -38,11 +38,30 @@ def check_mps_mode(config: ServiceConfig, cluster_gpus: int) -> None:
         raise ConfigError("mps.mode is 'on' but the Ray cluster has no GPU; use 'auto' or 'off'")
 
 
-def build_app(config: ServiceConfig, cluster_gpus: int) -> Application:
+def check_cpus(config: ServiceConfig, options: dict[str, dict[str, Any]], cpus: float) -> None:
+    """Refuse up front what Ray could never place: Serve would otherwise wait forever."""
+    needed = config.ingress.replicas * config.ingress.cpus_per_replica + sum(
+        o["num_replicas"] * o["ray_actor_options"]["num_cpus"] for o in options.values()
+    )
+    if needed > cpus + 1e-9:
+        per_model = ", ".join(
+            f"{name}: {o['num_replicas']} x {o['ray_actor_options']['num_cpus']:g}"
+            for name, o in options.items()
+        )
+        raise ConfigError(
+            f"the replicas need {needed:g} CPUs ({per_model}; ingress: "
+            f"{config.ingress.replicas} x {config.ingress.cpus_per_replica:g}) but the Ray "
+            f"cluster has {cpus:g}; lower placement.cpus_per_replica or the replica counts"
+        )
+
+
+def build_app(config: ServiceConfig, cluster_gpus: int, cluster_cpus: float) -> Application:
     """One model deployment per model, behind one ingress."""
     check_mps_mode(config, cluster_gpus)
+    options = {m.name: model_options(m, cluster_gpus) for m in config.models}
+    check_cpus(config, options, cluster_cpus)
     handles = {
-        m.name: ModelReplica.options(name=f"model-{m.name}", **model_options(m, cluster_gpus)).bind(
+        m.name: ModelReplica.options(name=f"model-{m.name}", **options[m.name]).bind(
             m.model_dump(mode="json")
         )
         for m in config.models

@@ -16,8 +16,10 @@ from starlette.concurrency import run_in_threadpool
 from mpsserve.dataplane import DataPlane
 from mpsserve.errors import InvalidInput, MpsServeError, to_status
 from mpsserve.protocol import kserve
+from mpsserve.types import InferRequest, InferResponse
 
-OFFLOAD_BYTES = 64 * 1024  # bodies above this are (de)serialised off the event loop
+OFFLOAD_BYTES = 64 * 1024  # JSON above this is (de)serialised off the event loop
+JSON_BYTES_PER_ELEMENT = 20  # rough size of one number written as JSON
 
 
 async def _error_response(_request: Request, exc: Exception) -> Response:
@@ -52,6 +54,14 @@ async def _offload(size: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
     if size > OFFLOAD_BYTES:
         return await run_in_threadpool(fn, *args, **kwargs)
     return fn(*args, **kwargs)
+
+
+def _json_output_bytes(result: InferResponse, request: InferRequest) -> int:
+    """Estimated JSON size of the outputs that travel as JSON (binary ones cost little)."""
+    elements = sum(
+        array.size for name, array in result.outputs.items() if not request.wants_binary(name)
+    )
+    return elements * JSON_BYTES_PER_ELEMENT
 
 
 def _ready_response(ready: bool) -> Response:

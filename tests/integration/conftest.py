@@ -46,7 +46,9 @@ def base_url(service_config: dict[str, object]) -> Iterator[str]:
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
-        serve.run(build_app(config, cluster_gpus=0), name="mpsserve", route_prefix="/")
+        serve.run(
+            build_app(config, cluster_gpus=0, cluster_cpus=4), name="mpsserve", route_prefix="/"
+        )
         yield f"http://127.0.0.1:{HTTP_PORT}"
     finally:
         serve.shutdown()
