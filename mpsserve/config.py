@@ -53,6 +53,9 @@ class Placement(_Strict):
     cpu_replicas: int = Field(1, ge=1, description="Replicas when the cluster has no GPU.")
     cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs reserved per replica.")
     max_ongoing_requests: int = Field(8, ge=1, description="Requests queued per replica.")
+    health_check_period_s: float = Field(
+        5.0, gt=0, description="How often Ray Serve asks each replica whether it is healthy."
+    )
 
     def num_gpus_per_replica(self) -> float:
         """Ray's ``num_gpus`` for one replica: its slice of the GPU's share."""
@@ -86,14 +89,26 @@ class IngressConfig(_Strict):
 
 
 class MpsLimits(_Strict):
-    """Per-replica MPS limits; None derives a default from replicas_per_gpu."""
+    """Per-replica MPS limits; None derives a default from replicas_per_gpu (N)."""
 
     active_thread_percentage: float | None = Field(
-        None, gt=0, le=100, description="CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per replica."
+        None,
+        gt=0,
+        le=100,
+        description="CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per replica; default min(100, 200/N): "
+        "a busy replica may borrow idle SMs, none can take the whole GPU.",
     )
     pinned_mem_limit_mb: int | None = Field(
-        None, ge=1, description="CUDA_MPS_PINNED_DEVICE_MEM_LIMIT per replica, in MB."
+        None,
+        ge=1,
+        description="CUDA_MPS_PINNED_DEVICE_MEM_LIMIT per replica, in MB; default: the GPU's "
+        "memory x gpu_share / N, read from NVML on the node.",
     )
+
+    def thread_percentage(self, replicas_per_gpu: int) -> float:
+        if self.active_thread_percentage is not None:
+            return self.active_thread_percentage
+        return float(min(100, -(-200 // replicas_per_gpu)))
 
 
 class MpsConfig(_Strict):
@@ -104,6 +119,18 @@ class MpsConfig(_Strict):
     )
     pipe_dir: str = Field("/tmp/mpsserve/mps-pipe", description="CUDA_MPS_PIPE_DIRECTORY.")
     log_dir: str = Field("/tmp/mpsserve/mps-log", description="CUDA_MPS_LOG_DIRECTORY.")
+    state_dir: str = Field(
+        "/tmp/mpsserve/mps-state", description="Locks and the guardian's state file, per node."
+    )
+    control_binary: str = Field(
+        "nvidia-cuda-mps-control", description="The MPS control program (name or path)."
+    )
+    guardian_interval_s: float = Field(
+        2.0, gt=0, description="How often each node's guardian checks the control daemon."
+    )
+    command_timeout_s: float = Field(
+        5.0, gt=0, description="Deadline for one command to the control daemon."
+    )
     limits: MpsLimits = Field(default_factory=MpsLimits)
 
 

@@ -81,6 +81,13 @@ class ModelLoadError(MpsServeError):
     grpc_code = GrpcCode.UNAVAILABLE
 
 
+class MpsError(MpsServeError):
+    """The MPS control daemon is missing, unreachable or refused a command."""
+
+    http_status = 503
+    grpc_code = GrpcCode.UNAVAILABLE
+
+
 class ConfigError(MpsServeError):
     """The service configuration is invalid; the message names the bad field."""
 

@@ -23,6 +23,8 @@ from mpsserve.settings import settings
 from mpsserve.store import ModelStore
 
 logger = logging.getLogger(__name__)
+#: Error text that means the CUDA context is gone (an MPS server died, a device fault).
+DEVICE_FAULTS = ("CUDA error", "cudaError", "MPS", "CUDA_ERROR")
 
 
 class Servable:
@@ -40,10 +42,17 @@ class Servable:
         self.store = ModelStore(config.store, cache / config.name)
         self.runtime: ModelRuntime | None = None
         self.version: int | None = None
+        self.fault: str | None = None  # a device error that leaves this process unusable
 
     @property
     def ready(self) -> bool:
-        return self.runtime is not None
+        return self.runtime is not None and self.fault is None
+
+    def problem(self) -> str | None:
+        """Why this process cannot serve (for health checks), or None."""
+        if self.fault is not None:
+            return f"device fault: {self.fault}"
+        return None if self.runtime is not None else "no loaded version"
 
     def load(self) -> None:
         """Load the version the policy selects, warm it up, then make it the served one."""
@@ -80,7 +89,12 @@ class Servable:
         runtime, served = self._current(version)
         prepared = prepare_inputs(runtime.signature, inputs, self.config.max_rows)
         wanted = self._check_outputs(runtime, outputs)
-        result = runtime.predict(prepared)
+        try:
+            result = runtime.predict(prepared)
+        except InferenceError as exc:
+            if any(mark in exc.message for mark in DEVICE_FAULTS):
+                self.fault = exc.message  # CUDA errors are sticky: replace the process
+            raise
         missing = [name for name in wanted if name not in result]
         if missing:
             raise InferenceError(f"the model did not return output {missing[0]!r}")

@@ -6,8 +6,9 @@ from typing import Any
 
 from ray.serve import Application, Deployment
 
-from mpsserve.config import ModelConfig, ServiceConfig
+from mpsserve.config import ModelConfig, MpsConfig, ServiceConfig
 from mpsserve.errors import ConfigError
+from mpsserve.mps.hook import replica_runtime_env
 from mpsserve.serving import ingress as _ingress
 from mpsserve.serving import model as _model
 
@@ -16,10 +17,16 @@ ModelReplica: Deployment = _model.ModelReplica  # type: ignore[assignment]
 Ingress: Deployment = _ingress.Ingress  # type: ignore[assignment]
 
 
-def model_options(model: ModelConfig, cluster_gpus: int) -> dict[str, Any]:
-    """Ray Serve options for a model: N fractional replicas per GPU, or CPU replicas."""
+def model_options(
+    model: ModelConfig, cluster_gpus: int, mps: MpsConfig | None = None
+) -> dict[str, Any]:
+    """Ray Serve options for a model: N fractional replicas per GPU (sharing it through MPS
+    unless ``mps.mode`` is off), or CPU replicas when the cluster has no GPU."""
     placement = model.placement
-    common = {"max_ongoing_requests": placement.max_ongoing_requests}
+    common = {
+        "max_ongoing_requests": placement.max_ongoing_requests,
+        "health_check_period_s": placement.health_check_period_s,
+    }
     if cluster_gpus == 0:
         actor = {"num_cpus": placement.cpus_per_replica, "num_gpus": 0}
         return {"num_replicas": placement.cpu_replicas, "ray_actor_options": actor, **common}
@@ -29,8 +36,12 @@ def model_options(model: ModelConfig, cluster_gpus: int) -> dict[str, Any]:
             f"model {model.name!r}: placement.gpus is {gpus} "
             f"but the cluster has {cluster_gpus} GPU(s)"
         )
-    actor = {"num_cpus": placement.cpus_per_replica, "num_gpus": placement.num_gpus_per_replica()}
-    return {"num_replicas": placement.replicas_per_gpu * gpus, "ray_actor_options": actor, **common}
+    gpu_actor: dict[str, Any] = {
+        "num_cpus": placement.cpus_per_replica,
+        "num_gpus": placement.num_gpus_per_replica(),
+        "runtime_env": replica_runtime_env(mps or MpsConfig(), placement),
+    }
+    return {"num_replicas": placement.replicas_per_gpu * gpus, "ray_actor_options": gpu_actor, **common}
 
 
 def check_mps_mode(config: ServiceConfig, cluster_gpus: int) -> None:
@@ -58,7 +69,7 @@ def check_cpus(config: ServiceConfig, options: dict[str, dict[str, Any]], cpus: 
 def build_app(config: ServiceConfig, cluster_gpus: int, cluster_cpus: float) -> Application:
     """One model deployment per model, behind one ingress."""
     check_mps_mode(config, cluster_gpus)
-    options = {m.name: model_options(m, cluster_gpus) for m in config.models}
+    options = {m.name: model_options(m, cluster_gpus, config.mps) for m in config.models}
     check_cpus(config, options, cluster_cpus)
     handles = {
         m.name: ModelReplica.options(name=f"model-{m.name}", **options[m.name]).bind(

@@ -11,7 +11,9 @@ from ray import serve
 
 from mpsserve.config import ModelConfig
 from mpsserve.errors import MpsServeError
+from mpsserve.mps.guardian import ReplicaMps
 from mpsserve.servable import Servable
+from mpsserve.settings import settings
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +25,13 @@ class ModelReplica:
 
     def __init__(self, model: dict[str, Any]) -> None:
         config = ModelConfig.model_validate(model)
-        device = "auto" if ray.get_gpu_ids() else "cpu"
-        self._servable = Servable(config, device=device)
+        gpu = bool(ray.get_gpu_ids())
+        self._servable = Servable(config, device="auto" if gpu else "cpu")
+        # The MPS hook ran before this constructor; the first CUDA call is the model load.
+        self._mps = ReplicaMps(settings())
+        self._mps.start_guardian()
         self._servable.load()
+        self._mps.verify()
 
     def infer(
         self,
@@ -41,12 +47,13 @@ class ModelReplica:
             return exc
 
     def metadata(self) -> dict[str, Any]:
-        return self._servable.metadata()
+        return {**self._servable.metadata(), "mps": self._mps.describe()}
 
     def ready(self) -> bool:
         return self._servable.ready
 
     def check_health(self) -> None:
         """Ray Serve replaces a replica whose health check raises."""
-        if not self._servable.ready:
-            raise RuntimeError(f"model {self._servable.config.name!r} has no loaded version")
+        problem = self._servable.problem() or self._mps.problem()
+        if problem is not None:
+            raise RuntimeError(f"model {self._servable.config.name!r}: {problem}")

@@ -1,0 +1,124 @@
+"""Ray hooks that put the MPS control daemon in place before any replica touches CUDA.
+
+* ``worker_setup`` is each GPU replica's ``worker_process_setup_hook``: it runs in the
+  replica's process before the replica is constructed, so before its first CUDA call. It
+  starts the node's daemon unless one answers (under a file lock: many replicas race at
+  start-up), and sets the replica's derived pinned-memory limit. This covers the local
+  cluster of ``mpsserve serve`` and ``ray start`` nodes alike.
+* ``ray_start_hook`` is for ``RAY_START_HOOK=mpsserve.mps.hook.ray_start_hook`` on a
+  ``ray start`` GPU node: the daemon is up before the raylet starts.
+
+Replicas get the pipe directory and limits through their runtime environment
+(``replica_runtime_env``), never from whatever the node happens to have.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from mpsserve.config import MpsConfig, Placement
+from mpsserve.errors import MpsError
+from mpsserve.gpu import inventory
+from mpsserve.mps.control import MpsControl
+from mpsserve.settings import Settings, settings, to_env
+
+logger = logging.getLogger(__name__)
+
+#: A pipe directory no daemon listens on: a CUDA client that sees it runs without MPS,
+#: even when the node has a daemon on the default /tmp/nvidia-mps (the no-MPS baseline).
+NO_MPS_PIPE_DIR = "/nonexistent/mpsserve-mps-off"
+HOOK = "mpsserve.mps.hook.worker_setup"
+LOCK_FILE = "daemon.lock"
+STARTED_FILE = "daemon.started"
+
+#: Why this process could not set MPS up (read by the replica to report it), if it could not.
+setup_error: str | None = None
+
+
+def control_from(s: Settings) -> MpsControl:
+    return MpsControl(
+        pipe_dir=Path(s.mps_pipe_dir),
+        log_dir=Path(s.mps_log_dir),
+        binary=s.mps_control_binary,
+        timeout_s=s.mps_command_timeout_s,
+    )
+
+
+def replica_runtime_env(mps: MpsConfig, placement: Placement) -> dict[str, Any]:
+    """The Ray runtime environment of a GPU replica for this MPS config."""
+    if mps.mode == "off":
+        return {"env_vars": {"CUDA_MPS_PIPE_DIRECTORY": NO_MPS_PIPE_DIR, **to_env(mps_mode="off")}}
+    percentage = mps.limits.thread_percentage(placement.replicas_per_gpu)
+    env = {
+        "CUDA_MPS_PIPE_DIRECTORY": mps.pipe_dir,
+        "CUDA_MPS_LOG_DIRECTORY": mps.log_dir,
+        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": f"{percentage:g}",
+        **to_env(
+            mps_mode=mps.mode,
+            mps_pipe_dir=mps.pipe_dir,
+            mps_log_dir=mps.log_dir,
+            mps_state_dir=mps.state_dir,
+            mps_control_binary=mps.control_binary,
+            mps_command_timeout_s=mps.command_timeout_s,
+            mps_guardian_interval_s=mps.guardian_interval_s,
+            mps_replicas_per_gpu=placement.replicas_per_gpu,
+            mps_gpu_share=placement.gpu_share,
+            mps_pinned_mem_limit_mb=mps.limits.pinned_mem_limit_mb or 0,
+        ),
+    }
+    return {"env_vars": env, "worker_process_setup_hook": HOOK}
+
+
+def ensure_daemon(s: Settings) -> bool:
+    """Start the node's daemon unless it answers; True when this call started it."""
+    control = control_from(s)
+    state = Path(s.mps_state_dir)
+    started = control.ensure_running(state / LOCK_FILE)
+    if started:
+        pid = control.daemon_pid()
+        (state / STARTED_FILE).write_text(f"{pid or ''}\n")
+    return started
+
+
+def pinned_limit_mb(s: Settings) -> int | None:
+    """The explicit limit, or this replica's share of the smallest GPU on the node."""
+    if s.mps_pinned_mem_limit_mb:
+        return s.mps_pinned_mem_limit_mb
+    gpus = inventory().gpus
+    if not gpus:
+        return None
+    smallest = min(gpu.memory_total_mb for gpu in gpus)
+    return int(smallest * s.mps_gpu_share / s.mps_replicas_per_gpu)
+
+
+def worker_setup() -> None:
+    """Ray ``worker_process_setup_hook`` of a GPU replica; never raises (the replica reports)."""
+    global setup_error
+    s = settings()
+    if s.mps_mode == "off":
+        return
+    try:
+        ensure_daemon(s)
+    except MpsError as exc:
+        setup_error = exc.message
+        logger.warning("MPS is not available to this replica: %s", exc.message)
+    limit = pinned_limit_mb(s)
+    if limit and "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" not in os.environ:
+        # Each replica sees exactly one GPU (fractional num_gpus), its device 0.
+        os.environ["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"0={limit}M"
+
+
+def ray_start_hook(ray_params: object, head: bool) -> None:
+    """``RAY_START_HOOK`` for a GPU node: the daemon first, then the raylet."""
+    s = settings()
+    if s.mps_mode == "off":
+        return
+    gpus = inventory()
+    if not gpus.gpus:
+        logger.info("no GPU on this node (%s); no MPS daemon started", gpus.error)
+        return
+    started = ensure_daemon(s)
+    logger.info("MPS control daemon %s on %s", "started" if started else "found", s.mps_pipe_dir)
