@@ -6,6 +6,7 @@ Commands that need Ray import it lazily, so ``demo-model`` and ``--help`` stay f
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -41,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("--config", default=DEFAULT_CONFIG, help="service YAML")
     deploy.add_argument("--address", default=None, help="Ray address (default: config, auto)")
 
+    doctor = sub.add_parser("doctor", help="can MPS work on this node? checks and a verdict")
+    doctor.add_argument("--config", default=DEFAULT_CONFIG, help="service YAML")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+
     demo = sub.add_parser("demo-model", help="write the demo recommender as DIR/<version>/")
     demo.add_argument("--out", required=True, type=Path, help="model store directory")
     demo.add_argument("--format", choices=["tensorflow", "torch"], default="tensorflow")
@@ -65,6 +70,19 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from mpsserve.mps.doctor import diagnose
+
+    report = diagnose(load_config(args.config))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for check in report.checks:
+            print(f"  [{check.status:>4}] {check.name}: {check.detail}")
+        print(report.verdict)
+    return 0 if report.ok else 1
+
+
 def _use_cluster_token() -> None:
     """Ray 2.60's `ray start` turns on token auth, but a client only sends the token when
     RAY_AUTH_MODE=token; join such a cluster as `ray` itself would, if the user set no mode."""
@@ -87,6 +105,7 @@ def _start_ray(config: ServiceConfig, address: str | None, local: bool) -> tuple
         context = ray.init(
             address="local",
             num_cpus=config.ray.num_cpus,
+            num_gpus=config.ray.num_gpus,
             include_dashboard=config.ray.dashboard,
             logging_level=logging.WARNING,
         )
@@ -105,7 +124,11 @@ def _deploy(config: ServiceConfig, cluster: Cluster) -> None:
     from mpsserve.serving.app import build_app
 
     gpus = cluster.gpus
-    placement = "CPU replicas (no GPU in the cluster)" if gpus == 0 else f"{gpus} GPU(s)"
+    placement = (
+        "CPU replicas (no GPU in the cluster, so no MPS)"
+        if gpus == 0
+        else f"{gpus} GPU(s), MPS mode {config.mps.mode}"
+    )
     app = build_app(config, gpus, cluster.cpus)
     print(f"deploying {[m.name for m in config.models]} on {placement} ...", flush=True)
     serve.run(app, name=config.ray.app_name, route_prefix="/", blocking=False)
@@ -173,8 +196,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
+        _stop_mps(config)
     print("stopped.")
     return 0
+
+
+def _stop_mps(config: ServiceConfig) -> None:
+    from mpsserve.mps.hook import stop_daemon_if_ours
+
+    if config.mps.mode != "off" and stop_daemon_if_ours(config.mps):
+        print(f"stopped the MPS control daemon on {config.mps.pipe_dir}", flush=True)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -185,7 +216,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "deploy": cmd_deploy, "demo-model": cmd_demo_model}
+COMMANDS = {
+    "serve": cmd_serve,
+    "deploy": cmd_deploy,
+    "doctor": cmd_doctor,
+    "demo-model": cmd_demo_model,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,6 +139,9 @@ class RayConfig(_Strict):
 
     address: str | None = Field(None, description="Ray address to join; null = start local.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; null = all.")
+    num_gpus: int | None = Field(
+        None, ge=0, description="GPUs a local Ray declares; null = those it detects."
+    )
     app_name: str = Field("mpsserve", description="Ray Serve application name.")
     dashboard: bool = Field(
         True, description="Start the Ray dashboard with a local Ray (needs its web client)."

@@ -155,10 +155,9 @@ class MpsControl:
         """The daemon's pid from its pid file, if that process is alive."""
         try:
             pid = int((self.pipe_dir / PID_FILE).read_text().strip())
-            os.kill(pid, 0)
         except (OSError, ValueError):
             return None
-        return pid
+        return pid if alive(pid) else None
 
     def quit(self) -> None:
         """Stop the daemon (its server ends with it) and wait until it has gone."""
@@ -166,12 +165,18 @@ class MpsControl:
         with contextlib.suppress(DaemonNotRunning):
             self.command("quit")
         deadline = time.monotonic() + self.timeout_s
-        while pid is not None and time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except OSError:
-                return
+        while pid is not None and alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    """A running process; a zombie (dead, not yet reaped by its parent) is not."""
+    try:
+        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def _pids(answer: str) -> list[int]:

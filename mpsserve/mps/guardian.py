@@ -28,7 +28,7 @@ from typing import Any
 
 from mpsserve.errors import MpsError
 from mpsserve.mps import hook
-from mpsserve.mps.control import MpsControl
+from mpsserve.mps.control import MpsControl, file_lock
 from mpsserve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -72,17 +72,22 @@ class Guardian(threading.Thread):
     def __init__(self, control: MpsControl, state_dir: Path, interval_s: float) -> None:
         super().__init__(name="mps-guardian", daemon=True)
         self.control, self.state_dir, self.interval_s = control, state_dir, interval_s
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
         self._lock_handle: Any = None
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
 
     def run(self) -> None:
-        while not self._stop.is_set():
-            if self._lead():
-                self.check()
-            self._stop.wait(self.interval_s)
+        try:
+            while not self._stopping.is_set():
+                if self._lead():
+                    self.check()
+                self._stopping.wait(self.interval_s)
+        finally:
+            if self._lock_handle is not None:
+                self._lock_handle.close()  # frees the node's guardian lock for another
+                self._lock_handle = None
 
     def _lead(self) -> bool:
         if self._lock_handle is not None:
@@ -107,7 +112,9 @@ class Guardian(threading.Thread):
                 logger.warning(
                     "MPS control daemon on %s is down; restarting", self.control.pipe_dir
                 )
-                self.control.start()
+                with file_lock(self.state_dir / hook.LOCK_FILE):  # racing replicas' hooks
+                    if not self.control.running() and self.control.start():
+                        hook.record_started(self.control, self.state_dir)
                 state.restarts += 1
             state.servers = {str(s): c for s, c in self.control.clients().items()}
             state.daemon_pid, state.up = self.control.daemon_pid(), True

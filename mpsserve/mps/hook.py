@@ -78,9 +78,14 @@ def ensure_daemon(s: Settings) -> bool:
     state = Path(s.mps_state_dir)
     started = control.ensure_running(state / LOCK_FILE)
     if started:
-        pid = control.daemon_pid()
-        (state / STARTED_FILE).write_text(f"{pid or ''}\n")
+        record_started(control, state)
     return started
+
+
+def record_started(control: MpsControl, state_dir: Path) -> None:
+    """Note the daemon mpsserve started, so ``serve`` stops it (and only it) at exit."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / STARTED_FILE).write_text(f"{control.daemon_pid() or ''}\n")
 
 
 def pinned_limit_mb(s: Settings) -> int | None:
@@ -122,3 +127,18 @@ def ray_start_hook(ray_params: object, head: bool) -> None:
         return
     started = ensure_daemon(s)
     logger.info("MPS control daemon %s on %s", "started" if started else "found", s.mps_pipe_dir)
+
+
+def stop_daemon_if_ours(mps: MpsConfig) -> bool:
+    """Quit the node's daemon if an mpsserve hook started it (the pid it recorded)."""
+    control = MpsControl(Path(mps.pipe_dir), Path(mps.log_dir), mps.control_binary)
+    recorded = Path(mps.state_dir) / STARTED_FILE
+    try:
+        ours = int(recorded.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if ours and ours == control.daemon_pid():
+        control.quit()
+        recorded.unlink(missing_ok=True)
+        return True
+    return False

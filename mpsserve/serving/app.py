@@ -41,7 +41,11 @@ def model_options(
         "num_gpus": placement.num_gpus_per_replica(),
         "runtime_env": replica_runtime_env(mps or MpsConfig(), placement),
     }
-    return {"num_replicas": placement.replicas_per_gpu * gpus, "ray_actor_options": gpu_actor, **common}
+    return {
+        "num_replicas": placement.replicas_per_gpu * gpus,
+        "ray_actor_options": gpu_actor,
+        **common,
+    }
 
 
 def check_mps_mode(config: ServiceConfig, cluster_gpus: int) -> None:

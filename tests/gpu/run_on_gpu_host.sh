@@ -9,8 +9,14 @@ mkdir -p "$OUT"
 work=$(mktemp -d)
 nvidia-smi --query-gpu=name,compute_cap,driver_version,compute_mode,memory.total --format=csv \
   | tee "$OUT/gpu.txt"
-python3 -m pytest tests/gpu -q -p no:cacheprovider 2>&1 \
+python3 -m pytest tests/gpu -q -s -p no:cacheprovider 2>&1 \
   | tee "$OUT/pytest-gpu.txt" | tail -3
+echo "--- doctor, embedded default config (daemon not started yet)" | tee "$OUT/doctor.txt"
+python3 -m mpsserve.cli doctor --config deployments/local.yaml 2>&1 | tee -a "$OUT/doctor.txt"
+echo "doctor exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/doctor.txt"
+printf 'models: [{name: rec, store: /tmp}]\nmps: {pipe_dir: /etc/hostname/pipe}\n' > "$work/broken.yaml"
+echo "--- doctor, a pipe directory that cannot be created" | tee -a "$OUT/doctor.txt"
+python3 -m mpsserve.cli doctor --config "$work/broken.yaml" 2>&1 | tail -1 | tee -a "$OUT/doctor.txt"
 python3 -m mpsserve.cli demo-model --out "$work/models/rec" --format torch | tee "$OUT/demo.txt"
 cat > "$work/gpu.yaml" <<YAML
 models:

@@ -1,0 +1,161 @@
+"""``mpsserve doctor``: can MPS work on this node, and if not, why, in one line.
+
+Read-only: it reports the compute mode and the daemon's state and never changes either.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mpsserve.config import MPS_MAX_CLIENTS_PER_GPU, ServiceConfig
+from mpsserve.errors import MpsError
+from mpsserve.gpu import MPS_MIN_COMPUTE_CAPABILITY, Inventory, inventory
+from mpsserve.mps.control import MpsControl
+from mpsserve.mps.guardian import read_state
+
+Status = Literal["ok", "fail", "info"]
+
+
+@dataclass
+class Check:
+    name: str
+    status: Status
+    detail: str
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+
+    def add(self, name: str, status: Status, detail: str) -> None:
+        self.checks.append(Check(name, status, detail))
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status != "fail" for c in self.checks)
+
+    @property
+    def verdict(self) -> str:
+        failed = [c for c in self.checks if c.status == "fail"]
+        if failed:
+            return f"MPS cannot work here: {failed[0].name}: {failed[0].detail}"
+        return "MPS can work here: " + next(c.detail for c in self.checks if c.name == "daemon")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "verdict": self.verdict, "checks": [asdict(c) for c in self.checks]}
+
+
+def _check_gpus(report: Report, inv: Inventory) -> None:
+    if not inv.gpus:
+        report.add("GPUs", "fail", f"no NVIDIA GPU visible ({inv.error}); replicas run on the CPU")
+        return
+    names = ", ".join(
+        f"{g.index}: {g.name} (cc {g.compute_capability[0]}.{g.compute_capability[1]},"
+        f" {g.memory_total_mb} MiB)"
+        for g in inv.gpus
+    )
+    report.add("GPUs", "ok", names)
+    report.add("driver", "info", inv.driver_version or "unknown")
+    old = [g for g in inv.gpus if not g.supports_mps]
+    if old:
+        need = ".".join(map(str, MPS_MIN_COMPUTE_CAPABILITY))
+        report.add(
+            "compute capability",
+            "fail",
+            f"GPU {old[0].index} ({old[0].name}) is below {need} (Volta); MPS is refused",
+        )
+    modes = {g.index: g.compute_mode for g in inv.gpus}
+    prohibited = [i for i, m in modes.items() if m == "Prohibited"]
+    status: Status = "fail" if prohibited else "info"
+    report.add("compute mode", status, f"{modes} (reported, never changed; Prohibited blocks CUDA)")
+
+
+def _check_binaries(report: Report, control: MpsControl) -> None:
+    found = shutil.which(control.binary)
+    report.add(
+        "control binary",
+        "ok" if found else "fail",
+        found or f"{control.binary} not on PATH (install the driver's MPS tools)",
+    )
+    server = shutil.which("nvidia-cuda-mps-server")
+    report.add("server binary", "info", server or "nvidia-cuda-mps-server not on PATH")
+
+
+def _check_pipe_dir(report: Report, control: MpsControl) -> None:
+    path = control.pipe_dir
+    probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("/"))
+    writable = os.access(probe, os.W_OK | os.X_OK)
+    where = "exists" if path.exists() else f"will be created under {probe}"
+    report.add(
+        "pipe directory",
+        "ok" if writable else "fail",
+        f"{path} {where}, {'writable' if writable else 'NOT writable'} by uid {os.getuid()}",
+    )
+
+
+def _check_daemon(report: Report, control: MpsControl) -> None:
+    try:
+        servers = control.clients() if control.running() else None
+    except MpsError as exc:
+        report.add("daemon", "fail", exc.message)
+        return
+    if servers is None:
+        report.add("daemon", "ok", f"no daemon on {control.pipe_dir} yet; replicas start it")
+        return
+    clients = sum(len(c) for c in servers.values())
+    report.add(
+        "daemon",
+        "ok",
+        f"daemon pid {control.daemon_pid()} answering on "
+        f"{control.pipe_dir}, {len(servers)} server(s), {clients} client(s) attached",
+    )
+    for server, pids in servers.items():
+        status: Status = "fail" if len(pids) > MPS_MAX_CLIENTS_PER_GPU else "ok"
+        report.add(
+            f"server {server}",
+            status,
+            f"{len(pids)} of {MPS_MAX_CLIENTS_PER_GPU} clients: {sorted(pids)}",
+        )
+
+
+def _check_config(report: Report, config: ServiceConfig) -> None:
+    per_gpu = sum(m.placement.replicas_per_gpu for m in config.models)
+    report.add(
+        "replicas per GPU",
+        "ok",
+        f"{per_gpu} configured (MPS allows {MPS_MAX_CLIENTS_PER_GPU}); mode {config.mps.mode}",
+    )
+    state = read_state(Path(config.mps.state_dir))
+    if state is not None:
+        age = time.time() - state.checked_at
+        report.add(
+            "guardian",
+            "info",
+            f"pid {state.guardian_pid} checked {age:.0f}s ago: "
+            f"daemon {'up' if state.up else 'DOWN'}, {state.restarts} restart(s)"
+            + (f", last error: {state.last_error}" if state.last_error else ""),
+        )
+
+
+def diagnose(config: ServiceConfig, gpus: Inventory | None = None) -> Report:
+    control = MpsControl(
+        Path(config.mps.pipe_dir),
+        Path(config.mps.log_dir),
+        config.mps.control_binary,
+        config.mps.command_timeout_s,
+    )
+    report = Report()
+    _check_gpus(report, gpus if gpus is not None else inventory())
+    _check_binaries(report, control)
+    _check_pipe_dir(report, control)
+    if shutil.which(control.binary):
+        _check_daemon(report, control)
+    else:
+        report.add("daemon", "fail", "cannot be asked: no control binary")
+    _check_config(report, config)
+    return report

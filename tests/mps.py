@@ -1,0 +1,83 @@
+"""Helpers for tests that drive an MPS control daemon: the real one on a GPU host, or the
+stand-in (tests/mps_standin) on a CPU machine, through the same ``MpsControl``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mpsserve.mps.control import MpsControl
+
+STANDIN = Path(__file__).parent / "mps_standin" / "nvidia-cuda-mps-control"
+
+
+def standin_control(tmp: Path, binary: str = str(STANDIN), timeout_s: float = 5.0) -> MpsControl:
+    return MpsControl(tmp / "pipe", tmp / "log", binary=binary, timeout_s=timeout_s)
+
+
+@contextmanager
+def daemon(control: MpsControl) -> Iterator[MpsControl]:
+    """A started daemon, always stopped afterwards."""
+    control.start()
+    try:
+        yield control
+    finally:
+        control.quit()
+
+
+@contextmanager
+def standin_client(control: MpsControl) -> Iterator[subprocess.Popen[bytes]]:
+    """A process the stand-in counts as an MPS client (see tests/mps_standin/README.md)."""
+    env = {
+        **os.environ,
+        "CUDA_MPS_PIPE_DIRECTORY": str(control.pipe_dir),
+        "MPSSERVE_STANDIN_CLIENT": "1",
+    }
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env=env)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def mps_service_config(
+    tmp: Path,
+    store: Path,
+    runtime: str,
+    replicas: int,
+    port: int,
+    control_binary: str,
+    num_gpus: int | None = None,
+    num_cpus: int | None = None,
+) -> dict[str, object]:
+    """A service with ``replicas`` replicas on one GPU under a required MPS daemon."""
+    cpus = 0.5 if num_gpus is not None else 1
+    return {
+        "models": [
+            {
+                "name": "rec",
+                "store": str(store),
+                "runtime": runtime,
+                "placement": {
+                    "replicas_per_gpu": replicas,
+                    "cpus_per_replica": cpus,
+                    "health_check_period_s": 1,
+                },
+            }
+        ],
+        "ingress": {"http_port": port, "cpus_per_replica": cpus},
+        "mps": {
+            "mode": "on",
+            "pipe_dir": str(tmp / "pipe"),
+            "log_dir": str(tmp / "log"),
+            "state_dir": str(tmp / "state"),
+            "control_binary": control_binary,
+            "guardian_interval_s": 0.5,
+        },
+        "ray": {"num_gpus": num_gpus, "num_cpus": num_cpus, "dashboard": False},
+    }

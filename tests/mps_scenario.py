@@ -1,0 +1,181 @@
+"""The MPS recovery scenario, run by the CPU integration tier against the stand-in daemon and
+by the GPU tier against the real one: serve with ``mps.mode: on``, check that every replica
+is a client of the daemon's server, SIGKILL the daemon under load, and watch the guardian
+and Ray Serve's health checks bring every replica back as a client of the new server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mpsserve.mps.control import MpsControl
+
+
+@dataclass
+class Observed:
+    clients_before: dict[int, list[int]] = field(default_factory=dict)
+    clients_after: dict[int, list[int]] = field(default_factory=dict)
+    replicas_before: list[int] = field(default_factory=list)
+    replicas_after: list[int] = field(default_factory=list)
+    daemon_before: int | None = None
+    daemon_after: int | None = None
+    recovered_s: float | None = None
+    requests: int = 0
+    failed: int = 0
+    failed_after_recovery: int = 0
+    doctor_rc: int | None = None
+    doctor_verdict: str = ""
+    exit_code: int | None = None
+    output_tail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "output_tail"}
+
+
+class Load(threading.Thread):
+    """Sends the request ``mpsserve serve`` wrote, in a loop, and keeps the outcomes."""
+
+    def __init__(self, url: str, body: bytes) -> None:
+        super().__init__(daemon=True)
+        self.url, self.body = url, body
+        self.outcomes: list[tuple[float, bool]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            request = urllib.request.Request(self.url, data=self.body, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    ok = response.status == 200
+            except Exception:
+                ok = False
+            self.outcomes.append((time.monotonic(), ok))
+
+
+def _wait(predicate: Any, timeout_s: float, what: str) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        try:
+            if predicate():
+                return time.monotonic() - start
+        except Exception:  # the daemon may be between lives
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{what} not within {timeout_s}s")
+
+
+def _read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> str:
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise TimeoutError(f"no {marker!r} within {timeout_s}s:\n{''.join(seen)[-4000:]}")
+
+
+REPLICA_TITLE = "ray::ServeReplica:mpsserve:model-rec"
+
+
+def replica_pids() -> set[int]:
+    """Live model replicas, by the process title Ray gives them."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if cmdline.startswith(REPLICA_TITLE.encode()) and state != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+def _all_attached(control: MpsControl, replicas: int, old: set[int]) -> bool:
+    """Every live replica (and ``replicas`` of them, none of ``old``) is an MPS client."""
+    clients = {pid for pids in control.clients().values() for pid in pids}
+    live = replica_pids()
+    return len(live) == replicas and live <= clients and not (live & old)
+
+
+def run(
+    tmp: Path, config: dict[str, Any], replicas: int, env: dict[str, str], timeout_s: float = 240
+) -> Observed:
+    (tmp / "service.yaml").write_text(yaml.safe_dump(config))
+    mps = config["mps"]
+    control = MpsControl(Path(mps["pipe_dir"]), Path(mps["log_dir"]), mps["control_binary"])
+    port = config["ingress"]["http_port"]
+    seen = Observed()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpsserve.cli", "serve", "--config", "service.yaml", "--rows", "64"],
+        cwd=tmp,
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    load = Load(f"http://127.0.0.1:{port}/v2/models/rec/infer", b"")
+    try:
+        _read_until(proc, "Ctrl-C stops", timeout_s)
+        _wait(lambda: _all_attached(control, replicas, set()), 60, "every replica attached")
+        seen.clients_before, seen.daemon_before = control.clients(), control.daemon_pid()
+        seen.replicas_before = sorted(replica_pids())
+        load.body = (tmp / ".mpsserve" / "request-rec.json").read_bytes()
+        load.start()
+        time.sleep(3)
+        old = set(seen.replicas_before)
+        os.kill(seen.daemon_before or 0, signal.SIGKILL)
+        seen.recovered_s = _wait(
+            lambda: _all_attached(control, replicas, old),
+            timeout_s,
+            "every replica re-attached to a new server",
+        )
+        seen.clients_after, seen.daemon_after = control.clients(), control.daemon_pid()
+        seen.replicas_after = sorted(replica_pids())
+        recovered_at = time.monotonic()
+        time.sleep(5)
+        load.stop.set()
+        load.join(60)
+        seen.requests = len(load.outcomes)
+        seen.failed = sum(1 for _, ok in load.outcomes if not ok)
+        seen.failed_after_recovery = sum(
+            1 for t, ok in load.outcomes if not ok and t > recovered_at + 1
+        )
+        doctor = subprocess.run(
+            [sys.executable, "-m", "mpsserve.cli", "doctor", "--config", "service.yaml", "--json"],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **env},
+        )
+        seen.doctor_rc = doctor.returncode
+        seen.doctor_verdict = json.loads(doctor.stdout)["verdict"]
+    finally:
+        load.stop.set()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                rest, _ = proc.communicate(timeout=120)
+                seen.output_tail = rest[-3000:]
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        seen.exit_code = proc.returncode
+        if control.running():  # never leave a daemon behind
+            control.quit()
+    return seen

@@ -1,0 +1,53 @@
+"""``mpsserve doctor``: a verdict in one line, against the stand-in daemon and fake GPUs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mpsserve.config import parse_config
+from mpsserve.gpu import GpuInfo, Inventory
+from mpsserve.mps.doctor import diagnose
+from tests.mps import STANDIN, daemon, standin_client, standin_control
+
+H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", "GPU-x", (9, 0), 81559, "Default")
+P100 = GpuInfo(0, "Tesla P100", "GPU-y", (6, 0), 16280, "Default")
+
+
+def config(tmp: Path, binary: str = str(STANDIN)):  # type: ignore[no-untyped-def]
+    mps = {
+        "mode": "on",
+        "pipe_dir": str(tmp / "pipe"),
+        "log_dir": str(tmp / "log"),
+        "state_dir": str(tmp / "state"),
+        "control_binary": binary,
+    }
+    return parse_config({"models": [{"name": "rec", "store": "/s"}], "mps": mps})
+
+
+def test_healthy_node(tmp_path: Path) -> None:
+    with daemon(standin_control(tmp_path)) as control, standin_client(control):
+        report = diagnose(config(tmp_path), Inventory([H100], "580.159.04"))
+        assert report.ok, report.to_dict()
+        assert report.verdict.startswith("MPS can work here: daemon pid")
+        assert (
+            any(c.name.startswith("server ") and "of 48 clients" in c.detail for c in report.checks)
+            or "0 server(s)" in report.verdict
+        )
+
+
+def test_daemon_not_started_yet_is_fine(tmp_path: Path) -> None:
+    report = diagnose(config(tmp_path), Inventory([H100], "580"))
+    assert report.ok and "replicas start it" in report.verdict
+
+
+def test_each_broken_setup_is_named_in_the_verdict(tmp_path: Path) -> None:
+    no_gpu = diagnose(config(tmp_path), Inventory(error="NVML unavailable: no driver"))
+    assert not no_gpu.ok
+    assert no_gpu.verdict == (
+        "MPS cannot work here: GPUs: no NVIDIA GPU visible (NVML unavailable: no driver); "
+        "replicas run on the CPU"
+    )
+    old = diagnose(config(tmp_path), Inventory([P100], "470"))
+    assert "GPU 0 (Tesla P100) is below 7.0 (Volta)" in old.verdict
+    missing = diagnose(config(tmp_path, "no-such-mps-control"), Inventory([H100], "580"))
+    assert "control binary: no-such-mps-control not on PATH" in missing.verdict

@@ -1,0 +1,218 @@
+"""control.py, the hooks, the guardian and attach verification, against the stand-in daemon."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from mpsserve.config import MpsConfig, Placement
+from mpsserve.errors import MpsError
+from mpsserve.mps import hook
+from mpsserve.mps.control import DaemonNotRunning, MpsControl
+from mpsserve.mps.guardian import Guardian, ReplicaMps, read_state
+from mpsserve.settings import settings, to_env
+from tests.mps import STANDIN, daemon, standin_client, standin_control
+
+
+def wait_for(predicate, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_commands_and_lifecycle(tmp_path: Path) -> None:
+    control = standin_control(tmp_path)
+    assert not control.running()
+    with pytest.raises(DaemonNotRunning):
+        control.server_list()
+    with daemon(control):
+        assert control.running() and control.daemon_pid() is not None
+        assert control.start() is False  # already running: not an error
+        assert control.server_list() == []
+        assert control.set_default_active_thread_percentage(50) == 50.0
+        assert control.default_active_thread_percentage() == 50.0
+        control.set_default_device_pinned_mem_limit(0, 2048)
+        assert control.client_list(12345) == []  # "Server 12345 not found"
+        with pytest.raises(MpsError, match="refused 'bogus'"):
+            control.command("bogus")
+    assert not control.running()
+
+
+def test_missing_binary_and_unwritable_pipe_dir(tmp_path: Path) -> None:
+    missing = standin_control(tmp_path, binary="no-such-mps-control")
+    with pytest.raises(MpsError, match="no-such-mps-control not found on PATH"):
+        missing.start()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    blocked = MpsControl(blocker / "pipe", tmp_path / "log", binary=str(STANDIN))
+    with pytest.raises(MpsError, match="cannot create MPS directory"):
+        blocked.start()
+
+
+def test_a_daemon_that_does_not_answer_times_out(tmp_path: Path) -> None:
+    hanging = tmp_path / "hanging-control"
+    hanging.write_text("#!/bin/sh\nsleep 30\n")
+    hanging.chmod(0o755)
+    control = standin_control(tmp_path, binary=str(hanging), timeout_s=0.5)
+    with pytest.raises(MpsError, match=r"did not answer command 'get_server_list' within 0\.5s"):
+        control.command("get_server_list")
+
+
+def _ensure(pipe: str, log: str, lock: str, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    control = MpsControl(Path(pipe), Path(log), binary=str(STANDIN))
+    results.put(control.ensure_running(Path(lock)))
+
+
+def test_racing_processes_start_exactly_one_daemon(tmp_path: Path) -> None:
+    control = standin_control(tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    results: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
+    args = (str(control.pipe_dir), str(control.log_dir), str(tmp_path / "lock"), results)
+    procs = [ctx.Process(target=_ensure, args=args) for _ in range(6)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        started = [results.get(timeout=5) for _ in procs]
+        assert started.count(True) == 1 and started.count(False) == 5
+        assert control.running()
+    finally:
+        control.quit()
+
+
+def test_guardian_restarts_a_killed_daemon_and_reports(tmp_path: Path) -> None:
+    control = standin_control(tmp_path)
+    state_dir = tmp_path / "state"
+    with daemon(control):
+        guardian = Guardian(control, state_dir, interval_s=0.2)
+        first = control.daemon_pid()
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        assert wait_for(lambda: not control.running())
+        guardian.start()
+        try:
+            assert wait_for(lambda: getattr(read_state(state_dir), "restarts", 0) == 1)
+        finally:
+            guardian.stop()
+            guardian.join(5)
+        state = read_state(state_dir)
+        assert state is not None and state.up and state.restarts == 1
+        assert state.daemon_pid not in (None, first)
+        assert json.loads((state_dir / "guardian.json").read_text())["restarts"] == 1
+
+
+def test_only_one_guardian_leads_a_node(tmp_path: Path) -> None:
+    control = standin_control(tmp_path)
+    first, second = (Guardian(control, tmp_path / "state", 0.2) for _ in range(2))
+    assert first._lead() and not second._lead()
+
+
+def replica_settings(control: MpsControl, tmp: Path, mode: str):  # type: ignore[no-untyped-def]
+    os.environ.update(
+        to_env(
+            mps_mode=mode,
+            mps_pipe_dir=str(control.pipe_dir),
+            mps_log_dir=str(control.log_dir),
+            mps_state_dir=str(tmp / "state"),
+            mps_control_binary=str(STANDIN),
+        )
+    )
+    settings.cache_clear()
+    return settings()
+
+
+@pytest.fixture
+def clean_settings(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    for name in [k for k in os.environ if k.startswith("MPSSERVE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(hook, "setup_error", None)
+    yield monkeypatch
+    settings.cache_clear()
+
+
+def test_attached_replica_is_healthy_until_its_server_dies(
+    tmp_path: Path, clean_settings: pytest.MonkeyPatch
+) -> None:
+    control = standin_control(tmp_path)
+    s = replica_settings(control, tmp_path, "on")
+    with daemon(control), standin_client(control) as client:
+        assert wait_for(lambda: control.server_list() != [])
+        replica = ReplicaMps(s, pid=client.pid)
+        replica.verify()
+        assert replica.server is not None and replica.problem() is None
+        assert replica.describe()["attached"] is True
+        control.command("standin_kill_server")
+        assert wait_for(lambda: replica.problem() is not None)
+        assert f"lost its MPS server {replica.server}" in (replica.problem() or "")
+
+
+def test_mode_on_replica_that_is_not_attached_says_why(
+    tmp_path: Path, clean_settings: pytest.MonkeyPatch
+) -> None:
+    control = standin_control(tmp_path)
+    s = replica_settings(control, tmp_path, "on")
+    with daemon(control):
+        replica = ReplicaMps(s, pid=os.getpid())
+        replica.verify()
+        assert "is in no MPS server's client list" in (replica.problem() or "")
+    auto = ReplicaMps(replica_settings(control, tmp_path, "auto"), pid=os.getpid())
+    auto.verify()  # daemon gone: auto degrades, stays healthy, and says so
+    assert auto.problem() is None and "no MPS control daemon answers" in auto.detail
+
+
+def test_worker_setup_hook_starts_the_daemon_and_sets_limits(
+    tmp_path: Path, clean_settings: pytest.MonkeyPatch
+) -> None:
+    control = standin_control(tmp_path)
+    replica_settings(control, tmp_path, "on")
+    clean_settings.setenv("MPSSERVE_MPS_PINNED_MEM_LIMIT_MB", "1234")
+    clean_settings.delenv("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", raising=False)
+    settings.cache_clear()
+    try:
+        hook.worker_setup()
+        assert control.running() and hook.setup_error is None
+        assert os.environ["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=1234M"
+        assert hook.stop_daemon_if_ours(
+            MpsConfig(
+                pipe_dir=str(control.pipe_dir),
+                log_dir=str(control.log_dir),
+                state_dir=str(tmp_path / "state"),
+                control_binary=str(STANDIN),
+            )
+        )
+        assert not control.running()
+    finally:
+        os.environ.pop("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", None)
+        control.quit()
+
+
+def test_worker_setup_hook_reports_a_missing_binary(
+    tmp_path: Path, clean_settings: pytest.MonkeyPatch
+) -> None:
+    replica_settings(standin_control(tmp_path), tmp_path, "auto")
+    clean_settings.setenv("MPSSERVE_MPS_CONTROL_BINARY", "no-such-mps-control")
+    settings.cache_clear()
+    hook.worker_setup()
+    assert hook.setup_error is not None and "not found on PATH" in hook.setup_error
+
+
+def test_replica_runtime_env() -> None:
+    on = hook.replica_runtime_env(MpsConfig(mode="on"), Placement(replicas_per_gpu=8))
+    assert on["worker_process_setup_hook"] == hook.HOOK
+    env = on["env_vars"]
+    assert env["CUDA_MPS_PIPE_DIRECTORY"] == "/tmp/mpsserve/mps-pipe"
+    assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "25"  # 200 / 8
+    assert env["MPSSERVE_MPS_MODE"] == "on" and env["MPSSERVE_MPS_REPLICAS_PER_GPU"] == "8"
+    off = hook.replica_runtime_env(MpsConfig(mode="off"), Placement())
+    assert off["env_vars"]["CUDA_MPS_PIPE_DIRECTORY"] == hook.NO_MPS_PIPE_DIR
+    assert "worker_process_setup_hook" not in off
