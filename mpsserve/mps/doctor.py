@@ -88,9 +88,12 @@ def _check_binaries(report: Report, control: MpsControl) -> None:
 
 def _check_pipe_dir(report: Report, control: MpsControl) -> None:
     path = control.pipe_dir
-    probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("/"))
-    writable = os.access(probe, os.W_OK | os.X_OK)
-    where = "exists" if path.exists() else f"will be created under {probe}"
+    base = path if path.exists() else next(p for p in path.parents if p.exists())
+    if not base.is_dir():
+        report.add("pipe directory", "fail", f"{path} cannot be created: {base} is not a directory")
+        return
+    writable = os.access(base, os.W_OK | os.X_OK)
+    where = "exists" if base == path else f"will be created under {base}"
     report.add(
         "pipe directory",
         "ok" if writable else "fail",

@@ -51,3 +51,20 @@ def test_each_broken_setup_is_named_in_the_verdict(tmp_path: Path) -> None:
     assert "GPU 0 (Tesla P100) is below 7.0 (Volta)" in old.verdict
     missing = diagnose(config(tmp_path, "no-such-mps-control"), Inventory([H100], "580"))
     assert "control binary: no-such-mps-control not on PATH" in missing.verdict
+
+
+def test_pipe_directory_under_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    cfg = config(tmp_path).model_copy(
+        update={
+            "mps": config(tmp_path).mps.model_copy(
+                update={"pipe_dir": str(tmp_path / "file" / "pipe")}
+            )
+        }
+    )
+    report = diagnose(cfg, Inventory([H100], "580"))
+    assert not report.ok
+    assert report.verdict.endswith(
+        f"pipe directory: {tmp_path}/file/pipe cannot be created: "
+        f"{tmp_path}/file is not a directory"
+    )
