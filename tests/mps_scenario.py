@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from mpsserve.mps.control import MpsControl
+from tests.processes import read_until
 
 
 @dataclass
@@ -75,20 +76,6 @@ def _wait(predicate: Any, timeout_s: float, what: str) -> float:
     raise TimeoutError(f"{what} not within {timeout_s}s")
 
 
-def _read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> str:
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen.append(line)
-        if marker in line:
-            return "".join(seen)
-    raise TimeoutError(f"no {marker!r} within {timeout_s}s:\n{''.join(seen)[-4000:]}")
-
-
 REPLICA_TITLE = "ray::ServeReplica:mpsserve:model-rec"
 
 
@@ -131,7 +118,7 @@ def run(
     )
     load = Load(f"http://127.0.0.1:{port}/v2/models/rec/infer", b"")
     try:
-        _read_until(proc, "Ctrl-C stops", timeout_s)
+        read_until(proc, "Ctrl-C stops", timeout_s)
         _wait(lambda: _all_attached(control, replicas, set()), 60, "every replica attached")
         seen.clients_before, seen.daemon_before = control.clients(), control.daemon_pid()
         seen.replicas_before = sorted(replica_pids())

@@ -179,12 +179,10 @@ class ReplicaMps:
         """Why this replica must be replaced, or None. Asked by ``check_health``."""
         if self.mode == "off":
             return None
-        if self.server is None:
-            return (
-                f"MPS mode is 'on' but this replica is not attached: {self.detail}"
-                if (self.mode == "on")
-                else None
-            )
+        if self.server is None:  # never attached: fatal only when MPS is required
+            if self.mode == "on":
+                return f"MPS mode is 'on' but this replica is not attached: {self.detail}"
+            return None
         now = find_attachment(self.control, self.pid)
         if now.server != self.server:
             return f"lost its MPS server {self.server}: {now.detail}"

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,22 +16,9 @@ import yaml
 from mpsserve.demo import make_request
 from mpsserve.protocol.kserve import encode_json_request
 from tests.conftest import SMALL
+from tests.processes import read_until
 
 PORT = 28100  # outside Ray's worker port range (10002-19999)
-
-
-def read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> str:
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen.append(line)
-        if marker in line:
-            return "".join(seen)
-    pytest.fail(f"no {marker!r} within {timeout_s}s; output:\n{''.join(seen)}")
 
 
 def test_serve_prints_a_working_request_and_stops_on_ctrl_c(tf_store: Path, tmp_path: Path) -> None:
@@ -52,7 +38,10 @@ def test_serve_prints_a_working_request_and_stops_on_ctrl_c(tf_store: Path, tmp_
         text=True,
     )
     try:
-        output = read_until(proc, "Ctrl-C stops", timeout_s=300)
+        try:
+            output = read_until(proc, "Ctrl-C stops", timeout_s=300)
+        except TimeoutError as exc:
+            pytest.fail(str(exc))
         command = re.search(r"Try it.*?:\n(.*?)\n\n", output, re.S)
         assert command, output
         curl = command.group(1).replace("\\\n", " ")
