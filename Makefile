@@ -21,11 +21,14 @@ serve: $(VENV)/.base
 	$(VENV)/bin/mpsserve demo-model --out models/rec --format tensorflow --if-missing
 	$(VENV)/bin/mpsserve serve --config deployments/local.yaml
 
+# Two processes: Triton's gRPC client (integration) and our generated stubs (unit) register
+# the same `inference` protobuf symbols, which one process cannot hold.
 test: $(VENV)/.dev lint
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests/unit tests/gpu
+	$(PY) -m pytest tests/integration
 
 unit: $(VENV)/.dev
-	$(PY) -m pytest tests/unit
+	$(PY) -m pytest tests/unit tests/gpu
 
 integration: $(VENV)/.dev
 	$(PY) -m pytest tests/integration

@@ -111,8 +111,9 @@ def _start_ray(config: ServiceConfig, address: str | None, local: bool) -> tuple
         )
     else:
         context = ray.init(address=address or "auto", logging_level=logging.WARNING)
-    http = {"host": config.ingress.host, "port": config.ingress.http_port}
-    serve.start(http_options=http)
+    from mpsserve.serving.app import serve_options
+
+    serve.start(**serve_options(config))
     dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "(off)"
     resources = ray.cluster_resources()
     return Cluster(int(resources.get("GPU", 0)), float(resources.get("CPU", 0))), dashboard
@@ -161,6 +162,8 @@ def _print_endpoints(config: ServiceConfig, request: Path, rows: int, dashboard:
     print(
         f"\n{'=' * 78}\nmpsserve is up.\n"
         f"  HTTP (KServe v2): {base}/v2/models/{model}/infer\n"
+        f"  gRPC (KServe v2): 127.0.0.1:{config.ingress.grpc_port} inference.GRPCInferenceService\n"
+        f"  TF-Serving REST:  {base}/v1/models/{model}:predict\n"
         f"  health:           {base}/v2/health/ready\n"
         f"  model metadata:   {base}/v2/models/{model}\n"
         f"  Ray dashboard:    {dashboard}\n\n"

@@ -8,6 +8,7 @@ in-process ``Servable`` in unit tests.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -15,7 +16,8 @@ from mpsserve import __version__
 from mpsserve.errors import DeadlineExceeded, ModelNotFound, PayloadTooLarge
 from mpsserve.types import InferRequest, InferResponse
 
-EXTENSIONS = ["binary_tensor_data", "model_repository_metadata"]
+EXTENSIONS = ["binary_tensor_data"]
+DTYPES_TTL_S = 10.0  # how long an input-dtype map read from a replica is reused
 
 
 class ModelBackend(Protocol):
@@ -36,6 +38,7 @@ class DataPlane:
         self._backends = backends
         self.max_request_bytes = max_request_bytes
         self._timeout_s = request_timeout_s
+        self._dtypes: dict[str, tuple[float, dict[str, str]]] = {}
 
     @staticmethod
     def live() -> bool:
@@ -73,6 +76,16 @@ class DataPlane:
                 f"model {name!r} version {version} is not served; serving {metadata['versions']}"
             )
         return metadata
+
+    async def input_dtypes(self, name: str) -> dict[str, str]:
+        """Input name -> numpy dtype, for wire formats that carry untyped JSON (TF Serving)."""
+        cached = self._dtypes.get(name)
+        if cached is not None and time.monotonic() - cached[0] < DTYPES_TTL_S:
+            return cached[1]
+        metadata = await self.model_metadata(name)
+        dtypes = {spec["name"]: spec["dtype"] for spec in metadata["inputs"]}
+        self._dtypes[name] = (time.monotonic(), dtypes)
+        return dtypes
 
     def check_size(self, size: int) -> None:
         """Refuse a body over the limit before decoding it."""

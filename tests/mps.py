@@ -79,5 +79,12 @@ def mps_service_config(
             "control_binary": control_binary,
             "guardian_interval_s": 0.5,
         },
-        "ray": {"num_gpus": num_gpus, "num_cpus": num_cpus, "dashboard": False},
+        # Its own app name: replicas are found by process title, and another test's
+        # cluster may be running beside this one.
+        "ray": {
+            "num_gpus": num_gpus,
+            "num_cpus": num_cpus,
+            "dashboard": False,
+            "app_name": "mps-scenario",
+        },
     }

@@ -76,7 +76,7 @@ def _wait(predicate: Any, timeout_s: float, what: str) -> float:
     raise TimeoutError(f"{what} not within {timeout_s}s")
 
 
-REPLICA_TITLE = "ray::ServeReplica:mpsserve:model-rec"
+REPLICA_TITLE = "ray::ServeReplica:mps-scenario:model-rec"  # app_name in tests/mps.py
 
 
 def replica_pids() -> set[int]:

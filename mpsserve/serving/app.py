@@ -86,3 +86,13 @@ def build_app(config: ServiceConfig, cluster_gpus: int, cluster_cpus: float) -> 
         ray_actor_options={"num_cpus": config.ingress.cpus_per_replica},
     )
     return ingress.bind(handles, config.ingress.model_dump(mode="json"))
+
+
+def serve_options(config: ServiceConfig) -> dict[str, Any]:
+    """``serve.start`` options: the HTTP proxy and the gRPC proxy with our servicer."""
+    from mpsserve.serving.grpc import SERVICER
+
+    return {
+        "http_options": {"host": config.ingress.host, "port": config.ingress.http_port},
+        "grpc_options": {"port": config.ingress.grpc_port, "grpc_servicer_functions": [SERVICER]},
+    }

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mpsserve.dataplane import DataPlane
 from mpsserve.errors import InvalidInput, MpsServeError, to_status
-from mpsserve.protocol import kserve
+from mpsserve.protocol import kserve, tfserving
 from mpsserve.types import InferRequest, InferResponse
 
 OFFLOAD_BYTES = 64 * 1024  # JSON above this is (de)serialised off the event loop
@@ -116,4 +116,29 @@ def create_http_app(dataplane: DataPlane) -> FastAPI:
         payload, headers = await _offload(len(body), kserve.encode_infer_response, result, decoded)
         return Response(payload, headers=headers)
 
+    _add_tfserving_routes(app, dataplane)
     return app
+
+
+def _add_tfserving_routes(app: FastAPI, dataplane: DataPlane) -> None:
+    """TensorFlow Serving's REST API, so a team migrating keeps its client unchanged."""
+
+    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name}/versions/{version}")
+    async def tfs_status(name: str, version: str | None = None) -> Response:
+        metadata = await dataplane.model_metadata(name, version)
+        return JSONResponse(tfserving.model_status(metadata["versions"]))
+
+    @app.post("/v1/models/{name}:predict")
+    @app.post("/v1/models/{name}/versions/{version}:predict")
+    async def tfs_predict(name: str, request: Request, version: str | None = None) -> Response:
+        dtypes = await dataplane.input_dtypes(name)
+        body = await request.body()
+        dataplane.check_size(len(body))
+        decoded, rows = await _offload(
+            len(body), tfserving.decode_predict, body, model=name, version=version, dtypes=dtypes
+        )
+        result = await dataplane.infer(decoded)
+        size = sum(a.size for a in result.outputs.values()) * JSON_BYTES_PER_ELEMENT
+        payload = await _offload(size, tfserving.encode_predict, result, rows)
+        return Response(payload, media_type="application/json")

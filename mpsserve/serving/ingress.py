@@ -10,6 +10,7 @@ from ray.serve.handle import DeploymentHandle
 
 from mpsserve.config import IngressConfig
 from mpsserve.dataplane import DataPlane
+from mpsserve.serving.grpc import GrpcAdapter
 from mpsserve.serving.http import create_http_app
 from mpsserve.settings import settings
 from mpsserve.types import InferRequest, InferResponse
@@ -53,5 +54,26 @@ class Ingress:
             request_timeout_s=config.request_timeout_s,
         )
 
+        self._grpc = GrpcAdapter(self.dataplane)
+
     def __serve_build_asgi_app__(self) -> Any:
         return create_http_app(self.dataplane)
+
+    # KServe v2 gRPC: Serve's gRPC proxy calls the method named after the RPC.
+    async def ServerLive(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc.call("ServerLive", request, grpc_context)
+
+    async def ServerReady(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc.call("ServerReady", request, grpc_context)
+
+    async def ServerMetadata(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc.call("ServerMetadata", request, grpc_context)
+
+    async def ModelReady(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc.call("ModelReady", request, grpc_context)
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc.call("ModelMetadata", request, grpc_context)
+
+    async def ModelInfer(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc.call("ModelInfer", request, grpc_context)

@@ -10,6 +10,7 @@ import pytest
 from mpsserve.config import parse_config
 
 HTTP_PORT = 28000  # outside Ray's worker port range (10002-19999)
+GRPC_PORT = 29000
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -30,7 +31,13 @@ def service_config(tf_store: Path) -> dict[str, object]:
                 "placement": {"cpu_replicas": 1, "cpus_per_replica": 0.5},
             }
         ],
-        "ingress": {"http_port": HTTP_PORT, "max_request_mb": 16, "cpus_per_replica": 0.5},
+        "ingress": {
+            "http_port": HTTP_PORT,
+            "grpc_port": GRPC_PORT,
+            "host": "127.0.0.1",
+            "max_request_mb": 16,
+            "cpus_per_replica": 0.5,
+        },
     }
 
 
@@ -40,12 +47,12 @@ def base_url(service_config: dict[str, object]) -> Iterator[str]:
     import ray
     from ray import serve
 
-    from mpsserve.serving.app import build_app
+    from mpsserve.serving.app import build_app, serve_options
 
     config = parse_config(service_config)
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+        serve.start(**serve_options(config))
         serve.run(
             build_app(config, cluster_gpus=0, cluster_cpus=4), name="mpsserve", route_prefix="/"
         )
@@ -53,3 +60,9 @@ def base_url(service_config: dict[str, object]) -> Iterator[str]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def grpc_address(base_url: str) -> str:
+    """The same deployed app's gRPC proxy."""
+    return f"127.0.0.1:{GRPC_PORT}"

@@ -1,0 +1,73 @@
+"""The gRPC adapter: KServe v2 ``inference.GRPCInferenceService`` over a ``DataPlane``.
+
+Ray Serve's gRPC proxy calls the ingress method named after each RPC; these functions only
+translate messages and map errors through ``errors.to_status`` (same message as REST).
+
+The generated stubs are imported lazily: Triton's client registers the same ``inference.*``
+protobuf symbols, and a process that imports ours only to build the Serve app (a test, the
+CLI) must not collide with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from mpsserve.dataplane import DataPlane
+from mpsserve.errors import to_status
+
+SERVICER = "mpsserve.protocol.grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+
+
+def _pb2() -> Any:
+    from mpsserve.protocol import grpc_service_pb2
+
+    return grpc_service_pb2
+
+
+class GrpcAdapter:
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    async def call(self, rpc: str, request: Any, context: Any) -> Any:
+        """Run one RPC; on error set the status on ``context`` and return an empty reply."""
+        handler: Callable[[Any], Awaitable[Any]] = getattr(self, f"_{rpc}")
+        try:
+            return await handler(request)
+        except Exception as exc:
+            _, code, message = to_status(exc)
+            context.set_code(grpc.StatusCode[code.name])
+            context.set_details(message)
+            return getattr(_pb2(), f"{rpc}Response")()
+
+    async def _ServerLive(self, request: Any) -> Any:
+        return _pb2().ServerLiveResponse(live=self.dataplane.live())
+
+    async def _ServerReady(self, request: Any) -> Any:
+        return _pb2().ServerReadyResponse(ready=await self.dataplane.ready())
+
+    async def _ModelReady(self, request: Any) -> Any:
+        ready = await self.dataplane.model_ready(request.name, request.version or None)
+        return _pb2().ModelReadyResponse(ready=ready)
+
+    async def _ServerMetadata(self, request: Any) -> Any:
+        from mpsserve.protocol.kserve_grpc import server_metadata_response
+
+        return server_metadata_response(self.dataplane.server_metadata())
+
+    async def _ModelMetadata(self, request: Any) -> Any:
+        from mpsserve.protocol.kserve_grpc import model_metadata_response
+
+        metadata = await self.dataplane.model_metadata(request.name, request.version or None)
+        return model_metadata_response(metadata)
+
+    async def _ModelInfer(self, request: Any) -> Any:
+        from mpsserve.protocol.kserve_grpc import decode_infer_request, encode_infer_response
+
+        self.dataplane.check_size(request.ByteSize())
+        self.dataplane.backend(request.model_name)  # unknown model: NOT_FOUND first
+        decoded = decode_infer_request(request)
+        return encode_infer_response(await self.dataplane.infer(decoded), decoded)
