@@ -120,9 +120,7 @@ def _start_ray(config: ServiceConfig, address: str | None, local: bool) -> tuple
 
 
 def _deploy(config: ServiceConfig, cluster: Cluster) -> None:
-    from ray import serve
-
-    from mpsserve.serving.app import build_app
+    from mpsserve.serving.app import deploy
 
     gpus = cluster.gpus
     placement = (
@@ -130,9 +128,8 @@ def _deploy(config: ServiceConfig, cluster: Cluster) -> None:
         if gpus == 0
         else f"{gpus} GPU(s), MPS mode {config.mps.mode}"
     )
-    app = build_app(config, gpus, cluster.cpus)
     print(f"deploying {[m.name for m in config.models]} on {placement} ...", flush=True)
-    serve.run(app, name=config.ray.app_name, route_prefix="/", blocking=False)
+    deploy(config, gpus, cluster.cpus, progress=lambda line: print(line, flush=True))
 
 
 def _write_request(config: ServiceConfig, model: str, rows: int) -> Path:
@@ -153,6 +150,8 @@ def _write_request(config: ServiceConfig, model: str, rows: int) -> Path:
 
 
 def _print_endpoints(config: ServiceConfig, request: Path, rows: int, dashboard: str) -> None:
+    import ray
+
     port, model = config.ingress.http_port, config.models[0].name
     base = f"http://127.0.0.1:{port}"
     show = (
@@ -166,7 +165,9 @@ def _print_endpoints(config: ServiceConfig, request: Path, rows: int, dashboard:
         f"  TF-Serving REST:  {base}/v1/models/{model}:predict\n"
         f"  health:           {base}/v2/health/ready\n"
         f"  model metadata:   {base}/v2/models/{model}\n"
-        f"  Ray dashboard:    {dashboard}\n\n"
+        f"  Ray dashboard:    {dashboard}\n"
+        f"  Ray address:      {ray.get_runtime_context().gcs_address}"
+        f"  (mpsserve deploy --address ... applies a changed config)\n\n"
         f"Try it: a {rows}-row request written from the model's signature to {request}:\n"
         f"  curl -s -H 'Content-Type: application/json' --data @{request} \\\n"
         f'    {base}/v2/models/{model}/infer | python3 -c "{show}"\n\n'

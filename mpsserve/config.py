@@ -70,6 +70,15 @@ class ModelConfig(_Strict):
     runtime: Literal["tensorflow", "torch"] = Field("tensorflow", description="Model runtime.")
     signature: str = Field("serving_default", description="SavedModel signature to serve.")
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+    poll_interval_s: float = Field(
+        30.0, gt=0, description="How often replicas look for new versions in the store."
+    )
+    done_marker: str | None = Field(
+        None, description="A file the publisher writes last; versions without it are skipped."
+    )
+    warmup_rows: int = Field(
+        8, ge=0, description="Rows of the synthetic warm-up request; 0 turns warm-up off."
+    )
     max_rows: int = Field(16384, ge=1, description="Most rows accepted in one request.")
     intra_op_threads: int = Field(0, ge=0, description="Runtime intra-op threads; 0 = auto.")
     inter_op_threads: int = Field(0, ge=0, description="Runtime inter-op threads; 0 = auto.")

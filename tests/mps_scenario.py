@@ -10,9 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 import yaml
 
 from mpsserve.mps.control import MpsControl
-from tests.processes import read_until
+from tests.processes import Load, read_until
 
 
 @dataclass
@@ -42,26 +40,6 @@ class Observed:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "output_tail"}
-
-
-class Load(threading.Thread):
-    """Sends the request ``mpsserve serve`` wrote, in a loop, and keeps the outcomes."""
-
-    def __init__(self, url: str, body: bytes) -> None:
-        super().__init__(daemon=True)
-        self.url, self.body = url, body
-        self.outcomes: list[tuple[float, bool]] = []
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            request = urllib.request.Request(self.url, data=self.body, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=30) as response:
-                    ok = response.status == 200
-            except Exception:
-                ok = False
-            self.outcomes.append((time.monotonic(), ok))
 
 
 def _wait(predicate: Any, timeout_s: float, what: str) -> float:
@@ -139,9 +117,9 @@ def run(
         load.stop.set()
         load.join(60)
         seen.requests = len(load.outcomes)
-        seen.failed = sum(1 for _, ok in load.outcomes if not ok)
+        seen.failed = sum(1 for o in load.outcomes if not o.ok)
         seen.failed_after_recovery = sum(
-            1 for t, ok in load.outcomes if not ok and t > recovered_at + 1
+            1 for o in load.outcomes if not o.ok and o.at > recovered_at + 1
         )
         doctor = subprocess.run(
             [sys.executable, "-m", "mpsserve.cli", "doctor", "--config", "service.yaml", "--json"],

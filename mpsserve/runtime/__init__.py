@@ -7,6 +7,8 @@ from pathlib import Path
 from mpsserve.runtime.base import ModelRuntime, RuntimeOptions, Signature, TensorSpec
 
 RUNTIMES = ("tensorflow", "torch")
+#: Files a model version must hold before the store counts it (no framework import needed).
+REQUIRED_FILES = {"tensorflow": ("saved_model.pb",), "torch": ("model.pt2", "signature.json")}
 
 
 def runtime_class(kind: str) -> type[ModelRuntime]:

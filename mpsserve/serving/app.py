@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from ray.serve import Application, Deployment
 
-from mpsserve.config import ModelConfig, MpsConfig, ServiceConfig
-from mpsserve.errors import ConfigError
+from mpsserve.config import ModelConfig, MpsConfig, ServiceConfig, parse_config
+from mpsserve.errors import ConfigError, DeadlineExceeded, ModelLoadError, ModelNotReady
 from mpsserve.mps.hook import replica_runtime_env
 from mpsserve.serving import ingress as _ingress
 from mpsserve.serving import model as _model
@@ -76,9 +78,11 @@ def build_app(config: ServiceConfig, cluster_gpus: int, cluster_cpus: float) -> 
     options = {m.name: model_options(m, cluster_gpus, config.mps) for m in config.models}
     check_cpus(config, options, cluster_cpus)
     handles = {
-        m.name: ModelReplica.options(name=f"model-{m.name}", **options[m.name]).bind(
-            m.model_dump(mode="json")
-        )
+        m.name: ModelReplica.options(
+            name=f"model-{m.name}",
+            user_config={"version_policy": m.version_policy.model_dump(mode="json")},
+            **options[m.name],
+        ).bind(m.model_dump(mode="json", exclude={"version_policy"}))
         for m in config.models
     }
     ingress = Ingress.options(
@@ -96,3 +100,76 @@ def serve_options(config: ServiceConfig) -> dict[str, Any]:
         "http_options": {"host": config.ingress.host, "port": config.ingress.http_port},
         "grpc_options": {"port": config.ingress.grpc_port, "grpc_servicer_functions": [SERVICER]},
     }
+
+
+APP_BUILDER = "mpsserve.serving.app:app_builder"
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Serve's application builder (``import_path``) for declarative deploys."""
+    config = parse_config(args["config"], "the application's args")
+    return build_app(config, int(args["cluster_gpus"]), float(args["cluster_cpus"]))
+
+
+def application_schema(
+    config: ServiceConfig, cluster_gpus: int, cluster_cpus: float
+) -> dict[str, Any]:
+    """The Serve application config for ``config``. Version policies travel as each model
+    deployment's ``user_config`` override, outside the builder's args: Serve hashes the args
+    into the code version, so a policy change alone reconfigures replicas in place while any
+    other change redeploys them."""
+    body = config.model_dump(mode="json")
+    for model in body["models"]:
+        model.pop("version_policy")
+    return {
+        "name": config.ray.app_name,
+        "route_prefix": "/",
+        "import_path": APP_BUILDER,
+        "args": {"config": body, "cluster_gpus": cluster_gpus, "cluster_cpus": cluster_cpus},
+        "deployments": [
+            {
+                "name": f"model-{m.name}",
+                "user_config": {"version_policy": m.version_policy.model_dump(mode="json")},
+            }
+            for m in config.models
+        ],
+    }
+
+
+def deploy(
+    config: ServiceConfig,
+    cluster_gpus: int,
+    cluster_cpus: float,
+    timeout_s: float = 900.0,
+    progress: Callable[[str], None] = print,
+) -> None:
+    """Apply the app declaratively (as ``serve deploy`` does) and wait until it runs.
+    The cluster's Serve applications become exactly this one."""
+    from ray import serve
+    from ray.serve.context import _get_global_client  # what `serve deploy` reaches, in-process
+    from ray.serve.schema import ApplicationStatus, ServeDeploySchema
+
+    check_mps_mode(config, cluster_gpus)
+    check_cpus(
+        config, {m.name: model_options(m, cluster_gpus) for m in config.models}, cluster_cpus
+    )
+    schema = ServeDeploySchema.parse_obj(
+        {"applications": [application_schema(config, cluster_gpus, cluster_cpus)]}
+    )
+    client = _get_global_client()
+    if client is None:
+        raise ModelNotReady("Ray Serve is not running here; start it first (serve.start)")
+    client.deploy_apps(schema)
+    name, started, said = config.ray.app_name, time.monotonic(), 0.0
+    while time.monotonic() - started < timeout_s:
+        app = serve.status().applications.get(name)
+        if app is not None and app.status == ApplicationStatus.RUNNING:
+            return
+        if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
+            raise ModelLoadError(f"application {name!r} failed to deploy: {app.message}")
+        if time.monotonic() - said >= 10:
+            said = time.monotonic()
+            state = app.status.value if app is not None else "submitted"
+            progress(f"  ... {name}: {state} ({said - started:.0f}s)")
+        time.sleep(0.5)
+    raise DeadlineExceeded(f"application {name!r} not running after {timeout_s:g}s")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
 import ray
 from ray import serve
 
-from mpsserve.config import ModelConfig
+from mpsserve.config import ModelConfig, VersionPolicy
 from mpsserve.errors import MpsServeError
 from mpsserve.mps.guardian import ReplicaMps
 from mpsserve.servable import Servable
@@ -20,8 +21,10 @@ logger = logging.getLogger(__name__)
 
 @serve.deployment(name="model")
 class ModelReplica:
-    """Loads its model in the constructor; sync methods run in Serve's thread pool, off the
-    replica's event loop, so inference never blocks it."""
+    """Sync methods run in Serve's thread pool, off the replica's event loop, so inference
+    never blocks it. The version policy arrives as ``user_config``: Serve calls
+    ``reconfigure`` after the constructor (the first load happens there) and again whenever
+    only the policy changes, without restarting the replica."""
 
     def __init__(self, model: dict[str, Any]) -> None:
         config = ModelConfig.model_validate(model)
@@ -30,8 +33,13 @@ class ModelReplica:
         # The MPS hook ran before this constructor; the first CUDA call is the model load.
         self._mps = ReplicaMps(settings())
         self._mps.start_guardian()
-        self._servable.load()
-        self._mps.verify()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self._servable.set_policy(VersionPolicy.model_validate(user_config["version_policy"]))
+        if not self._servable.ready:
+            self._servable.load()
+            self._mps.verify()
+            self._servable.start_watching()
 
     def infer(
         self,
@@ -47,7 +55,7 @@ class ModelReplica:
             return exc
 
     def metadata(self) -> dict[str, Any]:
-        return {**self._servable.metadata(), "mps": self._mps.describe()}
+        return {**self._servable.metadata(), "mps": self._mps.describe(), "pid": os.getpid()}
 
     def ready(self) -> bool:
         return self._servable.ready
