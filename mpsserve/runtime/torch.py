@@ -6,6 +6,7 @@ returns one tensor or a tuple in the order of the signature's outputs.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,10 @@ class TorchRuntime(ModelRuntime):
         return {name: t.detach().cpu().numpy() for name, t in zip(names, tensors, strict=True)}
 
     def close(self) -> None:
+        """Free the weights now: an exported module holds reference cycles, so without a
+        collection its GPU memory stays allocated until Python's GC happens to run (measured:
+        one version's weights kept per swap, tests/gpu/results/2026-11-26-h100-swaps.md)."""
         self._module = None
+        gc.collect()
         if self._torch_device.type == "cuda":
             torch.cuda.empty_cache()
