@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mpsserve.errors import ConfigError
 
@@ -141,6 +148,14 @@ class MpsConfig(_Strict):
         5.0, gt=0, description="Deadline for one command to the control daemon."
     )
     limits: MpsLimits = Field(default_factory=MpsLimits)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: object) -> object:
+        """YAML 1.1 reads an unquoted `on` / `off` as true / false: take them as meant."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
 
 
 class RayConfig(_Strict):

@@ -70,3 +70,10 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("models: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_unquoted_yaml_on_and_off_mean_the_modes(tmp_path: Path) -> None:
+    for text, mode in (("on", "on"), ("off", "off"), ("auto", "auto")):
+        path = tmp_path / f"{mode}.yaml"
+        path.write_text(f"models: [{{name: rec, store: /s}}]\nmps: {{mode: {text}}}\n")
+        assert load_config(path).mps.mode == mode

@@ -1,0 +1,1 @@
+"""Benchmark tools: ``benchmarks.loadgen`` (closed-loop load) and ``benchmarks.plot`` (figures)."""

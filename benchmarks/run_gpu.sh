@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# mpsserve's own path on the GPU host: for each scenario of deployments/bench/, start
+# `mpsserve serve`, drive it with benchmarks.loadgen (HTTP binary tensors, then gRPC), stop it.
+#   usage (repo root, PYTHONPATH holding Ray): benchmarks/run_gpu.sh mps no-mps single cpu
+#   env: OUT (results folder), CONC (concurrency sweep, default 8,32), DUR (seconds per step)
+set -uo pipefail
+OUT=${OUT:-/tmp/mpsserve-bench-out}; CONC=${CONC:-8,32}; DUR=${DUR:-10}
+mkdir -p "$OUT"
+python3 -m mpsserve.cli demo-model --out /tmp/mpsserve-bench/models/rec --format torch --if-missing
+for s in "$@"; do
+  log="$OUT/serve-$s.log"
+  python3 -m mpsserve.cli serve --config "deployments/bench/$s.yaml" --rows 8 > "$log" 2>&1 &
+  pid=$!
+  for _ in $(seq 400); do
+    grep -q "Ctrl-C stops" "$log" && break; kill -0 "$pid" 2>/dev/null || break; sleep 1
+  done
+  if grep -q "Ctrl-C stops" "$log"; then
+    for proto in "--url http://127.0.0.1:8000" "--grpc 127.0.0.1:9000"; do
+      python3 -m benchmarks.loadgen $proto --model rec --rows 2000 --label "$s" \
+        --concurrency "$CONC" --duration-s "$DUR" --warmup-s 3 --processes 4 \
+        --out "$OUT/results.json" --markdown "$OUT/table.md"
+    done
+  else
+    echo "scenario $s did not come up:"; tail -30 "$log"
+  fi
+  kill -INT "$pid"; wait "$pid"
+done
+cat "$OUT/table.md"
