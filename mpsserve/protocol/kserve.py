@@ -71,7 +71,7 @@ def decode_infer_request(
     """
     view = memoryview(body).cast("B")
     header, binary = _split_body(view, header_length)
-    doc = _parse_json(header)
+    doc = parse_json_object(header)
     params = _get_dict(doc, "parameters", "request")
     binary_output = params.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
@@ -103,8 +103,8 @@ def _split_body(view: memoryview, header_length: int | None) -> tuple[bytes, mem
     return view[:header_length].tobytes(), view[header_length:]
 
 
-def _parse_json(header: bytes) -> dict[str, Any]:
-    """Parse the JSON header, turning every parser failure into InvalidInput."""
+def parse_json_object(header: bytes) -> dict[str, Any]:
+    """Parse a JSON object (a request body or header), every parser failure an InvalidInput."""
     try:
         doc = json.loads(header)
     except json.JSONDecodeError as exc:
@@ -183,7 +183,7 @@ def _decode_input(
             f'input "{name}": binary data ends at byte {end} after the JSON header but only '
             f"{len(binary)} bytes follow it (is {HEADER_LENGTH} set?)"
         )
-    return _from_binary(name, datatype, shape, binary[offset:end]), end
+    return tensor_from_bytes(name, datatype, shape, binary[offset:end], "binary_data_size"), end
 
 
 def _shape(name: str, shape: Any) -> list[int]:
@@ -203,16 +203,19 @@ def _shape(name: str, shape: Any) -> list[int]:
     return shape
 
 
-def _from_binary(name: str, datatype: str, shape: list[int], raw: memoryview) -> np.ndarray:
-    """View raw little-endian bytes as the tensor (zero-copy for every numeric datatype)."""
+def tensor_from_bytes(
+    name: str, datatype: str, shape: list[int], raw: memoryview, field: str
+) -> np.ndarray:
+    """View raw little-endian bytes as the tensor (zero-copy for every numeric datatype);
+    ``field`` names where the bytes came from, for the error message."""
     count = math.prod(shape)
     if datatype == "BYTES":
         return _unpack_bytes(name, raw, count).reshape(shape)
     dtype = DATATYPE_TO_NUMPY[datatype]
     if len(raw) != count * dtype.itemsize:
         raise InvalidInput(
-            f'input "{name}": binary_data_size is {len(raw)} but shape {shape} of {datatype} '
-            f"needs {count * dtype.itemsize} bytes"
+            f'input "{name}": {field} is {len(raw)} bytes but shape {shape} of {datatype} '
+            f"needs {count * dtype.itemsize}"
         )
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 

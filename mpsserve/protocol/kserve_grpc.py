@@ -33,8 +33,8 @@ from mpsserve.protocol.kserve import (
     _pack_bytes,
     _raw_view,
     _shape,
-    _unpack_bytes,
     numpy_to_datatype,
+    tensor_from_bytes,
 )
 from mpsserve.types import InferRequest, InferResponse, RequestedOutput
 
@@ -126,24 +126,10 @@ def _decode_input(entry: Any, raw: bytes | None) -> np.ndarray:
     if raw is not None:
         if has_contents:
             raise InvalidInput(f'input "{name}" has both "contents" and a raw_input_contents entry')
-        return _from_raw(name, datatype, shape, raw)
+        return tensor_from_bytes(name, datatype, shape, memoryview(raw), "raw_input_contents entry")
     if not has_contents:
         raise InvalidInput(f'input "{name}" has neither "contents" nor raw_input_contents')
     return _from_contents(name, datatype, shape, entry.contents)
-
-
-def _from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> np.ndarray:
-    """View one raw buffer as the tensor (zero-copy for every numeric datatype)."""
-    count = math.prod(shape)
-    if datatype == "BYTES":
-        return _unpack_bytes(name, memoryview(raw), count).reshape(shape)
-    dtype = DATATYPE_TO_NUMPY[datatype]
-    if len(raw) != count * dtype.itemsize:
-        raise InvalidInput(
-            f'input "{name}": raw_input_contents entry is {len(raw)} bytes but shape {shape} '
-            f"of {datatype} needs {count * dtype.itemsize}"
-        )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 def _from_contents(name: str, datatype: str, shape: list[int], contents: Any) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mpsserve.errors import InferenceError, InvalidInput
+from mpsserve.protocol.kserve import parse_json_object
 from mpsserve.types import InferRequest, InferResponse
 
 SIGNATURE = "serving_default"
@@ -31,7 +32,7 @@ def decode_predict(
     body: bytes, *, model: str, version: str | None, dtypes: dict[str, str]
 ) -> tuple[InferRequest, bool]:
     """Decode a predict body; returns the request and whether it used row ("instances") format."""
-    doc = _parse_json(body)
+    doc = parse_json_object(body)
     signature = doc.get("signature_name", SIGNATURE)
     if signature != SIGNATURE:
         raise InvalidInput(f'unknown signature_name {signature!r}; only "{SIGNATURE}" is served')
@@ -42,22 +43,6 @@ def decode_predict(
     else:
         inputs = _decode_columns(doc["inputs"], dtypes)
     return InferRequest(model=model, inputs=inputs, version=version), "instances" in doc
-
-
-def _parse_json(body: bytes) -> dict[str, Any]:
-    """Parse the body, turning every parser failure into InvalidInput."""
-    try:
-        doc = json.loads(body)
-    except json.JSONDecodeError as exc:
-        msg = f"request body is not valid JSON at position {exc.pos}: {exc.msg}"
-        raise InvalidInput(msg) from None
-    except UnicodeDecodeError as exc:
-        raise InvalidInput(f"request body is not valid UTF-8 at position {exc.start}") from None
-    except RecursionError:
-        raise InvalidInput("request body JSON is nested too deeply") from None
-    if not isinstance(doc, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return doc
 
 
 def _check_known(name: str, dtypes: dict[str, str]) -> None:

@@ -157,8 +157,8 @@ def test_large_raw_request_round_trips_and_fp32_is_zero_copy() -> None:
     dense = decoded.inputs["dense"]
     assert not dense.flags.owndata and not dense.flags.writeable
     base: Any = dense
-    while isinstance(base, np.ndarray):
-        base = base.base
+    while isinstance(base, np.ndarray | memoryview):
+        base = base.base if isinstance(base, np.ndarray) else base.obj
     assert isinstance(base, bytes)  # a view on the raw_input_contents buffer itself
     assert base == msg.raw_input_contents[0]
     assert np.shares_memory(dense, np.frombuffer(base, dtype=np.uint8))
