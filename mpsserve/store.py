@@ -193,10 +193,6 @@ class ModelStore:
             self._download(version, files, target)
             return target
 
-    def local_path(self, version: int) -> Path:
-        """Alias of ``fetch`` for callers written before it."""
-        return self.fetch(version)
-
     def _version_path(self, version: int) -> str:
         return f"{self._base}/{version}"
 

@@ -17,6 +17,7 @@ from mpsserve.errors import MpsError
 from mpsserve.gpu import MPS_MIN_COMPUTE_CAPABILITY, Inventory, inventory
 from mpsserve.mps.control import MpsControl
 from mpsserve.mps.guardian import read_state
+from mpsserve.mps.hook import control_for
 
 Status = Literal["ok", "fail", "info"]
 
@@ -146,12 +147,7 @@ def _check_config(report: Report, config: ServiceConfig) -> None:
 
 
 def diagnose(config: ServiceConfig, gpus: Inventory | None = None) -> Report:
-    control = MpsControl(
-        Path(config.mps.pipe_dir),
-        Path(config.mps.log_dir),
-        config.mps.control_binary,
-        config.mps.command_timeout_s,
-    )
+    control = control_for(config.mps)
     report = Report()
     _check_gpus(report, gpus if gpus is not None else inventory())
     _check_binaries(report, control)

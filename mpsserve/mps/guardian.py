@@ -28,7 +28,7 @@ from typing import Any
 
 from mpsserve.errors import MpsError
 from mpsserve.mps import hook
-from mpsserve.mps.control import MpsControl, file_lock
+from mpsserve.mps.control import MpsControl
 from mpsserve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -112,9 +112,7 @@ class Guardian(threading.Thread):
                 logger.warning(
                     "MPS control daemon on %s is down; restarting", self.control.pipe_dir
                 )
-                with file_lock(self.state_dir / hook.LOCK_FILE):  # racing replicas' hooks
-                    if not self.control.running() and self.control.start():
-                        hook.record_started(self.control, self.state_dir)
+                hook.ensure_daemon(self.control, self.state_dir)  # replicas' hooks may race
                 state.restarts += 1
             state.servers = {str(s): c for s, c in self.control.clients().items()}
             state.daemon_pid, state.up = self.control.daemon_pid(), True

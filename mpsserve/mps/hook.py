@@ -47,6 +47,16 @@ def control_from(s: Settings) -> MpsControl:
     )
 
 
+def control_for(mps: MpsConfig) -> MpsControl:
+    """The control daemon a service config names (the driver's view; replicas use settings)."""
+    return MpsControl(
+        pipe_dir=Path(mps.pipe_dir),
+        log_dir=Path(mps.log_dir),
+        binary=mps.control_binary,
+        timeout_s=mps.command_timeout_s,
+    )
+
+
 def replica_runtime_env(mps: MpsConfig, placement: Placement) -> dict[str, Any]:
     """The Ray runtime environment of a GPU replica for this MPS config."""
     if mps.mode == "off":
@@ -72,13 +82,12 @@ def replica_runtime_env(mps: MpsConfig, placement: Placement) -> dict[str, Any]:
     return {"env_vars": env, "worker_process_setup_hook": HOOK}
 
 
-def ensure_daemon(s: Settings) -> bool:
-    """Start the node's daemon unless it answers; True when this call started it."""
-    control = control_from(s)
-    state = Path(s.mps_state_dir)
-    started = control.ensure_running(state / LOCK_FILE)
+def ensure_daemon(control: MpsControl, state_dir: Path) -> bool:
+    """Start the node's daemon unless it answers (under the node's lock) and note that
+    mpsserve started it; True when this call did."""
+    started = control.ensure_running(state_dir / LOCK_FILE)
     if started:
-        record_started(control, state)
+        record_started(control, state_dir)
     return started
 
 
@@ -106,7 +115,7 @@ def worker_setup() -> None:
     if s.mps_mode == "off":
         return
     try:
-        ensure_daemon(s)
+        ensure_daemon(control_from(s), Path(s.mps_state_dir))
     except MpsError as exc:
         setup_error = exc.message
         logger.warning("MPS is not available to this replica: %s", exc.message)
@@ -125,13 +134,13 @@ def ray_start_hook(ray_params: object, head: bool) -> None:
     if not gpus.gpus:
         logger.info("no GPU on this node (%s); no MPS daemon started", gpus.error)
         return
-    started = ensure_daemon(s)
+    started = ensure_daemon(control_from(s), Path(s.mps_state_dir))
     logger.info("MPS control daemon %s on %s", "started" if started else "found", s.mps_pipe_dir)
 
 
 def stop_daemon_if_ours(mps: MpsConfig) -> bool:
     """Quit the node's daemon if an mpsserve hook started it (the pid it recorded)."""
-    control = MpsControl(Path(mps.pipe_dir), Path(mps.log_dir), mps.control_binary)
+    control = control_for(mps)
     recorded = Path(mps.state_dir) / STARTED_FILE
     try:
         ours = int(recorded.read_text().strip() or 0)

@@ -139,6 +139,6 @@ def _add_tfserving_routes(app: FastAPI, dataplane: DataPlane) -> None:
             len(body), tfserving.decode_predict, body, model=name, version=version, dtypes=dtypes
         )
         result = await dataplane.infer(decoded)
-        size = sum(a.size for a in result.outputs.values()) * JSON_BYTES_PER_ELEMENT
+        size = _json_output_bytes(result, decoded)  # every TF-Serving output is JSON
         payload = await _offload(size, tfserving.encode_predict, result, rows)
         return Response(payload, media_type="application/json")

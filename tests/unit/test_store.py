@@ -134,7 +134,7 @@ def test_local_fetch_is_the_version_directory_itself(tmp_path: Path) -> None:
     write_layout(fsspec.filesystem("file"), str(base))
     store = ModelStore(f"file://{base}", tmp_path / "cache", TF, marker=MARKER)
     assert store.fetch(2) == base / "2"
-    assert store.local_path(1) == base / "1"
+    assert store.fetch(1) == base / "1"
     assert not (tmp_path / "cache").exists()
     with pytest.raises(ModelLoadError, match=r"version 3 .* incomplete: marker _SUCCESS missing"):
         store.fetch(3)
@@ -176,7 +176,7 @@ def test_remote_fetch_copies_once_and_verifies(
     assert (path / "variables" / "variables.index").read_bytes() == b"idx"
     assert (path / MARKER).exists()
     manifest = (path / MANIFEST).stat()
-    assert store.fetch(1) == store.local_path(1) == path
+    assert store.fetch(1) == store.fetch(1) == path
     assert downloads.starts == 1
     assert (path / MANIFEST).stat().st_mtime_ns == manifest.st_mtime_ns
     assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == ["1"]
