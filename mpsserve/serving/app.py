@@ -8,7 +8,7 @@ from typing import Any
 
 from ray.serve import Application, Deployment
 
-from mpsserve.config import ModelConfig, MpsConfig, ServiceConfig, parse_config
+from mpsserve.config import ModelConfig, MpsConfig, ServiceConfig, load_config, parse_config
 from mpsserve.errors import ConfigError, DeadlineExceeded, ModelLoadError, ModelNotReady
 from mpsserve.mps.hook import replica_runtime_env
 from mpsserve.serving import ingress as _ingress
@@ -106,13 +106,28 @@ APP_BUILDER = "mpsserve.serving.app:app_builder"
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """Serve's application builder (``import_path``) for declarative deploys."""
-    config = parse_config(args["config"], "the application's args")
-    return build_app(config, int(args["cluster_gpus"]), float(args["cluster_cpus"]))
+    """Serve's application builder (``import_path``), for ``serve deploy FILE``, KubeRay's
+    ``serveConfigV2`` and ``mpsserve deploy``. ``args`` holds the service config inline
+    (``config``) or a YAML path on the cluster's nodes (``config_file``); ``cluster_gpus`` and
+    ``cluster_cpus`` default to what the Ray cluster has when the app is built."""
+    if ("config" in args) == ("config_file" in args):
+        raise ConfigError("the application's args need exactly one of 'config', 'config_file'")
+    if "config_file" in args:
+        config = load_config(args["config_file"])
+    else:
+        config = parse_config(args["config"], "the application's args")
+    gpus, cpus = args.get("cluster_gpus"), args.get("cluster_cpus")
+    if gpus is None or cpus is None:
+        import ray
+
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0) if gpus is None else gpus
+        cpus = resources.get("CPU", 0) if cpus is None else cpus
+    return build_app(config, int(gpus), float(cpus))
 
 
 def application_schema(
-    config: ServiceConfig, cluster_gpus: int, cluster_cpus: float
+    config: ServiceConfig, cluster_gpus: int | None = None, cluster_cpus: float | None = None
 ) -> dict[str, Any]:
     """The Serve application config for ``config``. Version policies travel as each model
     deployment's ``user_config`` override, outside the builder's args: Serve hashes the args
@@ -121,11 +136,16 @@ def application_schema(
     body = config.model_dump(mode="json")
     for model in body["models"]:
         model.pop("version_policy")
+    args: dict[str, Any] = {"config": body}
+    if cluster_gpus is not None:
+        args["cluster_gpus"] = cluster_gpus
+    if cluster_cpus is not None:
+        args["cluster_cpus"] = cluster_cpus
     return {
         "name": config.ray.app_name,
         "route_prefix": "/",
         "import_path": APP_BUILDER,
-        "args": {"config": body, "cluster_gpus": cluster_gpus, "cluster_cpus": cluster_cpus},
+        "args": args,
         "deployments": [
             {
                 "name": f"model-{m.name}",
@@ -134,6 +154,37 @@ def application_schema(
             for m in config.models
         ],
     }
+
+
+def serve_config(config: ServiceConfig) -> dict[str, Any]:
+    """A Serve config file (``serve deploy FILE``) for ``config``: the cluster's GPU and CPU
+    counts are read when the application is built, on the cluster."""
+    return {**serve_options(config), "applications": [application_schema(config)]}
+
+
+def service_config_from_serve(data: dict[str, Any], source: str) -> ServiceConfig:
+    """The mpsserve service config inside a Serve config file (its mpsserve application)."""
+    apps = [a for a in data.get("applications") or [] if a.get("import_path") == APP_BUILDER]
+    if len(apps) != 1:
+        raise ConfigError(
+            f"{source}: a Serve config for mpsserve holds exactly one application with "
+            f"import_path {APP_BUILDER}; found {len(apps)}"
+        )
+    app = apps[0]
+    args = app.get("args") or {}
+    if "config_file" in args:
+        return load_config(args["config_file"])
+    body = dict(args.get("config") or {})
+    policies = {
+        d["name"].removeprefix("model-"): d["user_config"]["version_policy"]
+        for d in app.get("deployments") or []
+        if "version_policy" in (d.get("user_config") or {})
+    }
+    body["models"] = [
+        {**m, "version_policy": policies[m["name"]]} if m.get("name") in policies else m
+        for m in body.get("models") or []
+    ]
+    return parse_config(body, source)
 
 
 def deploy(
