@@ -1,4 +1,4 @@
-"""GPU inventory through NVML (pynvml): names, compute capability, memory, compute mode.
+"""GPU inventory and usage through NVML (pynvml): names, compute capability, memory, load.
 
 NVML reads device state without creating a CUDA context, so it is safe to call before MPS is
 set up. Without a driver the inventory is empty and says why.
@@ -7,6 +7,7 @@ set up. Without a driver the inventory is empty and says why.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 COMPUTE_MODES = {0: "Default", 1: "Exclusive_Thread", 2: "Prohibited", 3: "Exclusive_Process"}
 #: MPS on Volta and later: 48 clients per GPU, per-client limits.
@@ -68,5 +69,58 @@ def inventory() -> Inventory:
         return Inventory(gpus=gpus, driver_version=_text(pynvml.nvmlSystemGetDriverVersion()))
     except pynvml.NVMLError as exc:
         return Inventory(error=f"NVML error: {exc}")
+    finally:
+        pynvml.nvmlShutdown()
+
+
+@dataclass(frozen=True)
+class GpuUsage:
+    """One GPU's load right now, for the node's metrics sampler."""
+
+    index: int
+    utilization_ratio: float  # share of the last sample period a kernel ran, 0..1
+    memory_used_bytes: int
+    memory_total_bytes: int
+    power_watts: float | None  # None where the board does not report power
+
+
+def _power_watts(nvml: Any, handle: object) -> float | None:
+    try:
+        return float(nvml.nvmlDeviceGetPowerUsage(handle)) / 1000.0  # milliwatts
+    except nvml.NVMLError:  # NVMLError_NotSupported on some boards
+        return None
+
+
+def _usage(nvml: Any, index: int) -> GpuUsage:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    rates = nvml.nvmlDeviceGetUtilizationRates(handle)
+    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    return GpuUsage(
+        index=index,
+        utilization_ratio=float(rates.gpu) / 100.0,
+        memory_used_bytes=int(memory.used),
+        memory_total_bytes=int(memory.total),
+        power_watts=_power_watts(nvml, handle),
+    )
+
+
+@dataclass(frozen=True)
+class Usage:
+    gpus: list[GpuUsage] = field(default_factory=list)
+    error: str | None = None  # why NVML could not be read, when it could not
+
+
+def usage() -> Usage:
+    """Every GPU's utilisation, memory and power; empty (with the reason) without a driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, driver not loaded
+        return Usage(error=f"NVML unavailable: {exc}")
+    try:
+        return Usage(gpus=[_usage(pynvml, i) for i in range(pynvml.nvmlDeviceGetCount())])
+    except pynvml.NVMLError as exc:
+        return Usage(error=f"NVML error: {exc}")
     finally:
         pynvml.nvmlShutdown()

@@ -5,7 +5,7 @@ the node's guardian lock works (a ``flock``; when its replica dies the lock free
 takes over), so each node has exactly one while any replica lives there. Every few seconds
 it checks that the daemon answers, restarts it if not, and writes the node's MPS state
 (daemon pid, restarts, servers and their clients) to a JSON file for replicas, ``doctor`` and
-operators.
+operators. The leader also runs the node's metrics sampler (mpsserve/sampler.py).
 
 Attach verification: after its first CUDA call a replica looks for its own pid in the client
 list of the daemon's servers (NVML need not list MPS clients). The server it attached to is
@@ -24,12 +24,15 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mpsserve.errors import MpsError
 from mpsserve.mps import hook
 from mpsserve.mps.control import MpsControl
 from mpsserve.settings import Settings
+
+if TYPE_CHECKING:
+    from mpsserve.sampler import NodeSampler
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "guardian.json"
@@ -74,6 +77,7 @@ class Guardian(threading.Thread):
         self.control, self.state_dir, self.interval_s = control, state_dir, interval_s
         self._stopping = threading.Event()
         self._lock_handle: Any = None
+        self.sampler: NodeSampler | None = None  # the node's metrics sampler, started by the leader
 
     def stop(self) -> None:
         self._stopping.set()
@@ -83,8 +87,11 @@ class Guardian(threading.Thread):
             while not self._stopping.is_set():
                 if self._lead():
                     self.check()
+                    self._start_sampler()
                 self._stopping.wait(self.interval_s)
         finally:
+            if self.sampler is not None:
+                self.sampler.stop()
             if self._lock_handle is not None:
                 self._lock_handle.close()  # frees the node's guardian lock for another
                 self._lock_handle = None
@@ -102,6 +109,14 @@ class Guardian(threading.Thread):
         self._lock_handle = handle  # held for the life of this process
         logger.info("MPS guardian for this node is pid %d", os.getpid())
         return True
+
+    def _start_sampler(self) -> None:
+        """The node's metrics (MPS state, GPU load) come from its one leader."""
+        if self.sampler is None:
+            from mpsserve.sampler import NodeSampler  # imports this module
+
+            self.sampler = NodeSampler(self.state_dir)
+            self.sampler.start()
 
     def check(self) -> NodeState:
         """One round: restart the daemon if it is down, then record what is there."""

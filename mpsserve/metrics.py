@@ -1,0 +1,308 @@
+"""The service's own metrics, defined in one place, exported through Ray's metrics.
+
+Recorded with ``ray.util.metrics``; each node's Ray metrics agent serves them in Prometheus
+text format at that node's metrics export port (``ray start --metrics-export-port``,
+``ray.init(_metrics_export_port=...)``), beside Ray's own metrics, and lists the ports in
+``/tmp/ray/prom_metrics_service_discovery.json`` for Prometheus (deployments/prometheus).
+
+Exported names (Ray 2.60, checked by tests/integration/test_metrics_export.py): Ray prefixes
+every name with ``ray_`` (``mpsserve_requests_total`` -> ``ray_mpsserve_requests_total``);
+counters keep their ``_total``; a histogram exports ``_bucket``, ``_count`` and ``_sum``, where
+``_sum`` is approximate because Ray's agent rebuilds histograms from bucket counts at bucket
+midpoints (use quantiles or bucket ratios, not ``_sum``, for latency). Every series also carries
+Ray's labels (``SessionName``, ``NodeAddress``, ``WorkerId``, ``Component``, ``Version``): one
+series per process, so queries aggregate with ``sum by`` / ``max by``.
+
+Ray's metric objects can only be made in a connected Ray driver or worker, so they are made on
+first use, never at import. Nothing here raises into the request path: where Ray's metrics are
+unavailable (no Ray, a failing recorder) a value is dropped and the first failure is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+logger = logging.getLogger(__name__)
+
+#: What Ray's exporter puts before every custom metric name.
+EXPORT_PREFIX = "ray_"
+#: Durations in milliseconds, fine enough to tell single milliseconds apart below 10 ms.
+LATENCY_BUCKETS_MS = (
+    0.5, 1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 75, 100, 150, 250, 500,
+    1000, 2500, 5000,
+)  # fmt: skip
+LATENCY_BUCKETS_S = tuple(ms / 1000 for ms in LATENCY_BUCKETS_MS)
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    kind: Kind
+    description: str
+    tags: tuple[str, ...]
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def exported(self) -> tuple[str, ...]:
+        """The sample names Prometheus sees for this metric."""
+        base = EXPORT_PREFIX + self.name
+        if self.kind == "histogram":
+            return (f"{base}_bucket", f"{base}_count", f"{base}_sum")
+        return (base,)
+
+
+def _spec(name: str, kind: Kind, description: str, *tags: str) -> MetricSpec:
+    buckets = LATENCY_BUCKETS_S if kind == "histogram" else ()
+    return MetricSpec(name, kind, description, tags, buckets)
+
+
+REQUESTS = _spec(
+    "mpsserve_requests_total",
+    "counter",
+    "Requests answered at the ingress, by outcome",
+    *("model", "version", "protocol", "status"),
+)
+ROWS = _spec("mpsserve_rows_total", "counter", "Rows (candidates) scored", "model", "version")
+REQUEST_DURATION = _spec(
+    "mpsserve_request_duration_seconds",
+    "histogram",
+    "End-to-end request time at the ingress",
+    *("model", "protocol"),
+)
+QUEUE_DURATION = _spec(
+    "mpsserve_queue_duration_seconds",
+    "histogram",
+    "Time a request waited in a model replica before inference",
+    "model",
+)
+INFERENCE_DURATION = _spec(
+    "mpsserve_inference_duration_seconds",
+    "histogram",
+    "Time of the model call in a replica",
+    *("model", "version"),
+)
+IN_FLIGHT = _spec(
+    "mpsserve_requests_in_flight", "gauge", "Requests being handled by this process", "model"
+)
+SERVED_VERSION = _spec(
+    "mpsserve_served_version",
+    "gauge",
+    "1 for each version a replica serves, 0 for one it no longer serves",
+    *("model", "replica", "version"),
+)
+LOAD_FAILURES = _spec(
+    "mpsserve_load_failures_total",
+    "counter",
+    "Model versions that failed to load or warm up",
+    *("model", "version"),
+)
+SWAPS = _spec(
+    "mpsserve_swaps_total", "counter", "Swaps to a newly loaded version", "model", "version"
+)
+CPU_OPS = _spec(
+    "mpsserve_model_cpu_ops",
+    "gauge",
+    "Ops of a loaded model version placed on the CPU instead of the GPU",
+    *("model", "version"),
+)
+MPS_UP = _spec(
+    "mpsserve_mps_daemon_up", "gauge", "1 when the node's MPS control daemon answers", "node"
+)
+MPS_RESTARTS = _spec(
+    "mpsserve_mps_daemon_restarts_total",
+    "counter",
+    "Restarts of the node's MPS control daemon by the guardian",
+    "node",
+)
+MPS_CLIENTS = _spec(
+    "mpsserve_mps_clients",
+    "gauge",
+    "MPS client processes (gpu='all': one MPS server serves every GPU of the node)",
+    *("node", "gpu"),
+)
+GPU_UTILIZATION = _spec(
+    "mpsserve_gpu_utilization_ratio",
+    "gauge",
+    "Share of the last NVML sample period in which a kernel ran, 0..1",
+    *("node", "gpu"),
+)
+GPU_MEMORY_USED = _spec(
+    "mpsserve_gpu_memory_used_bytes", "gauge", "GPU memory in use", "node", "gpu"
+)
+GPU_MEMORY_TOTAL = _spec(
+    "mpsserve_gpu_memory_total_bytes", "gauge", "GPU memory installed", "node", "gpu"
+)
+GPU_POWER = _spec("mpsserve_gpu_power_watts", "gauge", "GPU board power draw", "node", "gpu")
+
+METRICS: tuple[MetricSpec, ...] = (
+    REQUESTS, ROWS, REQUEST_DURATION, QUEUE_DURATION, INFERENCE_DURATION, IN_FLIGHT,
+    SERVED_VERSION, LOAD_FAILURES, SWAPS, CPU_OPS, MPS_UP, MPS_RESTARTS, MPS_CLIENTS,
+    GPU_UTILIZATION, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_POWER,
+)  # fmt: skip
+
+
+def exported_names() -> set[str]:
+    """Every sample name this module's metrics appear under in a Prometheus scrape."""
+    return {name for spec in METRICS for name in spec.exported}
+
+
+class Backend(Protocol):
+    """Where values go: Ray's metrics in a service, a recorder in unit tests."""
+
+    def record(self, spec: MetricSpec, value: float, tags: dict[str, str]) -> None: ...
+
+
+class RayBackend:
+    """``ray.util.metrics`` objects, made on first use in a connected Ray process."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._told_no_ray = False
+
+    def record(self, spec: MetricSpec, value: float, tags: dict[str, str]) -> None:
+        metric = self._made.get(spec.name) or self._make(spec)
+        if metric is None:
+            return
+        if spec.kind == "counter":
+            metric.inc(value, tags=tags)
+        elif spec.kind == "gauge":
+            metric.set(value, tags=tags)
+        else:
+            metric.observe(value, tags=tags)
+
+    def _make(self, spec: MetricSpec) -> Any:
+        import ray
+
+        if not ray.is_initialized():
+            if not self._told_no_ray:
+                self._told_no_ray = True
+                logger.info("Ray is not initialized in this process; metrics are not recorded")
+            return None
+        from ray.util import metrics as ray_metrics
+
+        with self._lock:
+            if spec.name not in self._made:
+                self._made[spec.name] = _ray_metric(ray_metrics, spec)
+            return self._made[spec.name]
+
+
+def _ray_metric(ray_metrics: Any, spec: MetricSpec) -> Any:
+    if spec.kind == "counter":
+        return ray_metrics.Counter(spec.name, spec.description, tag_keys=spec.tags)
+    if spec.kind == "gauge":
+        return ray_metrics.Gauge(spec.name, spec.description, tag_keys=spec.tags)
+    return ray_metrics.Histogram(
+        spec.name, spec.description, boundaries=list(spec.buckets), tag_keys=spec.tags
+    )
+
+
+_backend: Backend = RayBackend()
+_lock = threading.Lock()  # the process-local bookkeeping below
+_in_flight: dict[str, int] = {}
+_served: dict[tuple[str, str], set[str]] = {}
+_failed: set[str] = set()  # metric names whose failure was logged
+
+
+def use_backend(backend: Backend) -> Backend:
+    """Send values to ``backend`` from now on (tests); clears the bookkeeping. Returns the old."""
+    global _backend
+    with _lock:
+        previous, _backend = _backend, backend
+        _in_flight.clear()
+        _served.clear()
+        _failed.clear()
+    return previous
+
+
+def _record(spec: MetricSpec, value: float, **tags: str) -> None:
+    try:
+        _backend.record(spec, value, {key: str(val) for key, val in tags.items()})
+    except Exception:
+        if spec.name not in _failed:
+            _failed.add(spec.name)
+            logger.warning("metric %s not recorded; going on without it", spec.name, exc_info=True)
+
+
+def observe_request(
+    model: str, version: str, protocol: str, status: str, rows: int, seconds: float
+) -> None:
+    """One request answered at the ingress (any outcome), with its end-to-end time."""
+    _record(REQUESTS, 1, model=model, version=version, protocol=protocol, status=status)
+    if rows > 0:  # a Ray counter refuses increments <= 0
+        _record(ROWS, rows, model=model, version=version)
+    _record(REQUEST_DURATION, max(seconds, 0.0), model=model, protocol=protocol)
+
+
+def observe_inference(
+    model: str, version: str, queue_seconds: float, inference_seconds: float
+) -> None:
+    """One model call in a replica: how long it waited, then how long it ran."""
+    _record(QUEUE_DURATION, max(queue_seconds, 0.0), model=model)
+    _record(INFERENCE_DURATION, max(inference_seconds, 0.0), model=model, version=version)
+
+
+def add_in_flight(model: str, delta: int) -> None:
+    """+1 when a request starts in this process, -1 when it ends."""
+    with _lock:  # held while recording, so the gauge never goes back to an older count
+        count = max(_in_flight.get(model, 0) + delta, 0)
+        _in_flight[model] = count
+        _record(IN_FLIGHT, count, model=model)
+
+
+def set_served_versions(model: str, replica: str, versions: list[str]) -> None:
+    """The versions ``replica`` serves now; ones it served before and no longer do drop to 0."""
+    now = {str(version) for version in versions}
+    with _lock:
+        before = _served.get((model, replica), set())
+        _served[(model, replica)] = now
+        for version in sorted(before - now):
+            _record(SERVED_VERSION, 0, model=model, replica=replica, version=version)
+        for version in sorted(now):
+            _record(SERVED_VERSION, 1, model=model, replica=replica, version=version)
+
+
+def count_load_failure(model: str, version: str) -> None:
+    _record(LOAD_FAILURES, 1, model=model, version=version)
+
+
+def count_swap(model: str, version: str) -> None:
+    _record(SWAPS, 1, model=model, version=version)
+
+
+def set_cpu_ops(model: str, version: str, count: int) -> None:
+    """Ops of a loaded version that run on the CPU (a GPU host wants 0)."""
+    _record(CPU_OPS, count, model=model, version=version)
+
+
+def set_mps_daemon(node: str, up: bool, clients: int) -> None:
+    """The node's MPS control daemon as the guardian last saw it (NodeSampler)."""
+    _record(MPS_UP, 1 if up else 0, node=node)
+    _record(MPS_CLIENTS, clients, node=node, gpu="all")
+
+
+def count_mps_restarts(node: str, restarts: int) -> None:
+    """``restarts`` more restarts of the node's MPS daemon since the last count (NodeSampler)."""
+    if restarts > 0:
+        _record(MPS_RESTARTS, restarts, node=node)
+
+
+def set_gpu(
+    node: str,
+    gpu: str,
+    utilization_ratio: float,
+    memory_used_bytes: int,
+    memory_total_bytes: int,
+    power_watts: float | None,
+) -> None:
+    """One GPU's load as NVML reads it (NodeSampler)."""
+    _record(GPU_UTILIZATION, utilization_ratio, node=node, gpu=gpu)
+    _record(GPU_MEMORY_USED, memory_used_bytes, node=node, gpu=gpu)
+    _record(GPU_MEMORY_TOTAL, memory_total_bytes, node=node, gpu=gpu)
+    if power_watts is not None:
+        _record(GPU_POWER, power_watts, node=node, gpu=gpu)
