@@ -1,4 +1,4 @@
-"""``mpsserve`` command line: serve, deploy, demo-model.
+"""``mpsserve`` command line: serve, deploy, doctor, demo-model, audit-ops.
 
 Commands that need Ray import it lazily, so ``demo-model`` and ``--help`` stay fast.
 """
@@ -60,6 +60,25 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--table-rows", type=int, default=100_000, help="rows per embedding table")
     demo.add_argument("--if-missing", action="store_true", help="do nothing if DIR has a version")
+
+    audit = sub.add_parser(
+        "audit-ops",
+        help="list a SavedModel's ops that have no GPU kernel (they fall back to the CPU)",
+        description="Lists the ops of the signature's graph, functions included, that have no "
+        "GPU kernel registered for their dtypes in this TensorFlow, and, where a GPU is "
+        "visible, what TensorFlow placed on the CPU for one synthetic request. Exit code: 0 "
+        "when no op falls back, 1 when some do, 2 when the model or a library cannot load.",
+    )
+    audit.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="a SavedModel dir")
+    audit.add_argument("--signature", default="serving_default", help="signature to audit")
+    audit.add_argument("--json", action="store_true", help="print the report as JSON")
+    audit.add_argument(
+        "--custom-op-library",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="load this op library (.so) before the model; repeat for several",
+    )
     return parser
 
 
@@ -88,6 +107,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             print(f"  [{check.status:>4}] {check.name}: {check.detail}")
         print(report.verdict)
     return 0 if report.ok else 1
+
+
+def cmd_audit_ops(args: argparse.Namespace) -> int:
+    from mpsserve.audit import audit_saved_model  # imports TensorFlow
+
+    report = audit_saved_model(args.model_dir, args.signature, args.custom_op_library)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_table())
+    return 1 if report.falls_back else 0
 
 
 def _use_cluster_token() -> None:
@@ -259,6 +286,7 @@ COMMANDS = {
     "doctor": cmd_doctor,
     "demo-model": cmd_demo_model,
     "serve-config": cmd_serve_config,
+    "audit-ops": cmd_audit_ops,
 }
 
 

@@ -89,6 +89,16 @@ class ModelConfig(_Strict):
     max_rows: int = Field(16384, ge=1, description="Most rows accepted in one request.")
     intra_op_threads: int = Field(0, ge=0, description="Runtime intra-op threads; 0 = auto.")
     inter_op_threads: int = Field(0, ge=0, description="Runtime inter-op threads; 0 = auto.")
+    cpu_fallback: Literal["warn", "fail"] = Field(
+        "warn",
+        description="Ops with no GPU kernel for their dtype (see `mpsserve audit-ops`): warn "
+        "logs them and serves; fail refuses to load such a version.",
+    )
+    custom_op_libraries: list[str] = Field(
+        default_factory=list,
+        description="TensorFlow custom op libraries (.so) loaded before the model; relative "
+        "paths resolve from the config file.",
+    )
     placement: Placement = Field(default_factory=Placement)
 
 
@@ -218,7 +228,8 @@ def parse_config(data: object, source: str = "<dict>") -> ServiceConfig:
 
 
 def load_config(path: str | Path) -> ServiceConfig:
-    """Read and validate a YAML config file; relative store paths resolve from the file."""
+    """Read and validate a YAML config file; relative store and custom op library paths
+    resolve from the file."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -230,12 +241,17 @@ def load_config(path: str | Path) -> ServiceConfig:
 
 
 def _resolve_stores(data: object, base: Path) -> object:
-    """Make relative local store paths absolute, so replicas on any cwd find them."""
+    """Make relative local store and library paths absolute, so replicas on any cwd find them."""
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
         return data
     for model in data["models"]:
         if isinstance(model, dict) and isinstance(model.get("store"), str):
             model["store"] = _absolute_store(model["store"], base)
+        libraries = model.get("custom_op_libraries") if isinstance(model, dict) else None
+        if isinstance(libraries, list):
+            model["custom_op_libraries"] = [
+                _absolute_store(p, base) if isinstance(p, str) else p for p in libraries
+            ]
     return data
 
 

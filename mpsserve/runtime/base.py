@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -124,6 +124,8 @@ class RuntimeOptions:
     intra_op_threads: int = 0  # 0: the framework's default
     inter_op_threads: int = 0
     device: str = "auto"  # auto: the GPU when one is visible, else the CPU
+    cpu_fallback: Literal["warn", "fail"] = "warn"  # ops without a GPU kernel: log or refuse
+    custom_op_libraries: tuple[str, ...] = ()  # shared libraries loaded before the model
 
 
 class ModelRuntime(ABC):
@@ -135,6 +137,9 @@ class ModelRuntime(ABC):
     def __init__(self, signature: Signature, device: str) -> None:
         self.signature = signature
         self.device = device
+        #: Ops of the model with no GPU kernel for their dtypes (``mpsserve.audit.CpuOp``
+        #: as dicts: op, node, function, dtypes, reason); empty where a runtime cannot tell.
+        self.cpu_ops: list[dict[str, Any]] = []
 
     @classmethod
     @abstractmethod

@@ -42,6 +42,11 @@ class TorchRuntime(ModelRuntime):
 
     @classmethod
     def load(cls, model_dir: Path, options: RuntimeOptions) -> TorchRuntime:
+        if options.custom_op_libraries:
+            raise ModelLoadError(
+                "custom_op_libraries is for the tensorflow runtime; a torch model got "
+                f"{list(options.custom_op_libraries)}"
+            )
         signature = read_signature_file(model_dir, required=True)
         assert signature is not None
         if options.intra_op_threads:
