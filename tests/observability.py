@@ -1,0 +1,45 @@
+"""Shared by the metrics tests: where to find a real Prometheus, and the dashboard's queries.
+
+``make`` installs Prometheus into the venv (see the Makefile); elsewhere the tests look on PATH
+or at $MPSSERVE_PROMETHEUS_BIN, and skip without one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "deployments" / "grafana" / "mpsserve-dashboard.json"
+PROMETHEUS_YML = ROOT / "deployments" / "prometheus" / "prometheus.yml"
+#: A prometheus binary to use instead of searching (promtool is looked for beside it).
+BIN_ENV = "MPSSERVE_PROMETHEUS_BIN"
+
+
+def find(tool: str = "prometheus") -> str | None:
+    """``prometheus`` or ``promtool``: at/beside $MPSSERVE_PROMETHEUS_BIN, on PATH, in the venv."""
+    configured = os.environ.get(BIN_ENV)
+    if configured:
+        beside = Path(configured).with_name(tool)
+        return str(beside) if beside.is_file() else None
+    return shutil.which(tool) or shutil.which(tool, path=str(Path(sys.executable).parent))
+
+
+def load_dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())  # type: ignore[no-any-return]
+
+
+def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """The dashboard's panels, rows left out (a collapsed row holds its panels)."""
+    found = []
+    for panel in dashboard["panels"]:
+        found += [panel, *panel.get("panels", [])]
+    return [p for p in found if p["type"] != "row"]
+
+
+def dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in panels(load_dashboard()) for t in p["targets"]]
