@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 _configured = False
 _op_libraries: dict[str, Any] = {}  # real path -> the module tf.load_op_library returned
 _op_libraries_lock = threading.Lock()
+UNREGISTERED_OP_HINT = " (an op from a custom op library? list it in custom_op_libraries)"
 #: Most fallback ops named in one log line or error; the rest are counted.
 MAX_OPS_SHOWN = 10
 
@@ -154,8 +155,9 @@ class TensorFlowRuntime(ModelRuntime):
         load_op_libraries(options.custom_op_libraries)
         try:
             loaded = tf.saved_model.load(str(model_dir))
-        except (OSError, ValueError, tf.errors.OpError) as exc:
-            raise ModelLoadError(f"cannot load SavedModel {model_dir}: {exc}") from exc
+        except (OSError, ValueError, RuntimeError, tf.errors.OpError) as exc:
+            hint = UNREGISTERED_OP_HINT if "Op type not registered" in str(exc) else ""
+            raise ModelLoadError(f"cannot load SavedModel {model_dir}: {exc}{hint}") from exc
         if options.signature_name not in loaded.signatures:
             available = sorted(loaded.signatures.keys())
             raise ModelLoadError(
