@@ -120,9 +120,10 @@ def _types_text(dtypes: Mapping[str, str]) -> str:
 
 
 def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join("{:<%d}" % w for w in widths[:-1]) + "  {}"  # noqa: UP031 - width template
-    return ["  " + line.format(*row).rstrip() for row in [header, *rows]]
+    grid = [header, *rows]
+    widths = [max(len(row[i]) for row in grid) for i in range(len(header))]
+    cells = [[c.ljust(w) for c, w in zip(row, widths, strict=True)] for row in grid]
+    return ["  " + "  ".join(row).rstrip() for row in cells]
 
 
 # -- the static check ------------------------------------------------------------------------
@@ -255,7 +256,10 @@ def _pinned(node: Any) -> str | None:
 def _device_type(device: str) -> str:
     if not device:
         return ""
-    return str(_tf().DeviceSpec.from_string(device).device_type or "").upper()
+    try:
+        return str(_tf().DeviceSpec.from_string(device).device_type or "").upper()
+    except ValueError:  # not a device name TensorFlow parses: judge by its text
+        return "CPU" if "CPU" in device.upper() else ""
 
 
 def _calls(node: Any, library: Mapping[str, Any]) -> Iterator[str]:
