@@ -79,6 +79,8 @@ class Servable:
             intra_op_threads=config.intra_op_threads,
             inter_op_threads=config.inter_op_threads,
             device=device,
+            cpu_fallback=config.cpu_fallback,
+            custom_op_libraries=tuple(config.custom_op_libraries),
         )
         cache = Path(settings().cache_dir or tempfile.gettempdir()) / "mpsserve-cache"
         self.store = ModelStore(

@@ -23,6 +23,11 @@ class Settings:
     log_level: str = "INFO"
     #: Seconds a health or readiness probe waits on a replica before calling it not ready.
     probe_timeout_s: float = 2.0
+    #: Threads running inference in each model replica (2 overlaps one request's host work
+    #: with another's GPU work).
+    replica_threads: int = 2
+    #: How long a request waits for a replica of its model to appear before a 503.
+    wait_for_replica_s: float = 15.0
     #: This replica's MPS mode: off (no MPS), auto (use it when it works), on (required).
     mps_mode: str = "off"
     #: The control daemon's pipe, log and state (locks, guardian) directories.

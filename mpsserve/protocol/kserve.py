@@ -355,9 +355,14 @@ def _encode_output(name: str, arr: np.ndarray, binary: bool) -> tuple[dict[str, 
     if not binary:
         entry["data"] = _json_bytes_data(name, arr) if datatype == "BYTES" else arr.ravel().tolist()
         return entry, None
-    raw = _pack_bytes(name, arr) if datatype == "BYTES" else _raw_view(arr)
+    raw = tensor_bytes(name, arr, datatype)
     entry["parameters"] = {"binary_data_size": len(raw)}
     return entry, raw
+
+
+def tensor_bytes(name: str, arr: np.ndarray, datatype: str) -> bytes | memoryview:
+    """The tensor's wire bytes: a zero-copy view for numeric data, length-prefixed BYTES."""
+    return _pack_bytes(name, arr) if datatype == "BYTES" else _raw_view(arr)
 
 
 def _raw_view(arr: np.ndarray) -> memoryview:

@@ -11,12 +11,14 @@ from ray.serve import Application, Deployment
 from mpsserve.config import ModelConfig, MpsConfig, ServiceConfig, load_config, parse_config
 from mpsserve.errors import ConfigError, DeadlineExceeded, ModelLoadError, ModelNotReady
 from mpsserve.mps.hook import replica_runtime_env
+from mpsserve.serving import directory as _directory
 from mpsserve.serving import ingress as _ingress
 from mpsserve.serving import model as _model
 
 # serve.deployment turns the classes into Deployments; their stubs do not say so.
 ModelReplica: Deployment = _model.ModelReplica  # type: ignore[assignment]
 Ingress: Deployment = _ingress.Ingress  # type: ignore[assignment]
+Directory: Deployment = _directory.Directory  # type: ignore[assignment]
 
 
 def model_options(
@@ -73,33 +75,34 @@ def check_cpus(config: ServiceConfig, options: dict[str, dict[str, Any]], cpus: 
 
 
 def build_app(config: ServiceConfig, cluster_gpus: int, cluster_cpus: float) -> Application:
-    """One model deployment per model, behind one ingress."""
+    """One model deployment per model and the ingress, which finds the model replicas'
+    data ports through the directory."""
     check_mps_mode(config, cluster_gpus)
     options = {m.name: model_options(m, cluster_gpus, config.mps) for m in config.models}
     check_cpus(config, options, cluster_cpus)
-    handles = {
-        m.name: ModelReplica.options(
+    directory = Directory.bind()
+    models = [
+        ModelReplica.options(
             name=f"model-{m.name}",
             user_config={"version_policy": m.version_policy.model_dump(mode="json")},
             **options[m.name],
-        ).bind(m.model_dump(mode="json", exclude={"version_policy"}))
+        ).bind(m.model_dump(mode="json", exclude={"version_policy"}), directory)
         for m in config.models
-    }
+    ]
     ingress = Ingress.options(
         num_replicas=config.ingress.replicas,
         ray_actor_options={"num_cpus": config.ingress.cpus_per_replica},
     )
-    return ingress.bind(handles, config.ingress.model_dump(mode="json"))
+    limits = {m.name: m.placement.max_ongoing_requests for m in config.models}
+    # The model deployments are not arguments of the ingress (it reaches their replicas
+    # through the directory); binding them to it keeps them in the application.
+    return ingress.bind(directory, limits, config.ingress.model_dump(mode="json"), models)
 
 
 def serve_options(config: ServiceConfig) -> dict[str, Any]:
-    """``serve.start`` options: the HTTP proxy and the gRPC proxy with our servicer."""
-    from mpsserve.serving.grpc import SERVICER
-
-    return {
-        "http_options": {"host": config.ingress.host, "port": config.ingress.http_port},
-        "grpc_options": {"port": config.ingress.grpc_port, "grpc_servicer_functions": [SERVICER]},
-    }
+    """``serve.start`` options: Serve's own proxies are off; mpsserve's ingress replicas
+    bind ``ingress.http_port`` and ``ingress.grpc_port`` themselves."""
+    return {"proxy_location": "Disabled"}
 
 
 APP_BUILDER = "mpsserve.serving.app:app_builder"
@@ -143,7 +146,7 @@ def application_schema(
         args["cluster_cpus"] = cluster_cpus
     return {
         "name": config.ray.app_name,
-        "route_prefix": "/",
+        "route_prefix": None,  # no Serve proxy: the ingress binds its own ports
         "import_path": APP_BUILDER,
         "args": args,
         "deployments": [
@@ -215,6 +218,7 @@ def deploy(
     while time.monotonic() - started < timeout_s:
         app = serve.status().applications.get(name)
         if app is not None and app.status == ApplicationStatus.RUNNING:
+            wait_routable(config, timeout_s - (time.monotonic() - started))
             return
         if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
             raise ModelLoadError(f"application {name!r} failed to deploy: {app.message}")
@@ -224,3 +228,24 @@ def deploy(
             progress(f"  ... {name}: {state} ({said - started:.0f}s)")
         time.sleep(0.5)
     raise DeadlineExceeded(f"application {name!r} not running after {timeout_s:g}s")
+
+
+def wait_routable(config: ServiceConfig, timeout_s: float = 60.0) -> None:
+    """Wait until an ingress routes to a replica of every model: replicas register their
+    data ports once loaded and ingresses read the directory every second, so a just-RUNNING
+    application can take a moment more to take requests."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ingress", app_name=config.ray.app_name)
+    wanted = {m.name for m in config.models}
+    deadline = time.monotonic() + max(timeout_s, 1.0)
+    while True:
+        routed = {e["model"] for e in handle.describe.remote().result()["endpoints"]}
+        if wanted <= routed:
+            return
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(
+                f"the ingress routes to no replica of {sorted(wanted - routed)} "
+                f"after {timeout_s:g}s"
+            )
+        time.sleep(0.2)

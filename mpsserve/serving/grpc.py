@@ -1,6 +1,6 @@
 """The gRPC adapter: KServe v2 ``inference.GRPCInferenceService`` over a ``DataPlane``.
 
-Ray Serve's gRPC proxy calls the ingress method named after each RPC; these functions only
+The ingress's grpc.aio server calls the method named after each RPC; these functions only
 translate messages and map errors through ``errors.to_status`` (same message as REST).
 
 The generated stubs are imported lazily: Triton's client registers the same ``inference.*``
@@ -18,7 +18,6 @@ import grpc
 from mpsserve.dataplane import DataPlane
 from mpsserve.errors import to_status
 
-SERVICER = "mpsserve.protocol.grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
 RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
 
 
@@ -71,3 +70,41 @@ class GrpcAdapter:
         self.dataplane.backend(request.model_name)  # unknown model: NOT_FOUND first
         decoded = decode_infer_request(request)
         return encode_infer_response(await self.dataplane.infer(decoded), decoded)
+
+
+class _Servicer:
+    """``GRPCInferenceService``'s methods, each one a call of the adapter."""
+
+    def __init__(self, adapter: GrpcAdapter) -> None:
+        for rpc in RPCS:
+            setattr(self, rpc, _rpc(adapter, rpc))
+
+
+def _rpc(adapter: GrpcAdapter, rpc: str) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def method(request: Any, context: Any) -> Any:
+        return await adapter.call(rpc, request, context)
+
+    return method
+
+
+async def start_grpc_server(dataplane: DataPlane, host: str, port: int, max_bytes: int) -> Any:
+    """A started grpc.aio server for KServe v2 on ``host:port`` (SO_REUSEPORT, so every
+    ingress replica on the node shares the port)."""
+    from mpsserve.protocol import grpc_service_pb2_grpc
+
+    limit = max_bytes + 2**20  # room for the message's own fields; check_size is exact
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 1),
+        ]
+    )
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        _Servicer(GrpcAdapter(dataplane)), server
+    )
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"gRPC cannot bind {address}")
+    await server.start()
+    return server

@@ -1,8 +1,20 @@
-"""The ingress deployment: a ``DataPlane`` over Ray Serve handles, served by the HTTP adapter."""
+"""The ingress deployment: mpsserve's own HTTP and gRPC servers over a ``DataPlane`` whose
+backends send frames straight to the model replicas' data ports.
+
+Each ingress replica runs uvicorn (KServe v2 + TF-Serving REST) and a grpc.aio server (KServe
+v2 gRPC) on one event loop, on a thread of its own; both bind their ports with SO_REUSEPORT,
+so every ingress replica on a node shares the node's ports and the kernel spreads connections
+over them. Ray Serve's proxies are off (``proxy_location: Disabled``): a request crosses one
+Python process (this one) between the client and the GPU replica, and no pickling or object
+store is involved. A poller thread reads the directory every second.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
+import threading
 from typing import Any
 
 from ray import serve
@@ -10,70 +22,172 @@ from ray.serve.handle import DeploymentHandle
 
 from mpsserve.config import IngressConfig
 from mpsserve.dataplane import DataPlane
-from mpsserve.serving.grpc import GrpcAdapter
+from mpsserve.serving.grpc import start_grpc_server
 from mpsserve.serving.http import create_http_app
+from mpsserve.serving.replica_server import new_event_loop
+from mpsserve.serving.router import ReplicaBackend, Router
 from mpsserve.settings import settings
-from mpsserve.types import InferRequest, InferResponse
+
+logger = logging.getLogger(__name__)
+POLL_S = 1.0
 
 
-class RayModelBackend:
-    """A ``ModelBackend`` that forwards to a model deployment's replicas."""
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket that other ingress replicas on this node may bind too."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
 
-    def __init__(self, handle: DeploymentHandle) -> None:
-        self._handle = handle
 
-    async def infer(self, request: InferRequest) -> InferResponse:
-        outputs = [o.name for o in request.outputs] if request.outputs else None
-        result = await self._handle.infer.remote(request.inputs, outputs, request.version)
-        if isinstance(result, Exception):
-            raise result
-        version, tensors = result
-        return InferResponse(request.model, version, tensors, request.id)
+class Front:
+    """The ingress's servers and router, on their own event loop and thread."""
 
-    async def metadata(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._handle.metadata.remote()
-        return result
+    def __init__(
+        self, config: IngressConfig, models: dict[str, int], directory: DeploymentHandle
+    ) -> None:
+        self.config, self.directory = config, directory
+        self.loop = new_event_loop()
+        max_bytes = int(config.max_request_mb * 2**20)
+        self.router = Router(
+            dict(models),
+            wait_for_replica_s=settings().wait_for_replica_s,
+            max_frame_bytes=max_bytes + 2**20,
+        )
+        self.dataplane = DataPlane(
+            {name: ReplicaBackend(name, self.router) for name in models},
+            max_request_bytes=max_bytes,
+            request_timeout_s=config.request_timeout_s,
+        )
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="ingress", daemon=True)
+        self._poller = threading.Thread(target=self._poll, name="directory-poll", daemon=True)
+        self._http: Any = None
+        self._grpc: Any = None
 
-    async def ready(self) -> bool:
-        try:
-            call = self._handle.ready.remote()
-            return bool(await asyncio.wait_for(call, settings().probe_timeout_s))
-        except Exception:  # no replica up, or it is failing: not ready, and say no more
-            return False
+    def start(self) -> None:
+        """Bind both ports and serve; raises here (so Serve retries the replica) on failure."""
+        import uvicorn
+
+        sock = reuse_port_socket(self.config.host, self.config.http_port)
+        http_config = uvicorn.Config(
+            create_http_app(self.dataplane),
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            http="httptools",
+            loop="none",
+            timeout_keep_alive=75,
+            timeout_graceful_shutdown=5,
+        )
+        self._http = uvicorn.Server(http_config)
+        self._thread.start()
+        self._poller.start()
+
+        async def serve() -> None:
+            self._grpc = await start_grpc_server(
+                self.dataplane,
+                self.config.host,
+                self.config.grpc_port,
+                int(self.config.max_request_mb * 2**20),
+            )
+            self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
+
+        asyncio.run_coroutine_threadsafe(serve(), self.loop).result(timeout=30)
+        logger.info(
+            "ingress serving HTTP on %s:%d and gRPC on %s:%d",
+            self.config.host,
+            self.config.http_port,
+            self.config.host,
+            self.config.grpc_port,
+        )
+
+    def _poll(self) -> None:
+        failing = False
+        while not self._stopping.is_set():
+            try:
+                entries = self.directory.endpoints.remote().result(timeout_s=10)
+                self.loop.call_soon_threadsafe(self.router.update, entries)
+                failing = False
+            except Exception as exc:  # the directory restarts: keep the last list
+                if not failing:
+                    logger.warning("cannot read the directory: %s", exc)
+                failing = True
+            self._stopping.wait(POLL_S)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not getattr(self._http, "should_exit", False)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "endpoints": [
+                {
+                    "key": e.key,
+                    "model": e.model,
+                    "host": e.host,
+                    "port": e.port,
+                    "pid": e.pid,
+                    "node": e.node,
+                    "in_flight": e.in_flight,
+                }
+                for e in self.router.endpoints()
+            ],
+        }
+
+    def stop(self) -> None:
+        """Close the listeners, let requests in flight finish, stop the loop."""
+        self._stopping.set()
+
+        async def shutdown() -> None:
+            if self._http is not None:
+                self._http.should_exit = True
+            if self._grpc is not None:
+                await self._grpc.stop(grace=5)
+            task = getattr(self, "_http_task", None)
+            if task is not None:
+                await asyncio.wait_for(task, 10)
+
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(timeout=20)
+            except Exception as exc:
+                logger.warning("ingress shutdown: %s", exc)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
 
 
 @serve.deployment(name="ingress")
-@serve.ingress()
 class Ingress:
-    def __init__(self, handles: dict[str, DeploymentHandle], ingress: dict[str, Any]) -> None:
-        config = IngressConfig.model_validate(ingress)
-        backends = {name: RayModelBackend(h) for name, h in handles.items()}
-        self.dataplane = DataPlane(
-            backends,
-            max_request_bytes=int(config.max_request_mb * 2**20),
-            request_timeout_s=config.request_timeout_s,
-        )
+    def __init__(
+        self,
+        directory: DeploymentHandle,
+        models: dict[str, int],
+        ingress: dict[str, Any],
+        deployments: list[DeploymentHandle] | None = None,
+    ) -> None:
+        """``models``: each model's name and the requests one of its replicas takes at a
+        time; ``deployments``: the model deployments' handles (only to keep them bound)."""
+        self._front = Front(IngressConfig.model_validate(ingress), models, directory)
+        self._front.start()
 
-        self._grpc = GrpcAdapter(self.dataplane)
+    def check_health(self) -> None:
+        if not self._front.alive:
+            raise RuntimeError("the ingress's HTTP/gRPC servers stopped")
 
-    def __serve_build_asgi_app__(self) -> Any:
-        return create_http_app(self.dataplane)
+    def describe(self) -> dict[str, Any]:
+        """What this ingress routes to (for ``mpsserve status``)."""
+        future = asyncio.run_coroutine_threadsafe(_snapshot(self._front), self._front.loop)
+        result: dict[str, Any] = future.result(timeout=5)
+        return result
 
-    # KServe v2 gRPC: Serve's gRPC proxy calls the method named after the RPC.
-    async def ServerLive(self, request: Any, grpc_context: Any) -> Any:
-        return await self._grpc.call("ServerLive", request, grpc_context)
+    def __del__(self) -> None:
+        self._front.stop()
 
-    async def ServerReady(self, request: Any, grpc_context: Any) -> Any:
-        return await self._grpc.call("ServerReady", request, grpc_context)
 
-    async def ServerMetadata(self, request: Any, grpc_context: Any) -> Any:
-        return await self._grpc.call("ServerMetadata", request, grpc_context)
-
-    async def ModelReady(self, request: Any, grpc_context: Any) -> Any:
-        return await self._grpc.call("ModelReady", request, grpc_context)
-
-    async def ModelMetadata(self, request: Any, grpc_context: Any) -> Any:
-        return await self._grpc.call("ModelMetadata", request, grpc_context)
-
-    async def ModelInfer(self, request: Any, grpc_context: Any) -> Any:
-        return await self._grpc.call("ModelInfer", request, grpc_context)
+async def _snapshot(front: Front) -> dict[str, Any]:
+    return front.describe()

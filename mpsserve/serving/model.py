@@ -1,38 +1,89 @@
-"""The model deployment: each replica is one process holding one ``Servable``."""
+"""The model deployment: each replica is one process holding one ``Servable``.
+
+Ray Serve places the replica (a fractional GPU under MPS), health-checks it and replaces it;
+requests reach it on its own data port (``ReplicaServer``), which it registers in the
+``Directory`` once the model is loaded.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
+import time
 from typing import Any
 
-import numpy as np
 import ray
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from mpsserve.config import ModelConfig, VersionPolicy
 from mpsserve.errors import MpsServeError
 from mpsserve.mps.guardian import ReplicaMps
+from mpsserve.protocol import frame
 from mpsserve.servable import Servable
+from mpsserve.serving.directory import HEARTBEAT_S
+from mpsserve.serving.replica_server import ReplicaServer
 from mpsserve.settings import settings
 
 logger = logging.getLogger(__name__)
 
 
+class Registration(threading.Thread):
+    """Keeps this replica's entry in the directory fresh until stopped, then removes it."""
+
+    def __init__(self, directory: DeploymentHandle, entry: dict[str, Any]) -> None:
+        super().__init__(name="directory-heartbeat", daemon=True)
+        self.directory, self.entry = directory, entry
+        self._stopping = threading.Event()
+        self._failing = False
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.directory.register.remote(self.entry).result(timeout_s=HEARTBEAT_S * 2)
+                if self._failing:
+                    logger.info("registered in the directory again")
+                self._failing = False
+            except Exception as exc:  # the directory restarts: say so once, keep trying
+                if not self._failing:
+                    logger.warning("cannot register in the directory: %s", exc)
+                self._failing = True
+            self._stopping.wait(HEARTBEAT_S)
+
+    def withdraw(self) -> None:
+        """Leave the directory now (ingresses stop sending within a poll)."""
+        self._stopping.set()
+        # Serve may call this on the replica's event loop, where a blocking ``result()`` is
+        # refused: make the call from a thread of its own.
+        leave = threading.Thread(target=self._deregister, name="directory-leave", daemon=True)
+        leave.start()
+        leave.join(HEARTBEAT_S * 2)
+
+    def _deregister(self) -> None:
+        try:
+            self.directory.deregister.remote(self.entry["key"]).result(timeout_s=HEARTBEAT_S)
+        except Exception as exc:
+            logger.warning("cannot leave the directory: %s", exc)
+
+
 @serve.deployment(name="model")
 class ModelReplica:
-    """Sync methods run in Serve's thread pool, off the replica's event loop, so inference
-    never blocks it. The version policy arrives as ``user_config``: Serve calls
-    ``reconfigure`` after the constructor (the first load happens there) and again whenever
-    only the policy changes, without restarting the replica."""
+    """The version policy arrives as ``user_config``: Serve calls ``reconfigure`` after the
+    constructor (the first load happens there) and again whenever only the policy changes,
+    without restarting the replica."""
 
-    def __init__(self, model: dict[str, Any]) -> None:
+    def __init__(self, model: dict[str, Any], directory: DeploymentHandle | None = None) -> None:
         config = ModelConfig.model_validate(model)
         gpu = bool(ray.get_gpu_ids())
         self._servable = Servable(config, device="auto" if gpu else "cpu")
         # The MPS hook ran before this constructor; the first CUDA call is the model load.
         self._mps = ReplicaMps(settings())
         self._mps.start_guardian()
+        self._directory = directory
+        self._server: ReplicaServer | None = None
+        self._registration: Registration | None = None
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self._servable.set_policy(VersionPolicy.model_validate(user_config["version_policy"]))
@@ -40,28 +91,91 @@ class ModelReplica:
             self._servable.load()
             self._mps.verify()
             self._servable.start_watching()
+        self._open_data_port()
+
+    def _open_data_port(self) -> None:
+        if self._server is not None or self._directory is None:
+            return
+        self._server = ReplicaServer(self.handle_frame, threads=settings().replica_threads)
+        port = self._server.start()
+        entry = {
+            "key": f"{ray.util.get_node_ip_address()}:{port}:{os.getpid()}",
+            "model": self._servable.config.name,
+            "host": ray.util.get_node_ip_address(),
+            "port": port,
+            "pid": os.getpid(),
+            "node": socket.gethostname(),
+        }
+        self._registration = Registration(self._directory, entry)
+        self._registration.start()
+        logger.info("model %s: data port %d open", entry["model"], port)
+
+    def handle_frame(self, header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
+        """One request from the ingress (runs on the data port's thread pool)."""
+        started = time.perf_counter()
+        try:
+            op = header.get("op")
+            if op == "infer":
+                inputs = frame.tensors(header, body)
+                version, outputs = self._servable.infer(
+                    inputs, header.get("outputs"), header.get("version")
+                )
+                timing = {
+                    "queue_s": started - header["_received"],
+                    "infer_s": time.perf_counter() - started,
+                }
+                return frame.encode({"ok": True, "version": version, **timing}, outputs)
+            if op == "metadata":
+                return frame.encode({"ok": True, "metadata": self.metadata()})
+            raise frame.FrameError(f"unknown operation {op!r}")
+        except (MpsServeError, frame.FrameError) as exc:
+            return frame.encode(frame.error_header(exc))
 
     def infer(
         self,
-        inputs: dict[str, np.ndarray],
+        inputs: dict[str, Any],
         outputs: list[str] | None = None,
         version: str | None = None,
-    ) -> tuple[str, dict[str, np.ndarray]] | MpsServeError:
-        """A client's error comes back as a value: it is an answer, not a replica fault, so
-        Serve neither logs its traceback nor counts it as a failed call."""
+    ) -> tuple[str, dict[str, Any]] | MpsServeError:
+        """The same inference through a Serve handle (tools and tests; not the data path).
+        A client's error comes back as a value, not as a replica fault."""
         try:
             return self._servable.infer(inputs, outputs, version)
         except MpsServeError as exc:
             return exc
 
     def metadata(self) -> dict[str, Any]:
-        return {**self._servable.metadata(), "mps": self._mps.describe(), "pid": os.getpid()}
+        data_port = self._server.port if self._server is not None else None
+        return {
+            **self._servable.metadata(),
+            "mps": self._mps.describe(),
+            "pid": os.getpid(),
+            "data_port": data_port,
+        }
 
     def ready(self) -> bool:
         return self._servable.ready
 
     def check_health(self) -> None:
-        """Ray Serve replaces a replica whose health check raises."""
+        """Ray Serve replaces a replica whose health check raises; leave the directory first
+        so the ingresses stop sending to it."""
         problem = self._servable.problem() or self._mps.problem()
+        if problem is None and self._server is not None and not self._server.alive:
+            problem = "its data port stopped"
         if problem is not None:
+            if self._registration is not None:
+                self._registration.withdraw()
             raise RuntimeError(f"model {self._servable.config.name!r}: {problem}")
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown: leave the directory, let the ingresses notice, finish
+        what is in flight, close."""
+        if self._registration is not None:
+            self._registration.withdraw()
+            time.sleep(DRAIN_AFTER_WITHDRAW_S)
+        if self._server is not None:
+            self._server.stop()
+        self._servable.stop()
+
+
+DRAIN_AFTER_WITHDRAW_S = 1.5  # > the ingresses' directory poll period

@@ -47,15 +47,16 @@ def base_url(service_config: dict[str, object]) -> Iterator[str]:
     import ray
     from ray import serve
 
-    from mpsserve.serving.app import build_app, serve_options
+    from mpsserve.serving.app import build_app, serve_options, wait_routable
 
     config = parse_config(service_config)
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     try:
         serve.start(**serve_options(config))
         serve.run(
-            build_app(config, cluster_gpus=0, cluster_cpus=4), name="mpsserve", route_prefix="/"
+            build_app(config, cluster_gpus=0, cluster_cpus=4), name="mpsserve", route_prefix=None
         )
+        wait_routable(config)
         yield f"http://127.0.0.1:{HTTP_PORT}"
     finally:
         serve.shutdown()

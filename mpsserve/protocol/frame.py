@@ -1,0 +1,101 @@
+"""The ingress-to-replica wire format: one length-prefixed frame per request and response.
+
+A frame is a 12-byte prefix (magic ``MPS1``, header length, body length, little-endian), a
+JSON header and a body holding the raw bytes of every tensor the header lists, in order, in
+KServe v2 binary layout (so numeric tensors are views on the body at either end: no copy,
+no pickling). The header of a request names the operation (``infer``, ``metadata``,
+``ready``, ``stats``) and its arguments; a response header is ``{"ok": true, ...}`` or
+``{"ok": false, "error": <MpsServeError class name>, "message": ...}``, which the ingress
+raises again as that class, so a replica's error reaches the client with its own status.
+
+Pure functions; the sockets live in ``serving.replica_server`` and ``serving.router``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from mpsserve import errors
+from mpsserve.protocol.kserve import numpy_to_datatype, tensor_bytes, tensor_from_bytes
+
+PREFIX = struct.Struct("<4sII")
+MAGIC = b"MPS1"
+Buffer = bytes | bytearray | memoryview
+
+
+class FrameError(ConnectionError):
+    """The peer sent something that is not a frame: drop the connection."""
+
+
+def encode(
+    header: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | None = None
+) -> list[Buffer]:
+    """A frame as buffers for ``writelines`` (the tensors' bytes are not copied)."""
+    specs: list[list[Any]] = []
+    chunks: list[Buffer] = []
+    for name, arr in (tensors or {}).items():
+        datatype = numpy_to_datatype(arr.dtype)
+        raw = tensor_bytes(name, arr, datatype)
+        specs.append([name, datatype, list(arr.shape), len(raw)])
+        chunks.append(raw)
+    doc = dict(header)
+    if specs:
+        doc["tensors"] = specs
+    head = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    size = sum(len(c) for c in chunks)
+    return [PREFIX.pack(MAGIC, len(head), size), head, *chunks]
+
+
+def read_prefix(prefix: bytes, max_bytes: int) -> tuple[int, int]:
+    """(header length, body length) from a frame's first ``PREFIX.size`` bytes."""
+    magic, head, body = PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise FrameError(f"not an mpsserve frame (magic {magic!r})")
+    if head + body > max_bytes:
+        raise FrameError(f"frame of {head + body} bytes is over the {max_bytes}-byte limit")
+    return head, body
+
+
+def decode_header(head: Buffer) -> dict[str, Any]:
+    try:
+        doc = json.loads(bytes(head))
+    except ValueError as exc:
+        raise FrameError(f"frame header is not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise FrameError("frame header is not a JSON object")
+    return doc
+
+
+def tensors(header: Mapping[str, Any], body: Buffer) -> dict[str, np.ndarray]:
+    """The header's tensors as views on ``body`` (writable when ``body`` is a bytearray)."""
+    view = memoryview(body)
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for name, datatype, shape, size in header.get("tensors", ()):
+        out[name] = tensor_from_bytes(name, datatype, shape, view[offset : offset + size], "data")
+        offset += size
+    if offset != len(view):
+        raise FrameError(f"frame body is {len(view)} bytes; its tensors take {offset}")
+    return out
+
+
+def error_header(exc: BaseException) -> dict[str, Any]:
+    """A failed response: the error's class travels by name, with its client-safe message."""
+    status, _, message = errors.to_status(exc)
+    name = type(exc).__name__ if isinstance(exc, errors.MpsServeError) else "InferenceError"
+    return {"ok": False, "error": name, "message": message, "status": status}
+
+
+def raise_for_error(header: Mapping[str, Any]) -> None:
+    """Raise the replica's error, as its own class, if the response is one."""
+    if header.get("ok"):
+        return
+    cls = getattr(errors, str(header.get("error")), None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.MpsServeError)):
+        cls = errors.InferenceError
+    raise cls(str(header.get("message", "the replica failed")))
