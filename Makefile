@@ -17,21 +17,37 @@ $(VENV)/.dev: $(VENV)/.base
 	$(PIP) -e ".[dev,torch]"
 	touch $@
 
+# A real Prometheus for the metrics tests (tests/integration/test_metrics_export.py). No PyPI
+# package ships the server, so its binaries come from the Debian archive through `apt-get
+# download` (no root, nothing installed system-wide) into the venv. Without apt, or once the
+# archive has moved past this version (bump it), the step says so and those tests skip.
+PROMETHEUS_DEB ?= 2.42.0+ds-5+deb12u1
+PROM_TMP := $(VENV)/.prometheus-deb
+
+$(VENV)/.prometheus: $(VENV)/.base
+	@rm -rf $(PROM_TMP) && mkdir -p $(PROM_TMP)
+	@if (cd $(PROM_TMP) && apt-get download -qq prometheus=$(PROMETHEUS_DEB)) >/dev/null 2>&1 \
+	  && dpkg-deb -x $(PROM_TMP)/prometheus_*.deb $(PROM_TMP)/root; then \
+	  cp $(PROM_TMP)/root/usr/bin/prometheus $(PROM_TMP)/root/usr/bin/promtool $(VENV)/bin/ \
+	  && touch $@; \
+	else echo "Prometheus $(PROMETHEUS_DEB) not installed (needs apt-get); its tests will skip"; fi
+	@rm -rf $(PROM_TMP)
+
 serve: $(VENV)/.base
 	$(VENV)/bin/mpsserve demo-model --out models/rec --format tensorflow --if-missing
 	$(VENV)/bin/mpsserve serve --config deployments/local.yaml
 
 # Two processes: Triton's gRPC client (integration) and our generated stubs (unit) register
 # the same `inference` protobuf symbols, which one process cannot hold.
-test: $(VENV)/.dev lint
+test: $(VENV)/.dev $(VENV)/.prometheus lint
 	$(PY) -m pytest tests/unit tests/gpu
-	$(PY) -m pytest tests/integration
+	MPSSERVE_PROMETHEUS_BIN=$(abspath $(VENV))/bin/prometheus $(PY) -m pytest tests/integration
 
-unit: $(VENV)/.dev
+unit: $(VENV)/.dev $(VENV)/.prometheus
 	$(PY) -m pytest tests/unit tests/gpu
 
-integration: $(VENV)/.dev
-	$(PY) -m pytest tests/integration
+integration: $(VENV)/.dev $(VENV)/.prometheus
+	MPSSERVE_PROMETHEUS_BIN=$(abspath $(VENV))/bin/prometheus $(PY) -m pytest tests/integration
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check mpsserve tests benchmarks

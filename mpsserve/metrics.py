@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -157,42 +158,114 @@ class Backend(Protocol):
     def record(self, spec: MetricSpec, value: float, tags: dict[str, str]) -> None: ...
 
 
-class RayBackend:
-    """``ray.util.metrics`` objects, made on first use in a connected Ray process."""
+_Series = tuple[str, tuple[tuple[str, str], ...]]  # a metric's name and its label values
 
-    def __init__(self) -> None:
+
+class RayBackend:
+    """``ray.util.metrics`` objects, made on first use in a connected Ray process.
+
+    Ray 2.60's metrics agent forgets a gauge series that is not set again within two report
+    intervals (ray-project/ray#64633), and a worker reports only values set since its last
+    report, so a gauge set once vanishes after ~20 s. This backend therefore sets every gauge
+    it holds again, twice per report interval, for as long as the process lives.
+    """
+
+    def __init__(
+        self,
+        make: Callable[[MetricSpec], Any] | None = None,
+        connected: Callable[[], bool] | None = None,
+        refresh_s: float | None = None,
+    ) -> None:
+        self._make = make or _ray_metric  # None where Ray is not connected
+        self._connected = connected or _ray_connected
+        self._refresh_s = refresh_s
         self._made: dict[str, Any] = {}
+        self._gauges: dict[_Series, tuple[Any, float, dict[str, str]]] = {}  # latest values
         self._lock = threading.Lock()
+        self._refresher: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._told_no_ray = False
 
     def record(self, spec: MetricSpec, value: float, tags: dict[str, str]) -> None:
-        metric = self._made.get(spec.name) or self._make(spec)
+        metric = self._metric(spec)
         if metric is None:
             return
         if spec.kind == "counter":
             metric.inc(value, tags=tags)
-        elif spec.kind == "gauge":
-            metric.set(value, tags=tags)
-        else:
+        elif spec.kind == "histogram":
             metric.observe(value, tags=tags)
+        else:
+            with self._lock:  # so a refresh never sets an older value after this one
+                self._gauges[(spec.name, tuple(sorted(tags.items())))] = (metric, value, tags)
+                metric.set(value, tags=tags)
+                self._start_refresher()
 
-    def _make(self, spec: MetricSpec) -> Any:
-        import ray
+    def close(self) -> None:
+        """Stop setting gauges again (tests)."""
+        self._stopping.set()
 
-        if not ray.is_initialized():
-            if not self._told_no_ray:
-                self._told_no_ray = True
-                logger.info("Ray is not initialized in this process; metrics are not recorded")
-            return None
-        from ray.util import metrics as ray_metrics
-
+    def _metric(self, spec: MetricSpec) -> Any:
+        made = self._made.get(spec.name)
+        if made is not None:
+            return made
         with self._lock:
             if spec.name not in self._made:
-                self._made[spec.name] = _ray_metric(ray_metrics, spec)
+                made = self._make(spec)
+                if made is None:
+                    self._no_ray()
+                    return None
+                self._made[spec.name] = made
             return self._made[spec.name]
 
+    def _no_ray(self) -> None:
+        if not self._told_no_ray:
+            self._told_no_ray = True
+            logger.info("Ray is not initialized in this process; metrics are not recorded")
 
-def _ray_metric(ray_metrics: Any, spec: MetricSpec) -> Any:
+    def _start_refresher(self) -> None:
+        if self._refresher is None:
+            self._refresher = threading.Thread(
+                target=self._refresh, name="mpsserve-gauge-refresh", daemon=True
+            )
+            self._refresher.start()
+
+    def _refresh(self) -> None:
+        period = self._refresh_s or _refresh_period_s()
+        while not self._stopping.wait(period):
+            if not self._connected():  # after ray.shutdown() in a driver
+                continue
+            try:
+                with self._lock:
+                    for metric, value, tags in self._gauges.values():
+                        metric.set(value, tags=tags)
+            except Exception:
+                logger.warning("setting gauges again failed; stopping", exc_info=True)
+                return
+
+
+def _refresh_period_s() -> float:
+    """Half of Ray's metrics report interval (10 s by default), at least 0.5 s."""
+    try:
+        import ray
+
+        interval_ms = float(ray._config.metrics_report_interval_ms())
+    except Exception:  # a private API: fall back to Ray's default
+        interval_ms = 10_000.0
+    return max(interval_ms / 2000, 0.5)
+
+
+def _ray_connected() -> bool:
+    import ray
+
+    return bool(ray.is_initialized())
+
+
+def _ray_metric(spec: MetricSpec) -> Any:
+    """A ``ray.util.metrics`` object, or None outside a connected Ray process."""
+    if not _ray_connected():
+        return None
+    from ray.util import metrics as ray_metrics
+
     if spec.kind == "counter":
         return ray_metrics.Counter(spec.name, spec.description, tag_keys=spec.tags)
     if spec.kind == "gauge":

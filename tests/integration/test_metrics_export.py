@@ -33,6 +33,8 @@ from mpsserve import metrics
 from tests.observability import PROMETHEUS_YML, ROOT, dashboard_exprs, find
 
 NODE = "test-node"
+REPORT_INTERVAL_MS = 1000  # Ray's metrics report interval in the test's Ray (10 s by default)
+GAUGE_TTL_S = 2 * REPORT_INTERVAL_MS / 1000
 #: (exported sample name, labels it must have, value). ``le`` compares as a number.
 EXPECTED: list[tuple[str, dict[str, str], float]] = [
     ("ray_mpsserve_requests_total", {"protocol": "http", "status": "ok", "version": "1"}, 3),
@@ -128,7 +130,11 @@ class RayMetrics:
 def ray_metrics(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayMetrics]:
     tmp = tmp_path_factory.mktemp("ray-metrics")
     port, ready, log = free_port(), tmp / "ready", tmp / "ray.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_metrics_report_interval_ms": "1000"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "RAY_metrics_report_interval_ms": str(REPORT_INTERVAL_MS),
+    }
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, __file__, str(port), str(tmp / "state"), str(ready)],
@@ -211,6 +217,10 @@ def test_rays_export_carries_every_recorded_value(ray_metrics: RayMetrics) -> No
         if wrong:
             time.sleep(1)
     assert not wrong, "\n".join(wrong)
+    # Ray forgets a gauge not set again within two report intervals (2 s here): still there.
+    time.sleep(3 * GAUGE_TTL_S)
+    samples = scrape(ray_metrics.port)
+    assert not mismatches(samples), "\n".join(mismatches(samples))
     ours = {s.name for s in samples if s.name.startswith(metrics.EXPORT_PREFIX + "mpsserve_")}
     assert ours <= metrics.exported_names()
     # Everything recorded is exported; GPU gauges only where NVML sees a GPU.

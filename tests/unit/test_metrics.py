@@ -163,6 +163,48 @@ def test_without_ray_values_are_dropped_quietly(caplog: pytest.LogCaptureFixture
     assert "not initialized" in caplog.records[0].getMessage()
 
 
+class FakeRayMetric:
+    """Stands in for a ``ray.util.metrics`` object (Ray cannot start in this tier)."""
+
+    def __init__(self, spec: MetricSpec) -> None:
+        self.spec = spec
+        self.calls: list[tuple[str, float, dict[str, str]]] = []
+
+    def inc(self, value: float, tags: dict[str, str]) -> None:
+        self.calls.append(("inc", value, tags))
+
+    def set(self, value: float, tags: dict[str, str]) -> None:
+        self.calls.append(("set", value, tags))
+
+    def observe(self, value: float, tags: dict[str, str]) -> None:
+        self.calls.append(("observe", value, tags))
+
+
+def test_ray_backend_sets_gauges_again_so_ray_keeps_them() -> None:
+    made: dict[str, FakeRayMetric] = {}
+
+    def make(spec: MetricSpec) -> FakeRayMetric:
+        return made.setdefault(spec.name, FakeRayMetric(spec))
+
+    backend = metrics.RayBackend(make=make, connected=lambda: True, refresh_s=0.05)
+    previous = metrics.use_backend(backend)
+    try:
+        metrics.add_in_flight("rec", 1)
+        metrics.add_in_flight("rec", 1)
+        metrics.set_served_versions("rec", "r1", ["1"])
+        metrics.count_swap("rec", "1")
+        time.sleep(0.3)
+    finally:
+        metrics.use_backend(previous)
+        backend.close()
+    in_flight = made["mpsserve_requests_in_flight"].calls
+    assert in_flight[:2] == [("set", 1, {"model": "rec"}), ("set", 2, {"model": "rec"})]
+    assert len(in_flight) >= 4  # set again, with the latest value only
+    assert all(call == ("set", 2, {"model": "rec"}) for call in in_flight[2:])
+    assert len(made["mpsserve_served_version"].calls) >= 3
+    assert made["mpsserve_swaps_total"].calls == [("inc", 1, {"model": "rec", "version": "1"})]
+
+
 def no_nvml() -> gpu.Usage:
     return gpu.Usage(error="NVML unavailable: NVML Shared Library Not Found")
 
