@@ -161,12 +161,17 @@ def live_summary(app_name: str) -> list[str]:
     app = serve.status().applications.get(app_name)
     if app is None:
         return [f"application {app_name!r}: not running"]
-    lines = [f"application {app_name!r}: {app.status.value}"]
+    lines = [f"application {app_name!r}: {_text(app.status)}"]
     for name, deployment in sorted(app.deployments.items()):
-        counts = sorted((state.value, n) for state, n in deployment.replica_states.items())
+        counts = sorted((_text(state), n) for state, n in deployment.replica_states.items())
         states = ", ".join(f"{n} {state}" for state, n in counts)
-        lines.append(f"  {name}: {deployment.status.value}, replicas {states or 'none'}")
+        lines.append(f"  {name}: {_text(deployment.status)}, replicas {states or 'none'}")
     return lines
+
+
+def _text(status: object) -> str:
+    """A Serve status enum's value (they are str enums; some fields hold plain strings)."""
+    return str(getattr(status, "value", status))
 
 
 def main(argv: list[str] | None = None) -> int:
