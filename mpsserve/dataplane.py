@@ -8,13 +8,19 @@ in-process ``Servable`` in unit tests.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from mpsserve import __version__
-from mpsserve.errors import DeadlineExceeded, ModelNotFound, PayloadTooLarge
+from mpsserve import __version__, metrics
+from mpsserve.errors import DeadlineExceeded, ModelNotFound, MpsServeError, PayloadTooLarge
+from mpsserve.settings import settings
 from mpsserve.types import InferRequest, InferResponse
+
+access_log = logging.getLogger("mpsserve.access")
 
 EXTENSIONS = ["binary_tensor_data"]
 DTYPES_TTL_S = 10.0  # how long an input-dtype map read from a replica is reused
@@ -95,11 +101,89 @@ class DataPlane:
                 "(ingress.max_request_mb)"
             )
 
-    async def infer(self, request: InferRequest) -> InferResponse:
-        backend = self.backend(request.model)
+    async def infer(
+        self, request: InferRequest, protocol: str = "http", request_id: str | None = None
+    ) -> InferResponse:
+        """Run one request; count it, time it and write its access-log line, whatever the
+        outcome (``status`` is the HTTP status code for either protocol)."""
+        started = time.perf_counter()
+        status, version, rows = 500, request.version or "", request_rows(request)
+        metrics.add_in_flight(request.model, 1)
         try:
-            return await asyncio.wait_for(backend.infer(request), self._timeout_s)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"model {request.model!r} did not answer within {self._timeout_s:g}s"
-            ) from None
+            backend = self.backend(request.model)
+            try:
+                response = await asyncio.wait_for(backend.infer(request), self._timeout_s)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"model {request.model!r} did not answer within {self._timeout_s:g}s"
+                ) from None
+            status, version = 200, response.version
+            return response
+        except MpsServeError as exc:
+            status = exc.http_status
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            metrics.add_in_flight(request.model, -1)
+            metrics.observe_request(request.model, version, protocol, str(status), rows, elapsed)
+            log_access(
+                request_id or request.id or "-",
+                request.model,
+                version,
+                protocol,
+                rows,
+                status,
+                elapsed,
+            )
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def request_rows(request: InferRequest) -> int:
+    """Rows of a request: the smallest leading dimension among its inputs (a ragged
+    feature's values are longer than its lengths, which count the rows)."""
+    leads = [a.shape[0] for a in request.inputs.values() if a.ndim]
+    return min(leads) if leads else 1
+
+
+def log_access(
+    request_id: str,
+    model: str,
+    version: str,
+    protocol: str,
+    rows: int,
+    status: int,
+    seconds: float,
+) -> None:
+    """One line per request (``MPSSERVE_ACCESS_LOG``: text, json or off)."""
+    style = settings().access_log
+    if style == "off" or not access_log.isEnabledFor(logging.INFO):
+        return
+    ms = round(seconds * 1000, 2)
+    if style == "json":
+        access_log.info(
+            json.dumps(
+                {
+                    "request_id": request_id,
+                    "model": model,
+                    "version": version,
+                    "protocol": protocol,
+                    "rows": rows,
+                    "status": status,
+                    "latency_ms": ms,
+                }
+            )
+        )
+    else:
+        access_log.info(
+            "request_id=%s model=%s version=%s protocol=%s rows=%d status=%d latency_ms=%.2f",
+            request_id,
+            model,
+            version or "-",
+            protocol,
+            rows,
+            status,
+            ms,
+        )

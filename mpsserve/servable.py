@@ -11,6 +11,8 @@ This module knows nothing of Ray or HTTP.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import tempfile
 import threading
 import time
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from mpsserve import metrics
 from mpsserve.config import ModelConfig, VersionPolicy
 from mpsserve.errors import (
     InferenceError,
@@ -74,6 +77,7 @@ class Servable:
     def __init__(self, config: ModelConfig, device: str = "auto") -> None:
         self.config = config
         self.policy = config.version_policy
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"  # the label in metrics
         self.options = RuntimeOptions(
             signature_name=config.signature,
             intra_op_threads=config.intra_op_threads,
@@ -181,9 +185,15 @@ class Servable:
             )
             self.failed[version] = message
             logger.error("model %s version %d not served: %s", self.config.name, version, message)
+            metrics.count_load_failure(self.config.name, str(version))
             return False
         old, self._current = self._current, Loaded(runtime, version)
         self.swaps += 1 if old is not None else 0
+        name = self.config.name
+        if old is not None:
+            metrics.count_swap(name, str(version))
+        metrics.set_served_versions(name, self.replica, [str(version)])
+        metrics.set_cpu_ops(name, str(version), len(runtime.cpu_ops))
         logger.info(
             "model %s now serves version %d on %s (loaded and warmed in %.1fs)%s",
             self.config.name,
@@ -309,6 +319,7 @@ class Servable:
             "outputs": [s.to_dict() for s in signature.outputs],
             "ragged_features": list(signature.ragged_features),
             "device": current.runtime.device,
+            "cpu_ops": current.runtime.cpu_ops,
             "store": self.store_status(),
         }
 

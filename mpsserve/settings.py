@@ -23,6 +23,8 @@ class Settings:
     log_level: str = "INFO"
     #: Seconds a health or readiness probe waits on a replica before calling it not ready.
     probe_timeout_s: float = 2.0
+    #: One access-log line per request at the ingress: text, json or off.
+    access_log: str = "text"
     #: Threads running inference in each model replica (2 overlaps one request's host work
     #: with another's GPU work).
     replica_threads: int = 2

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from mpsserve.dataplane import DataPlane
+from mpsserve.dataplane import DataPlane, new_request_id
 from mpsserve.errors import to_status
 
 RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
@@ -27,49 +27,62 @@ def _pb2() -> Any:
     return grpc_service_pb2
 
 
+REQUEST_ID = "x-request-id"
+
+
+def _metadata(context: Any, key: str) -> str | None:
+    for item in context.invocation_metadata() or ():
+        if item.key == key:
+            return str(item.value)
+    return None
+
+
 class GrpcAdapter:
     def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
 
     async def call(self, rpc: str, request: Any, context: Any) -> Any:
         """Run one RPC; on error set the status on ``context`` and return an empty reply."""
-        handler: Callable[[Any], Awaitable[Any]] = getattr(self, f"_{rpc}")
+        handler: Callable[[Any, Any], Awaitable[Any]] = getattr(self, f"_{rpc}")
         try:
-            return await handler(request)
+            return await handler(request, context)
         except Exception as exc:
             _, code, message = to_status(exc)
             context.set_code(grpc.StatusCode[code.name])
             context.set_details(message)
             return getattr(_pb2(), f"{rpc}Response")()
 
-    async def _ServerLive(self, request: Any) -> Any:
+    async def _ServerLive(self, request: Any, context: Any) -> Any:
         return _pb2().ServerLiveResponse(live=self.dataplane.live())
 
-    async def _ServerReady(self, request: Any) -> Any:
+    async def _ServerReady(self, request: Any, context: Any) -> Any:
         return _pb2().ServerReadyResponse(ready=await self.dataplane.ready())
 
-    async def _ModelReady(self, request: Any) -> Any:
+    async def _ModelReady(self, request: Any, context: Any) -> Any:
         ready = await self.dataplane.model_ready(request.name, request.version or None)
         return _pb2().ModelReadyResponse(ready=ready)
 
-    async def _ServerMetadata(self, request: Any) -> Any:
+    async def _ServerMetadata(self, request: Any, context: Any) -> Any:
         from mpsserve.protocol.kserve_grpc import server_metadata_response
 
         return server_metadata_response(self.dataplane.server_metadata())
 
-    async def _ModelMetadata(self, request: Any) -> Any:
+    async def _ModelMetadata(self, request: Any, context: Any) -> Any:
         from mpsserve.protocol.kserve_grpc import model_metadata_response
 
         metadata = await self.dataplane.model_metadata(request.name, request.version or None)
         return model_metadata_response(metadata)
 
-    async def _ModelInfer(self, request: Any) -> Any:
+    async def _ModelInfer(self, request: Any, context: Any) -> Any:
         from mpsserve.protocol.kserve_grpc import decode_infer_request, encode_infer_response
 
         self.dataplane.check_size(request.ByteSize())
         self.dataplane.backend(request.model_name)  # unknown model: NOT_FOUND first
         decoded = decode_infer_request(request)
-        return encode_infer_response(await self.dataplane.infer(decoded), decoded)
+        request_id = _metadata(context, REQUEST_ID) or decoded.id or new_request_id()
+        await context.send_initial_metadata(((REQUEST_ID, request_id),))
+        result = await self.dataplane.infer(decoded, "grpc", request_id)
+        return encode_infer_response(result, decoded)
 
 
 class _Servicer:

@@ -13,13 +13,14 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from mpsserve.dataplane import DataPlane
+from mpsserve.dataplane import DataPlane, new_request_id
 from mpsserve.errors import InvalidInput, MpsServeError, to_status
 from mpsserve.protocol import kserve, tfserving
 from mpsserve.types import InferRequest, InferResponse
 
 OFFLOAD_BYTES = 64 * 1024  # JSON above this is (de)serialised off the event loop
 JSON_BYTES_PER_ELEMENT = 20  # rough size of one number written as JSON
+REQUEST_ID = "X-Request-ID"
 
 
 async def _error_response(_request: Request, exc: Exception) -> Response:
@@ -64,6 +65,11 @@ def _json_output_bytes(result: InferResponse, request: InferRequest) -> int:
     return elements * JSON_BYTES_PER_ELEMENT
 
 
+def _request_id(request: Request, body_id: str | None) -> str:
+    """The client's X-Request-ID, else the body's ``id``, else a new one (echoed back)."""
+    return request.headers.get(REQUEST_ID) or body_id or new_request_id()
+
+
 def _ready_response(ready: bool) -> Response:
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
@@ -104,17 +110,21 @@ def create_http_app(dataplane: DataPlane) -> FastAPI:
             dataplane.check_size(int(declared))
         body = await request.body()
         dataplane.check_size(len(body))
-        decoded = await _offload(
-            len(body),
+        header_length = _header_length(request)
+        decoded = await _offload(  # binary tensors are views: only JSON is worth a thread
+            len(body) if header_length is None else header_length,
             kserve.decode_infer_request,
             body,
             model=name,
             version=version,
-            header_length=_header_length(request),
+            header_length=header_length,
         )
-        result = await dataplane.infer(decoded)
-        payload, headers = await _offload(len(body), kserve.encode_infer_response, result, decoded)
-        return Response(payload, headers=headers)
+        request_id = _request_id(request, decoded.id)
+        result = await dataplane.infer(decoded, "http", request_id)
+        payload, headers = await _offload(
+            _json_output_bytes(result, decoded), kserve.encode_infer_response, result, decoded
+        )
+        return Response(payload, headers={**headers, REQUEST_ID: request_id})
 
     _add_tfserving_routes(app, dataplane)
     return app
@@ -138,7 +148,8 @@ def _add_tfserving_routes(app: FastAPI, dataplane: DataPlane) -> None:
         decoded, rows = await _offload(
             len(body), tfserving.decode_predict, body, model=name, version=version, dtypes=dtypes
         )
-        result = await dataplane.infer(decoded)
+        request_id = _request_id(request, None)
+        result = await dataplane.infer(decoded, "tfserving", request_id)
         size = _json_output_bytes(result, decoded)  # every TF-Serving output is JSON
         payload = await _offload(size, tfserving.encode_predict, result, rows)
-        return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/json", headers={REQUEST_ID: request_id})

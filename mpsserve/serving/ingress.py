@@ -24,6 +24,7 @@ from mpsserve.config import IngressConfig
 from mpsserve.dataplane import DataPlane
 from mpsserve.serving.grpc import start_grpc_server
 from mpsserve.serving.http import create_http_app
+from mpsserve.serving.logs import configure_replica_logging
 from mpsserve.serving.replica_server import new_event_loop
 from mpsserve.serving.router import ReplicaBackend, Router
 from mpsserve.settings import settings
@@ -172,6 +173,7 @@ class Ingress:
     ) -> None:
         """``models``: each model's name and the requests one of its replicas takes at a
         time; ``deployments``: the model deployments' handles (only to keep them bound)."""
+        configure_replica_logging()
         self._front = Front(IngressConfig.model_validate(ingress), models, directory)
         self._front.start()
 

@@ -18,12 +18,14 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from mpsserve import metrics
 from mpsserve.config import ModelConfig, VersionPolicy
 from mpsserve.errors import MpsServeError
 from mpsserve.mps.guardian import ReplicaMps
 from mpsserve.protocol import frame
 from mpsserve.servable import Servable
 from mpsserve.serving.directory import HEARTBEAT_S
+from mpsserve.serving.logs import configure_replica_logging
 from mpsserve.serving.replica_server import ReplicaServer
 from mpsserve.settings import settings
 
@@ -76,6 +78,7 @@ class ModelReplica:
 
     def __init__(self, model: dict[str, Any], directory: DeploymentHandle | None = None) -> None:
         config = ModelConfig.model_validate(model)
+        configure_replica_logging()
         gpu = bool(ray.get_gpu_ids())
         self._servable = Servable(config, device="auto" if gpu else "cpu")
         # The MPS hook ran before this constructor; the first CUDA call is the model load.
@@ -124,6 +127,9 @@ class ModelReplica:
                     "queue_s": started - header["_received"],
                     "infer_s": time.perf_counter() - started,
                 }
+                metrics.observe_inference(
+                    self._servable.config.name, version, timing["queue_s"], timing["infer_s"]
+                )
                 return frame.encode({"ok": True, "version": version, **timing}, outputs)
             if op == "metadata":
                 return frame.encode({"ok": True, "metadata": self.metadata()})

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Where the serving path spends its CPU: start a scenario, drive it, and while it is loaded
+# sample per-process CPU (top) and record py-spy stacks of one ingress and one model replica.
+#   usage (GPU host, repo root, PYTHONPATH holding Ray and py-spy): benchmarks/profile_gpu.sh mps
+#   env: OUT, CONC (default 32), PROTO (http|grpc), SECONDS (py-spy window, default 10)
+set -uo pipefail
+s=${1:-mps}; OUT=${OUT:-/tmp/mpsserve-profile}; CONC=${CONC:-32}; PROTO=${PROTO:-http}
+SECONDS_=${SECONDS:-10}
+mkdir -p "$OUT"
+python3 -m mpsserve.cli demo-model --out /tmp/mpsserve-bench/models/rec --format torch --if-missing
+python3 -m mpsserve.cli serve --config "deployments/bench/$s.yaml" --rows 8 > "$OUT/serve-$s.log" 2>&1 &
+pid=$!
+for _ in $(seq 400); do grep -q "Ctrl-C stops" "$OUT/serve-$s.log" && break; sleep 1; done
+target="--url http://127.0.0.1:8000"; [ "$PROTO" = grpc ] && target="--grpc 127.0.0.1:9000"
+python3 -m benchmarks.loadgen $target --model rec --rows 2000 --label "$s-profile" \
+  --concurrency "$CONC" --duration-s $((SECONDS_ + 12)) --warmup-s 3 --processes 6 \
+  --out "$OUT/profile-load.json" > "$OUT/load.log" 2>&1 &
+load=$!
+sleep 8
+top -b -n 2 -d 5 -w 200 | awk '/^top -/{n++} n==2' | head -40 > "$OUT/top-$s.txt"
+ingress=$(pgrep -f "ServeReplica:mpsserve:ingress" | head -1)
+model=$(pgrep -f "ServeReplica:mpsserve:model-rec" | head -1)
+"${PYSPY:-py-spy}" record -p "$ingress" -d "$SECONDS_" -r 200 --threads --idle -f raw -o "$OUT/ingress.txt" &
+"${PYSPY:-py-spy}" record -p "$model" -d "$SECONDS_" -r 200 --threads --idle --native -f raw -o "$OUT/model.txt" &
+wait %3 %4 2>/dev/null; sleep 1
+wait "$load"; tail -2 "$OUT/load.log"
+kill -INT "$pid"; wait "$pid"
