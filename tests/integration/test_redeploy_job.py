@@ -293,14 +293,15 @@ def test_redeploy_by_ray_job_submit_loses_no_request(
         client.halt.set()
         client.join(timeout=60)
 
+    during = [o for o in client.outcomes if submitted <= o[0] <= ended]
     said = logs[logs.find("changes to application") : logs.find("now live:") + 400]
     print(said)
-    print("job ran", f"{ended - submitted:.1f}s; outcomes:", client.timeline(submitted))
+    print(f"job ran {ended - submitted:.1f}s, {len(during)} requests meanwhile, ", end="")
+    print(f"{len(client.outcomes)} in all; outcomes:", client.timeline(submitted))
     assert "succeeded" in logs
     assert "changes to application 'mpsserve':" in logs
     assert "model rec: replicas 1 -> 2; version_policy latest 1 -> specific [1]" in logs
     assert "rollout: rolling update" in logs and "now live:" in logs
-    during = [o for o in client.outcomes if submitted <= o[0] <= ended]
     assert len(during) >= 10, "the client was not sending while the job ran"
     assert client.failures() == [], f"{len(client.failures())} of {len(client.outcomes)} failed"
     # The new config is live when the job ends: two replicas, and version 1 pinned.

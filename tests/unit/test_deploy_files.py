@@ -200,6 +200,10 @@ def test_rayservice_structure(path: Path) -> None:
         "serve": 8000,
         "grpc": 9000,
     }
+    # Serve's proxy is off, so not KubeRay's probe of it (/-/healthz) but the ingress's own.
+    probe = container["readinessProbe"]["httpGet"]
+    assert probe == {"path": "/v2/health/ready", "port": "serve"}
+    assert f'"{probe["path"]}"' in (ROOT / "mpsserve" / "serving" / "http.py").read_text()
     env = {e["name"]: e["value"] for e in container["env"]}
     mps = load_config(ROOT / "deployments" / "gpu-mps.yaml").mps
     assert env["CUDA_MPS_PIPE_DIRECTORY"] == mps.pipe_dir
