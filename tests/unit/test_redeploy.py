@@ -122,3 +122,24 @@ def test_print_changes_goes_on_when_the_deployed_config_is_unreadable(client: Fa
     lines: list[str] = []
     redeploy.print_changes(service(), 0, out=lines.append)
     assert len(lines) == 1 and "unknown" in lines[0] and "bogus" in lines[0]
+
+
+def test_live_summary_lists_each_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray import serve
+    from ray.serve.schema import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
+
+    deployment = DeploymentStatusOverview(
+        status="HEALTHY",
+        status_trigger="CONFIG_UPDATE_COMPLETED",
+        replica_states={"RUNNING": 2, "STOPPING": 1},
+        message="",
+    )
+    app = ApplicationStatusOverview(
+        status="RUNNING", message="", last_deployed_time_s=0, deployments={"model-rec": deployment}
+    )
+    monkeypatch.setattr(serve, "status", lambda: ServeStatus(applications={"mpsserve": app}))
+    assert redeploy.live_summary("mpsserve") == [
+        "application 'mpsserve': RUNNING",
+        "  model-rec: HEALTHY, replicas 2 RUNNING, 1 STOPPING",
+    ]
+    assert redeploy.live_summary("other") == ["application 'other': not running"]
