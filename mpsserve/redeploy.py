@@ -137,8 +137,12 @@ def deployed_config(app_name: str) -> ServiceConfig | None:
     )
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)  # a job's log interleaves with Ray's: no buffering
+
+
 def print_changes(
-    config: ServiceConfig, cluster_gpus: int, out: Callable[[str], None] = print
+    config: ServiceConfig, cluster_gpus: int, out: Callable[[str], None] = _say
 ) -> None:
     """Log what deploying ``config`` changes on the connected cluster (never raises for a
     deployed config it cannot read: the deploy goes on)."""
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = cli._load_service(args.config)
         cluster, _ = cli._start_ray(config, args.address or config.ray.address, local=False)
-        print_changes(config, cluster.gpus, out=lambda line: print(line, flush=True))
+        print_changes(config, cluster.gpus)
         cli._deploy(config, cluster)
     except MpsServeError as exc:
         print(f"redeploy: {exc.message}", file=sys.stderr)
@@ -192,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:  # Ray Serve reports a failed deployment this way
         print(f"redeploy: {exc}", file=sys.stderr)
         return 1
-    print("now live:", flush=True)
+    _say("now live:")
     for line in live_summary(config.ray.app_name):
-        print(f"  {line}", flush=True)
+        _say(f"  {line}")
     return 0
 
 
