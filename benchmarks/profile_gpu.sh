@@ -25,3 +25,6 @@ model=$(pgrep -f "ServeReplica:mpsserve:model-rec" | head -1)
 wait %3 %4 2>/dev/null; sleep 1
 wait "$load"; tail -2 "$OUT/load.log"
 kill -INT "$pid"; wait "$pid"
+python3 -m benchmarks.pyspy_summary "$OUT/ingress.txt" "$OUT/model.txt" --top 30 > "$OUT/profile-$s.txt"
+cat "$OUT/top-$s.txt" >> "$OUT/profile-$s.txt"; tail -3 "$OUT/load.log" >> "$OUT/profile-$s.txt"
+rm -f "$OUT/ingress.txt" "$OUT/model.txt" "$OUT/top-$s.txt" "$OUT/load.log"

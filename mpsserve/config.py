@@ -99,6 +99,11 @@ class ModelConfig(_Strict):
         description="TensorFlow custom op libraries (.so) loaded before the model; relative "
         "paths resolve from the config file.",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="PyTorch on a GPU: replay CUDA graphs captured per padded request shape "
+        "(rows and ragged values rounded up to buckets; each row scored on its own).",
+    )
     placement: Placement = Field(default_factory=Placement)
 
 

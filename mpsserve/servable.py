@@ -85,6 +85,7 @@ class Servable:
             device=device,
             cpu_fallback=config.cpu_fallback,
             custom_op_libraries=tuple(config.custom_op_libraries),
+            cuda_graphs=config.cuda_graphs,
         )
         cache = Path(settings().cache_dir or tempfile.gettempdir()) / "mpsserve-cache"
         self.store = ModelStore(

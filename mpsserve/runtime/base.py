@@ -126,6 +126,7 @@ class RuntimeOptions:
     device: str = "auto"  # auto: the GPU when one is visible, else the CPU
     cpu_fallback: Literal["warn", "fail"] = "warn"  # ops without a GPU kernel: log or refuse
     custom_op_libraries: tuple[str, ...] = ()  # shared libraries loaded before the model
+    cuda_graphs: bool = True  # PyTorch on a GPU: replay captured graphs (runtime/graphs.py)
 
 
 class ModelRuntime(ABC):

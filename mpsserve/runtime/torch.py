@@ -16,6 +16,7 @@ import torch
 
 from mpsserve.errors import InferenceError, ModelLoadError
 from mpsserve.runtime.base import ModelRuntime, RuntimeOptions, Signature, read_signature_file
+from mpsserve.runtime.graphs import GraphRunner
 
 MODEL_FILE = "model.pt2"
 
@@ -35,10 +36,13 @@ def _to_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
 class TorchRuntime(ModelRuntime):
     platform = "pytorch_export"
 
-    def __init__(self, module: Any, signature: Signature, device: torch.device) -> None:
+    def __init__(
+        self, module: Any, signature: Signature, device: torch.device, cuda_graphs: bool = True
+    ) -> None:
         super().__init__(signature, device.type.replace("cuda", "gpu"))
         self._module = module
         self._torch_device = device
+        self.graphs = GraphRunner(module, signature, device) if cuda_graphs else None
 
     @classmethod
     def load(cls, model_dir: Path, options: RuntimeOptions) -> TorchRuntime:
@@ -61,9 +65,16 @@ class TorchRuntime(ModelRuntime):
             module = program.module()
         except (OSError, RuntimeError, ValueError) as exc:
             raise ModelLoadError(f"cannot load {model_dir / MODEL_FILE}: {exc}") from exc
-        return cls(module, signature, device)
+        return cls(module, signature, device, cuda_graphs=options.cuda_graphs)
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.graphs is not None and self.graphs.enabled:
+            replayed = self.graphs.predict(inputs, self.predict_eager)
+            if replayed is not None:
+                return replayed
+        return self.predict_eager(inputs)
+
+    def predict_eager(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = [_to_tensor(inputs[spec.name], self._torch_device) for spec in self.signature.inputs]
         try:
             with torch.inference_mode():
@@ -79,6 +90,7 @@ class TorchRuntime(ModelRuntime):
         collection its GPU memory stays allocated until Python's GC happens to run (measured:
         one version's weights kept per swap, tests/gpu/results/2026-11-26-h100-swaps.md)."""
         self._module = None
+        self.graphs = None
         gc.collect()
         if self._torch_device.type == "cuda":
             torch.cuda.empty_cache()

@@ -7,6 +7,8 @@ event loop keeps serving other requests.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -28,8 +30,7 @@ async def _error_response(_request: Request, exc: Exception) -> Response:
     return Response(kserve.encode_error(message), status, media_type="application/json")
 
 
-def _header_length(request: Request) -> int | None:
-    raw = request.headers.get(kserve.HEADER_LENGTH)
+def _parse_header_length(raw: str | None) -> int | None:
     if raw is None:
         return None
     try:
@@ -65,6 +66,104 @@ def _json_output_bytes(result: InferResponse, request: InferRequest) -> int:
     return elements * JSON_BYTES_PER_ELEMENT
 
 
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class InferRoute:
+    """ASGI: ``POST /v2/models/{name}[/versions/{v}]/infer`` straight on uvicorn, the rest to
+    ``app``. The body lands in one preallocated buffer (the binary tensors are views on it)
+    and no framework layer runs: measured, FastAPI's stack and its body joins were over half
+    of the ingress's CPU for a 2000-row request."""
+
+    def __init__(self, app: Any, dataplane: DataPlane) -> None:
+        self.app, self.dataplane = app, dataplane
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = INFER_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
+        if match is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = headers.get(REQUEST_ID.lower())
+        try:
+            payload, response_headers, request_id = await self._infer(
+                match.group(1), match.group(2), headers, receive, request_id
+            )
+            status = 200
+        except Exception as exc:
+            status, _, message = to_status(exc)
+            payload, response_headers = (
+                kserve.encode_error(message),
+                {"Content-Type": "application/json"},
+            )
+        if request_id:
+            response_headers[REQUEST_ID] = request_id
+        response_headers["Content-Length"] = str(len(payload))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(k.encode(), v.encode()) for k, v in response_headers.items()],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _infer(
+        self,
+        name: str,
+        version: str | None,
+        headers: dict[str, str],
+        receive: Receive,
+        request_id: str | None,
+    ) -> tuple[bytes, dict[str, str], str]:
+        dataplane = self.dataplane
+        dataplane.backend(name)  # unknown model: 404 before reading the body
+        declared = headers.get("content-length", "")
+        if declared.isdigit():
+            dataplane.check_size(int(declared))
+        body = await _read_body(receive, int(declared) if declared.isdigit() else None)
+        dataplane.check_size(len(body))
+        header_length = _parse_header_length(headers.get(kserve.HEADER_LENGTH.lower()))
+        decoded = await _offload(  # binary tensors are views: only JSON is worth a thread
+            len(body) if header_length is None else header_length,
+            kserve.decode_infer_request,
+            body,
+            model=name,
+            version=version,
+            header_length=header_length,
+        )
+        request_id = request_id or decoded.id or new_request_id()
+        result = await dataplane.infer(decoded, "http", request_id)
+        payload, response_headers = await _offload(
+            _json_output_bytes(result, decoded), kserve.encode_infer_response, result, decoded
+        )
+        return payload, response_headers, request_id
+
+
+async def _read_body(receive: Receive, size: int | None) -> bytearray:
+    """The request body in one writable buffer, allocated once when its size is declared."""
+    body = bytearray(size or 0)
+    filled = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidInput("the client closed the connection before sending the body")
+        chunk = message.get("body", b"")
+        if size is not None and filled + len(chunk) <= size:
+            body[filled : filled + len(chunk)] = chunk
+        else:
+            body[filled:] = chunk
+        filled += len(chunk)
+        if not message.get("more_body", False):
+            break
+    if size is not None and filled != size:
+        raise InvalidInput(f"request body is {filled} bytes; Content-Length said {size}")
+    return body
+
+
 def _request_id(request: Request, body_id: str | None) -> str:
     """The client's X-Request-ID, else the body's ``id``, else a new one (echoed back)."""
     return request.headers.get(REQUEST_ID) or body_id or new_request_id()
@@ -74,7 +173,12 @@ def _ready_response(ready: bool) -> Response:
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
-def create_http_app(dataplane: DataPlane) -> FastAPI:
+def create_http_app(dataplane: DataPlane) -> Any:
+    """The REST ASGI app: v2 inference on the fast route, everything else through FastAPI."""
+    return InferRoute(_framework_app(dataplane), dataplane)
+
+
+def _framework_app(dataplane: DataPlane) -> FastAPI:
     app = FastAPI(title="mpsserve", docs_url=None, redoc_url=None)
     app.add_exception_handler(MpsServeError, _error_response)
     app.add_exception_handler(Exception, _error_response)
@@ -100,31 +204,6 @@ def create_http_app(dataplane: DataPlane) -> FastAPI:
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None) -> Response:
         return _ready_response(await dataplane.model_ready(name, version))
-
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(name: str, request: Request, version: str | None = None) -> Response:
-        dataplane.backend(name)  # unknown model: 404 before reading the body
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit():
-            dataplane.check_size(int(declared))
-        body = await request.body()
-        dataplane.check_size(len(body))
-        header_length = _header_length(request)
-        decoded = await _offload(  # binary tensors are views: only JSON is worth a thread
-            len(body) if header_length is None else header_length,
-            kserve.decode_infer_request,
-            body,
-            model=name,
-            version=version,
-            header_length=header_length,
-        )
-        request_id = _request_id(request, decoded.id)
-        result = await dataplane.infer(decoded, "http", request_id)
-        payload, headers = await _offload(
-            _json_output_bytes(result, decoded), kserve.encode_infer_response, result, decoded
-        )
-        return Response(payload, headers={**headers, REQUEST_ID: request_id})
 
     _add_tfserving_routes(app, dataplane)
     return app

@@ -6,7 +6,7 @@ import pytest
 
 from mpsserve.config import ModelConfig, parse_config
 from mpsserve.errors import ConfigError
-from mpsserve.serving.app import build_app, model_options
+from mpsserve.serving.app import PROCESS_ENV, build_app, model_options
 
 
 def model(**placement: object) -> ModelConfig:
@@ -16,7 +16,15 @@ def model(**placement: object) -> ModelConfig:
 def test_no_gpu_gives_cpu_replicas() -> None:
     got = model_options(model(cpu_replicas=2, cpus_per_replica=0.5), cluster_gpus=0)
     assert got["num_replicas"] == 2
-    assert got["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0}
+    actor = got["ray_actor_options"]
+    assert (actor["num_cpus"], actor["num_gpus"]) == (0.5, 0)
+    assert actor["runtime_env"]["env_vars"] == PROCESS_ENV
+
+
+def test_gpu_replicas_keep_the_mps_env_and_get_the_malloc_settings() -> None:
+    env = model_options(model(), cluster_gpus=1)["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env["MALLOC_MMAP_THRESHOLD_"] == PROCESS_ENV["MALLOC_MMAP_THRESHOLD_"]
+    assert "CUDA_MPS_PIPE_DIRECTORY" in env
 
 
 @pytest.mark.parametrize(("gpus", "replicas"), [(1, 6), (2, 12)])

@@ -1,0 +1,192 @@
+"""CUDA-graph replay for the PyTorch runtime: one launch per request instead of hundreds.
+
+Eager PyTorch spends more CPU launching this model's kernels (27 embedding bags and an MLP)
+than the GPU spends running them; with several replica processes per GPU that CPU, not the
+GPU, caps throughput. A captured graph replays every kernel with one call.
+
+Graphs need fixed shapes, so a request is padded up to a bucket: its rows to the next size
+in a geometric series (ratio ``GROWTH``, multiples of ``ALIGN``), and each ragged feature's
+values likewise. Padded rows are zeros; a ragged feature's padded values all go to one spare
+padded row (its length), so every real row sees exactly its own values, and the spare rows'
+outputs are dropped. This assumes what a ranking model does: each row is scored on its own.
+A graph is captured on the first request of its bucket, checked once against the eager
+result, and kept (the ``MAX_GRAPHS`` most recently used). Anything unexpected (a capture
+error, a mismatch, outputs that are not per row) turns graphs off for the model, with a
+warning, and requests run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpsserve.runtime.base import LENGTHS_SUFFIX, VALUES_SUFFIX, Signature
+
+logger = logging.getLogger(__name__)
+GROWTH = 1.25
+ALIGN = 64
+MAX_GRAPHS = 32
+TOLERANCE = 1e-3  # TF32 and kernel choice differ between capture and eager: loose on purpose
+
+
+def bucket(n: int) -> int:
+    """The smallest size >= n in the series ALIGN, then x GROWTH rounded up to ALIGN."""
+    size = ALIGN
+    while size < n:
+        size = math.ceil(size * GROWTH / ALIGN) * ALIGN
+    return size
+
+
+class Padding:
+    """How one request maps onto a bucket's shapes."""
+
+    def __init__(self, signature: Signature, inputs: Mapping[str, np.ndarray]) -> None:
+        self.signature = signature
+        values = {f + VALUES_SUFFIX for f in signature.ragged_features}
+        lengths = {f + LENGTHS_SUFFIX for f in signature.ragged_features}
+        row_inputs = [s.name for s in signature.inputs if s.name not in values]
+        self.rows = int(inputs[row_inputs[0]].shape[0]) if row_inputs else 1
+        # With ragged features one spare row takes the padded values.
+        self.padded_rows = bucket(self.rows + (1 if signature.ragged_features else 0))
+        self.values = {name: int(inputs[name].shape[0]) for name in sorted(values)}
+        self.padded_values = {name: bucket(n) for name, n in self.values.items()}
+        self._values, self._lengths = values, lengths
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        return (self.padded_rows, *self.padded_values.values())
+
+    def padded_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        lead = self.padded_values[name] if name in self._values else self.padded_rows
+        return (lead, *shape[1:])
+
+    def fill(self, name: str, array: np.ndarray, static: torch.Tensor) -> None:
+        """Copy ``array`` into the head of ``static`` and set the padding."""
+        n = array.shape[0]
+        host = torch.from_numpy(array if array.flags.writeable else array.copy())
+        static[:n].copy_(host, non_blocking=True)
+        static[n:].zero_()
+        if name in self._lengths:
+            feature = name.removesuffix(LENGTHS_SUFFIX) + VALUES_SUFFIX
+            spare = self.padded_values[feature] - self.values[feature]
+            static[-1] = spare  # the last padded row owns the padded values
+
+
+class _Graph:
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor], outputs: Any):
+        self.graph, self.inputs, self.outputs = graph, inputs, outputs
+        self.checked = False
+
+
+class GraphRunner:
+    """Replays captured graphs of ``module``; ``predict`` returns None when it cannot."""
+
+    def __init__(self, module: Any, signature: Signature, device: torch.device) -> None:
+        self.module, self.signature, self.device = module, signature, device
+        self.enabled = device.type == "cuda"
+        self._graphs: OrderedDict[tuple[int, ...], _Graph] = OrderedDict()
+        self._lock = threading.Lock()  # one replay at a time: the graphs share buffers
+        self._pool: Any = None
+        self.captures = 0
+
+    def predict(self, inputs: Mapping[str, np.ndarray], eager: Any) -> dict[str, np.ndarray] | None:
+        """Outputs for ``inputs`` from a graph, or None (then the caller runs eagerly).
+        ``eager(inputs)`` gives the eager result, used once per graph as a check."""
+        if not self.enabled:
+            return None
+        padding = Padding(self.signature, inputs)
+        names = [spec.name for spec in self.signature.outputs]
+        try:
+            with self._lock:
+                entry = self._graph_for(padding, inputs)
+                if entry is None:
+                    return None
+                for spec, static in zip(self.signature.inputs, entry.inputs, strict=True):
+                    padding.fill(spec.name, inputs[spec.name], static)
+                entry.graph.replay()
+                tensors = (
+                    entry.outputs if isinstance(entry.outputs, tuple | list) else (entry.outputs,)
+                )
+                result = {
+                    name: t[: padding.rows].cpu().numpy()
+                    for name, t in zip(names, tensors, strict=True)
+                }
+        except Exception as exc:  # never fail a request because of a graph
+            self._disable(f"replay failed: {exc}")
+            return None
+        if not entry.checked:
+            self._check(entry, result, eager(inputs))
+            if not self.enabled:
+                return None
+        return result
+
+    def _graph_for(self, padding: Padding, inputs: Mapping[str, np.ndarray]) -> _Graph | None:
+        entry = self._graphs.get(padding.key)
+        if entry is not None:
+            self._graphs.move_to_end(padding.key)
+            return entry
+        entry = self._capture(padding, inputs)
+        if entry is None:
+            return None
+        self._graphs[padding.key] = entry
+        while len(self._graphs) > MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        return entry
+
+    def _capture(self, padding: Padding, inputs: Mapping[str, np.ndarray]) -> _Graph | None:
+        try:
+            statics = [
+                torch.zeros(
+                    padding.padded_shape(s.name, inputs[s.name].shape),
+                    dtype=torch.from_numpy(np.empty(0, dtype=inputs[s.name].dtype)).dtype,
+                    device=self.device,
+                )
+                for s in self.signature.inputs
+            ]
+            for spec, static in zip(self.signature.inputs, statics, strict=True):
+                padding.fill(spec.name, inputs[spec.name], static)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.inference_mode(), torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: lazy initialisation must not be captured
+                    self.module(*statics)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+                outputs = self.module(*statics)
+        except Exception as exc:
+            self._disable(f"capture failed: {exc}")
+            return None
+        tensors = outputs if isinstance(outputs, tuple | list) else (outputs,)
+        if any(t.ndim == 0 or t.shape[0] != padding.padded_rows for t in tensors):
+            self._disable("an output does not have one entry per row")
+            return None
+        self.captures += 1
+        logger.info("captured a CUDA graph for padded shape %s", padding.key)
+        return _Graph(graph, statics, outputs)
+
+    def _check(self, entry: _Graph, got: dict[str, np.ndarray], want: dict[str, Any]) -> None:
+        for name, array in got.items():
+            reference = np.asarray(want[name])
+            scale = max(float(np.abs(reference).max(initial=0.0)), 1.0)
+            if array.shape != reference.shape or not np.allclose(
+                array, reference, rtol=TOLERANCE, atol=TOLERANCE * scale
+            ):
+                self._disable(f"output {name!r} differs from the eager result")
+                return
+        entry.checked = True
+
+    def _disable(self, why: str) -> None:
+        if self.enabled:
+            logger.warning("CUDA graphs off for this model (%s); running eagerly", why)
+        self.enabled = False
+        self._graphs.clear()
