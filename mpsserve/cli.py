@@ -48,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--config", default=DEFAULT_CONFIG, help="service YAML")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    status = sub.add_parser(
+        "status",
+        help="one screen: replicas, GPUs, MPS attach, versions, traffic (exit 1: a problem)",
+    )
+    status.add_argument("--config", default=DEFAULT_CONFIG, help="service YAML (app name)")
+    status.add_argument("--address", default=None, help="Ray address (default: config, auto)")
+    status.add_argument("--json", action="store_true", help="print the report as JSON")
+
     serve_file = sub.add_parser(
         "serve-config", help="print the Serve config file (serve deploy FILE) for a service YAML"
     )
@@ -272,6 +280,19 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load_service(args.config)
+    _use_cluster_token()
+    import ray
+
+    from mpsserve.status import gather, render
+
+    ray.init(address=args.address or config.ray.address or "auto", logging_level=logging.WARNING)
+    report = gather(config.ray.app_name)
+    print(json.dumps(report, indent=2, default=str) if args.json else render(report))
+    return 0 if report["ok"] else 1
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     config = _load_service(args.config)
     cluster, _ = _start_ray(config, args.address or config.ray.address, local=False)
@@ -286,6 +307,7 @@ COMMANDS = {
     "doctor": cmd_doctor,
     "demo-model": cmd_demo_model,
     "serve-config": cmd_serve_config,
+    "status": cmd_status,
     "audit-ops": cmd_audit_ops,
 }
 

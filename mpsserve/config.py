@@ -126,8 +126,9 @@ class MpsLimits(_Strict):
         None,
         gt=0,
         le=100,
-        description="CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per replica; default min(100, 200/N): "
-        "a busy replica may borrow idle SMs, none can take the whole GPU.",
+        description="CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per replica (share of the GPU's SMs one "
+        "replica may use); default 100: measured on an H100 with 8 replicas, 100 served 14% "
+        "more requests than 25 at a lower P99 (benchmarks/results/2026-11-26-h100-speed.md).",
     )
     pinned_mem_limit_mb: int | None = Field(
         None,
@@ -139,7 +140,7 @@ class MpsLimits(_Strict):
     def thread_percentage(self, replicas_per_gpu: int) -> float:
         if self.active_thread_percentage is not None:
             return self.active_thread_percentage
-        return float(min(100, -(-200 // replicas_per_gpu)))
+        return 100.0
 
 
 class MpsConfig(_Strict):

@@ -8,6 +8,7 @@ in-process ``Servable`` in unit tests.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
@@ -34,6 +35,33 @@ class ModelBackend(Protocol):
     async def ready(self) -> bool: ...
 
 
+class RecentStats:
+    """Requests answered in the last ``window_s`` seconds, for ``mpsserve status``."""
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self._done: collections.deque[tuple[float, float, bool]] = collections.deque()
+
+    def record(self, seconds: float, ok: bool) -> None:
+        now = time.monotonic()
+        self._done.append((now, seconds, ok))
+        while self._done and now - self._done[0][0] > self.window_s:
+            self._done.popleft()
+
+    def snapshot(self) -> dict[str, float]:
+        now = time.monotonic()
+        recent = [(s, ok) for t, s, ok in self._done if now - t <= self.window_s]
+        latencies = sorted(s for s, _ in recent)
+        p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if recent else 0.0
+        return {
+            "window_s": self.window_s,
+            "requests": len(recent),
+            "requests_per_s": round(len(recent) / self.window_s, 2),
+            "errors": sum(1 for _, ok in recent if not ok),
+            "p99_ms": round(p99 * 1000, 2),
+        }
+
+
 class DataPlane:
     def __init__(
         self,
@@ -45,6 +73,7 @@ class DataPlane:
         self.max_request_bytes = max_request_bytes
         self._timeout_s = request_timeout_s
         self._dtypes: dict[str, tuple[float, dict[str, str]]] = {}
+        self.recent = RecentStats()
 
     @staticmethod
     def live() -> bool:
@@ -125,6 +154,7 @@ class DataPlane:
         finally:
             elapsed = time.perf_counter() - started
             metrics.add_in_flight(request.model, -1)
+            self.recent.record(elapsed, status < 500)
             metrics.observe_request(request.model, version, protocol, str(status), rows, elapsed)
             log_access(
                 request_id or request.id or "-",

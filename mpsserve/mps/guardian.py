@@ -164,6 +164,7 @@ class ReplicaMps:
 
     def __init__(self, s: Settings, pid: int | None = None) -> None:
         self.mode = s.mps_mode
+        self.state_dir = Path(s.mps_state_dir)
         self.pid = pid or os.getpid()
         self.control = hook.control_from(s)
         self.server: int | None = None
@@ -200,6 +201,13 @@ class ReplicaMps:
         if now.server != self.server:
             return f"lost its MPS server {self.server}: {now.detail}"
         return None
+
+    def node_state(self) -> dict[str, Any] | None:
+        """The node's daemon as its guardian last wrote it (None: no guardian there)."""
+        if self.mode == "off":
+            return None
+        state = read_state(self.state_dir)
+        return asdict(state) if state is not None else None
 
     def describe(self) -> dict[str, Any]:
         return {

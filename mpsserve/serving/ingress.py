@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import threading
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from mpsserve.config import IngressConfig
 from mpsserve.dataplane import DataPlane
+from mpsserve.serving.directory import Registration
 from mpsserve.serving.grpc import start_grpc_server
 from mpsserve.serving.http import create_http_app
 from mpsserve.serving.logs import configure_replica_logging
@@ -69,6 +72,7 @@ class Front:
         self._poller = threading.Thread(target=self._poll, name="directory-poll", daemon=True)
         self._http: Any = None
         self._grpc: Any = None
+        self._node_ip = ray.util.get_node_ip_address()
 
     def start(self) -> None:
         """Bind both ports and serve; raises here (so Serve retries the replica) on failure."""
@@ -78,6 +82,7 @@ class Front:
         http_config = uvicorn.Config(
             create_http_app(self.dataplane),
             lifespan="off",
+            log_config=None,  # uvicorn's dictConfig would close Serve's log handlers
             log_level="warning",
             access_log=False,
             http="httptools",
@@ -88,6 +93,8 @@ class Front:
         self._http = uvicorn.Server(http_config)
         self._thread.start()
         self._poller.start()
+        self._registration = Registration(self.directory, self._entry)
+        self._registration.start()
 
         async def serve() -> None:
             self._grpc = await start_grpc_server(
@@ -120,6 +127,20 @@ class Front:
                 failing = True
             self._stopping.wait(POLL_S)
 
+    def _entry(self) -> dict[str, Any]:
+        """This ingress in the directory: where it listens and its recent figures."""
+        return {
+            "key": f"ingress:{self._node_ip}:{os.getpid()}",
+            "kind": "ingress",
+            "host": self._node_ip,
+            "pid": os.getpid(),
+            "node": socket.gethostname(),
+            "http_port": self.config.http_port,
+            "grpc_port": self.config.grpc_port,
+            "recent": self.dataplane.recent.snapshot(),
+            "replicas_routed": len(self.router.endpoints()),
+        }
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not getattr(self._http, "should_exit", False)
@@ -141,8 +162,10 @@ class Front:
         }
 
     def stop(self) -> None:
-        """Close the listeners, let requests in flight finish, stop the loop."""
+        """Leave the directory, close the listeners, let requests in flight finish."""
         self._stopping.set()
+        if hasattr(self, "_registration"):
+            self._registration.withdraw()
 
         async def shutdown() -> None:
             if self._http is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from typing import Any
 
@@ -24,50 +23,12 @@ from mpsserve.errors import MpsServeError
 from mpsserve.mps.guardian import ReplicaMps
 from mpsserve.protocol import frame
 from mpsserve.servable import Servable
-from mpsserve.serving.directory import HEARTBEAT_S
+from mpsserve.serving.directory import Registration
 from mpsserve.serving.logs import configure_replica_logging
 from mpsserve.serving.replica_server import ReplicaServer
 from mpsserve.settings import settings
 
 logger = logging.getLogger(__name__)
-
-
-class Registration(threading.Thread):
-    """Keeps this replica's entry in the directory fresh until stopped, then removes it."""
-
-    def __init__(self, directory: DeploymentHandle, entry: dict[str, Any]) -> None:
-        super().__init__(name="directory-heartbeat", daemon=True)
-        self.directory, self.entry = directory, entry
-        self._stopping = threading.Event()
-        self._failing = False
-
-    def run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self.directory.register.remote(self.entry).result(timeout_s=HEARTBEAT_S * 2)
-                if self._failing:
-                    logger.info("registered in the directory again")
-                self._failing = False
-            except Exception as exc:  # the directory restarts: say so once, keep trying
-                if not self._failing:
-                    logger.warning("cannot register in the directory: %s", exc)
-                self._failing = True
-            self._stopping.wait(HEARTBEAT_S)
-
-    def withdraw(self) -> None:
-        """Leave the directory now (ingresses stop sending within a poll)."""
-        self._stopping.set()
-        # Serve may call this on the replica's event loop, where a blocking ``result()`` is
-        # refused: make the call from a thread of its own.
-        leave = threading.Thread(target=self._deregister, name="directory-leave", daemon=True)
-        leave.start()
-        leave.join(HEARTBEAT_S * 2)
-
-    def _deregister(self) -> None:
-        try:
-            self.directory.deregister.remote(self.entry["key"]).result(timeout_s=HEARTBEAT_S)
-        except Exception as exc:
-            logger.warning("cannot leave the directory: %s", exc)
 
 
 @serve.deployment(name="model")
@@ -109,7 +70,7 @@ class ModelReplica:
             "pid": os.getpid(),
             "node": socket.gethostname(),
         }
-        self._registration = Registration(self._directory, entry)
+        self._registration = Registration(self._directory, lambda: entry)
         self._registration.start()
         logger.info("model %s: data port %d open", entry["model"], port)
 
@@ -154,8 +115,9 @@ class ModelReplica:
         data_port = self._server.port if self._server is not None else None
         return {
             **self._servable.metadata(),
-            "mps": self._mps.describe(),
+            "mps": {**self._mps.describe(), "node": self._mps.node_state()},
             "pid": os.getpid(),
+            "gpus": [str(g) for g in ray.get_gpu_ids()],
             "data_port": data_port,
         }
 

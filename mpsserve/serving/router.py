@@ -86,7 +86,7 @@ class Router:
 
     def update(self, entries: list[dict[str, Any]]) -> None:
         """Replace the known endpoints with the directory's list (keeps live counters)."""
-        fresh = {e["key"]: e for e in entries}
+        fresh = {e["key"]: e for e in entries if e.get("kind", "model") == "model"}
         for key in list(self._endpoints):
             if key not in fresh:
                 gone = self._endpoints.pop(key)
@@ -230,3 +230,18 @@ class ReplicaBackend:
 
     async def ready(self) -> bool:
         return self._router.has_replica(self.model)
+
+
+def call_replica(host: str, port: int, header: dict[str, Any], timeout_s: float = 5.0) -> Any:
+    """One frame to a replica's data port from blocking code (``mpsserve status``); returns
+    the answer's header, or raises its error."""
+    import socket
+
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        sock.sendall(b"".join(bytes(part) for part in frame.encode(header)))
+        reader = sock.makefile("rb")
+        head, size = frame.read_prefix(reader.read(frame.PREFIX.size), 2**30)
+        answer = frame.decode_header(reader.read(head))
+        reader.read(size)
+    frame.raise_for_error(answer)
+    return answer

@@ -211,7 +211,10 @@ def test_replica_runtime_env() -> None:
     assert on["worker_process_setup_hook"] == hook.HOOK
     env = on["env_vars"]
     assert env["CUDA_MPS_PIPE_DIRECTORY"] == "/tmp/mpsserve/mps-pipe"
-    assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "25"  # 200 / 8
+    assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "100"  # no SM fence by default
+    fenced = MpsConfig(mode="on", limits={"active_thread_percentage": 25})
+    fenced_env = hook.replica_runtime_env(fenced, Placement(replicas_per_gpu=8))["env_vars"]
+    assert fenced_env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "25"
     assert env["MPSSERVE_MPS_MODE"] == "on" and env["MPSSERVE_MPS_REPLICAS_PER_GPU"] == "8"
     off = hook.replica_runtime_env(MpsConfig(mode="off"), Placement())
     assert off["env_vars"]["CUDA_MPS_PIPE_DIRECTORY"] == hook.NO_MPS_PIPE_DIR

@@ -1,0 +1,73 @@
+"""``mpsserve status`` and the access log, against the session's deployed app."""
+
+from __future__ import annotations
+
+import glob
+import json
+import time
+from pathlib import Path
+
+import requests
+
+from mpsserve.demo import make_request
+from mpsserve.protocol.kserve import encode_json_request
+from mpsserve.status import gather, render
+from tests.conftest import SMALL
+
+
+def _send(base_url: str, request_id: str) -> requests.Response:
+    body = encode_json_request(make_request(SMALL, rows=16, seed=3))
+    return requests.post(
+        f"{base_url}/v2/models/rec/infer",
+        data=body,
+        headers={"Content-Type": "application/json", "X-Request-ID": request_id},
+        timeout=60,
+    )
+
+
+def test_status_sees_every_replica_and_the_traffic(base_url: str) -> None:
+    for i in range(3):
+        assert _send(base_url, f"status-{i}").status_code == 200
+    deadline = time.monotonic() + 15
+    while True:  # ingresses report their figures with each directory heartbeat (2 s)
+        report = gather("mpsserve")
+        if report["traffic"]["requests_per_s"] > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert report["ok"], report["verdict"]
+    assert report["applications"]["mpsserve"]["status"] == "RUNNING"
+    [replica] = report["replicas"]
+    assert replica["model"] == "rec" and replica["versions"] == ["1"]
+    assert replica["mps"]["mode"] == "off" and replica["device"] == "cpu"
+    [ingress] = report["ingresses"]
+    assert ingress["recent"]["requests"] >= 3
+    assert report["traffic"]["worst_p99_ms"] > 0
+    screen = render(report)
+    assert "OK: 1 model replica(s) answer, MPS off" in screen
+    assert json.loads(json.dumps(report, default=str))["app"] == "mpsserve"
+
+
+def test_access_log_line_per_request_with_the_clients_id(base_url: str) -> None:
+    import ray
+
+    response = _send(base_url, "access-log-42")
+    assert response.status_code == 200
+    assert response.headers["X-Request-ID"] == "access-log-42"
+    generated = _send(base_url, "")  # no id from the client: one is made and echoed
+    assert len(generated.headers["X-Request-ID"]) == 16
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [
+            line
+            for path in glob.glob(str(logs / "replica_mpsserve_ingress_*.log"))
+            for line in Path(path).read_text().splitlines()
+            if "request_id=access-log-42 " in line
+        ]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    [line] = lines
+    for field in ("model=rec", "version=1", "protocol=http", "rows=16", "status=200"):
+        assert field in line
+    assert float(line.rsplit("latency_ms=", 1)[1].split()[0]) > 0
