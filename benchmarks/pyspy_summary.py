@@ -1,6 +1,6 @@
 """Summarise a ``py-spy record -f raw`` file: top frames by self and by inclusive samples.
 
-    python -m benchmarks.pyspy_summary model.txt [--top 25]
+python -m benchmarks.pyspy_summary model.txt [--top 25]
 """
 
 from __future__ import annotations

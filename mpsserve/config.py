@@ -104,6 +104,11 @@ class ModelConfig(_Strict):
         description="PyTorch on a GPU: replay CUDA graphs captured per padded request shape "
         "(rows and ragged values rounded up to buckets; each row scored on its own).",
     )
+    tf32: bool = Field(
+        False,
+        description="PyTorch on a GPU: TF32 matmuls, as TensorFlow does by default on Ampere and "
+        "later (faster; scores differ from fp32 by ~1e-3).",
+    )
     placement: Placement = Field(default_factory=Placement)
 
 

@@ -86,6 +86,7 @@ class Servable:
             cpu_fallback=config.cpu_fallback,
             custom_op_libraries=tuple(config.custom_op_libraries),
             cuda_graphs=config.cuda_graphs,
+            tf32=config.tf32,
         )
         cache = Path(settings().cache_dir or tempfile.gettempdir()) / "mpsserve-cache"
         self.store = ModelStore(

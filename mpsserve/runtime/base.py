@@ -127,6 +127,7 @@ class RuntimeOptions:
     cpu_fallback: Literal["warn", "fail"] = "warn"  # ops without a GPU kernel: log or refuse
     custom_op_libraries: tuple[str, ...] = ()  # shared libraries loaded before the model
     cuda_graphs: bool = True  # PyTorch on a GPU: replay captured graphs (runtime/graphs.py)
+    tf32: bool = False  # PyTorch on a GPU: TF32 matmuls (TensorFlow's default on Ampere+)
 
 
 class ModelRuntime(ABC):

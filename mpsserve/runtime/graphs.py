@@ -30,7 +30,7 @@ import torch
 from mpsserve.runtime.base import LENGTHS_SUFFIX, VALUES_SUFFIX, Signature
 
 logger = logging.getLogger(__name__)
-GROWTH = 1.25
+GROWTH = 1.125  # at most ~12% padding; 2000 rows -> 2176 (1.25 gave 2432, 9% less throughput)
 ALIGN = 64
 MAX_GRAPHS = 32
 TOLERANCE = 1e-3  # TF32 and kernel choice differ between capture and eager: loose on purpose

@@ -56,6 +56,9 @@ class TorchRuntime(ModelRuntime):
         if options.intra_op_threads:
             torch.set_num_threads(options.intra_op_threads)
         device = _device(options)
+        if device.type == "cuda":  # per process; a replica serves one model
+            torch.backends.cuda.matmul.allow_tf32 = options.tf32
+            torch.backends.cudnn.allow_tf32 = options.tf32
         try:
             program = torch.export.load(str(model_dir / MODEL_FILE))
             if device.type != "cpu":

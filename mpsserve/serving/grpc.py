@@ -76,11 +76,13 @@ class GrpcAdapter:
     async def _ModelInfer(self, request: Any, context: Any) -> Any:
         from mpsserve.protocol.kserve_grpc import decode_infer_request, encode_infer_response
 
-        self.dataplane.check_size(request.ByteSize())
+        # The tensors' bytes are the message's size: cheaper than ByteSize(), which walks it;
+        # the server's max_receive_message_length bounds the rest.
+        self.dataplane.check_size(sum(len(raw) for raw in request.raw_input_contents))
         self.dataplane.backend(request.model_name)  # unknown model: NOT_FOUND first
         decoded = decode_infer_request(request)
         request_id = _metadata(context, REQUEST_ID) or decoded.id or new_request_id()
-        await context.send_initial_metadata(((REQUEST_ID, request_id),))
+        context.set_trailing_metadata(((REQUEST_ID, request_id),))  # no frame of its own
         result = await self.dataplane.infer(decoded, "grpc", request_id)
         return encode_infer_response(result, decoded)
 

@@ -18,7 +18,7 @@ def test_buckets_cover_every_size_with_bounded_waste() -> None:
     sizes = [bucket(n) for n in range(1, 20_000)]
     assert all(s >= n and s % ALIGN == 0 for n, s in enumerate(sizes, start=1))
     assert all(s <= max(ALIGN, n * GROWTH + ALIGN) for n, s in enumerate(sizes, start=1))
-    assert len(set(sizes)) < 40  # few distinct graphs for any traffic
+    assert len(set(sizes)) < 60  # few distinct graphs for any traffic
 
 
 @pytest.mark.parametrize("rows", [1, 37, 2000])
