@@ -294,8 +294,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from mpsserve.redeploy import print_changes
+
     config = _load_service(args.config)
     cluster, _ = _start_ray(config, args.address or config.ray.address, local=False)
+    print_changes(config, cluster.gpus)
     _deploy(config, cluster)
     print(f"deployed application {config.ray.app_name!r}; HTTP on port {config.ingress.http_port}")
     return 0

@@ -166,6 +166,18 @@ class DataPlane:
                 elapsed,
             )
 
+    def rejected(
+        self, model: str, protocol: str, request_id: str | None, exc: BaseException, started: float
+    ) -> None:
+        """Count and log a request refused before inference (malformed, unknown model, too
+        large); an unknown model's name is not a label (clients choose it)."""
+        status = exc.http_status if isinstance(exc, MpsServeError) else 500
+        label = model if model in self._backends else "(unknown)"
+        elapsed = time.perf_counter() - started
+        metrics.observe_request(label, "", protocol, str(status), 0, elapsed)
+        self.recent.record(elapsed, status < 500)
+        log_access(request_id or "-", label, "", protocol, 0, status, elapsed)
+
 
 def new_request_id() -> str:
     return uuid.uuid4().hex[:16]

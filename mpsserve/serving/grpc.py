@@ -10,13 +10,14 @@ CLI) must not collide with it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from mpsserve.dataplane import DataPlane, new_request_id
-from mpsserve.errors import to_status
+from mpsserve.errors import MpsServeError, to_status
 
 RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
 
@@ -78,10 +79,15 @@ class GrpcAdapter:
 
         # The tensors' bytes are the message's size: cheaper than ByteSize(), which walks it;
         # the server's max_receive_message_length bounds the rest.
-        self.dataplane.check_size(sum(len(raw) for raw in request.raw_input_contents))
-        self.dataplane.backend(request.model_name)  # unknown model: NOT_FOUND first
-        decoded = decode_infer_request(request)
-        request_id = _metadata(context, REQUEST_ID) or decoded.id or new_request_id()
+        started, request_id = time.perf_counter(), _metadata(context, REQUEST_ID)
+        try:
+            self.dataplane.check_size(sum(len(raw) for raw in request.raw_input_contents))
+            self.dataplane.backend(request.model_name)  # unknown model: NOT_FOUND first
+            decoded = decode_infer_request(request)
+        except MpsServeError as exc:
+            self.dataplane.rejected(request.model_name, "grpc", request_id, exc, started)
+            raise
+        request_id = request_id or decoded.id or new_request_id()
         context.set_trailing_metadata(((REQUEST_ID, request_id),))  # no frame of its own
         result = await self.dataplane.infer(decoded, "grpc", request_id)
         return encode_infer_response(result, decoded)

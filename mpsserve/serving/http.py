@@ -8,6 +8,7 @@ event loop keeps serving other requests.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -119,22 +120,26 @@ class InferRoute:
         receive: Receive,
         request_id: str | None,
     ) -> tuple[bytes, dict[str, str], str]:
-        dataplane = self.dataplane
-        dataplane.backend(name)  # unknown model: 404 before reading the body
-        declared = headers.get("content-length", "")
-        if declared.isdigit():
-            dataplane.check_size(int(declared))
-        body = await _read_body(receive, int(declared) if declared.isdigit() else None)
-        dataplane.check_size(len(body))
-        header_length = _parse_header_length(headers.get(kserve.HEADER_LENGTH.lower()))
-        decoded = await _offload(  # binary tensors are views: only JSON is worth a thread
-            len(body) if header_length is None else header_length,
-            kserve.decode_infer_request,
-            body,
-            model=name,
-            version=version,
-            header_length=header_length,
-        )
+        dataplane, started = self.dataplane, time.perf_counter()
+        try:
+            dataplane.backend(name)  # unknown model: 404 before reading the body
+            declared = headers.get("content-length", "")
+            if declared.isdigit():
+                dataplane.check_size(int(declared))
+            body = await _read_body(receive, int(declared) if declared.isdigit() else None)
+            dataplane.check_size(len(body))
+            header_length = _parse_header_length(headers.get(kserve.HEADER_LENGTH.lower()))
+            decoded = await _offload(  # binary tensors are views: only JSON is worth a thread
+                len(body) if header_length is None else header_length,
+                kserve.decode_infer_request,
+                body,
+                model=name,
+                version=version,
+                header_length=header_length,
+            )
+        except MpsServeError as exc:
+            dataplane.rejected(name, "http", request_id, exc, started)
+            raise
         request_id = request_id or decoded.id or new_request_id()
         result = await dataplane.infer(decoded, "http", request_id)
         payload, response_headers = await _offload(
@@ -187,6 +192,11 @@ def _framework_app(dataplane: DataPlane) -> FastAPI:
     async def live() -> Response:
         return JSONResponse({"live": dataplane.live()})
 
+    @app.get("/-/healthz")  # what KubeRay's injected probes and Serve's proxy answer
+    async def healthz() -> Response:
+        ready = await dataplane.ready()
+        return Response("success" if ready else "not ready", 200 if ready else 503)
+
     @app.get("/v2/health/ready")
     async def ready() -> Response:
         return _ready_response(await dataplane.ready())
@@ -221,13 +231,22 @@ def _add_tfserving_routes(app: FastAPI, dataplane: DataPlane) -> None:
     @app.post("/v1/models/{name}:predict")
     @app.post("/v1/models/{name}/versions/{version}:predict")
     async def tfs_predict(name: str, request: Request, version: str | None = None) -> Response:
-        dtypes = await dataplane.input_dtypes(name)
-        body = await request.body()
-        dataplane.check_size(len(body))
-        decoded, rows = await _offload(
-            len(body), tfserving.decode_predict, body, model=name, version=version, dtypes=dtypes
-        )
-        request_id = _request_id(request, None)
+        started, request_id = time.perf_counter(), _request_id(request, None)
+        try:
+            dtypes = await dataplane.input_dtypes(name)
+            body = await request.body()
+            dataplane.check_size(len(body))
+            decoded, rows = await _offload(
+                len(body),
+                tfserving.decode_predict,
+                body,
+                model=name,
+                version=version,
+                dtypes=dtypes,
+            )
+        except MpsServeError as exc:
+            dataplane.rejected(name, "tfserving", request_id, exc, started)
+            raise
         result = await dataplane.infer(decoded, "tfserving", request_id)
         size = _json_output_bytes(result, decoded)  # every TF-Serving output is JSON
         payload = await _offload(size, tfserving.encode_predict, result, rows)

@@ -11,6 +11,7 @@ from mpsserve.config import parse_config
 
 HTTP_PORT = 28000  # outside Ray's worker port range (10002-19999)
 GRPC_PORT = 29000
+METRICS_PORT = 29100  # Ray's Prometheus endpoint for the session's node
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -50,7 +51,13 @@ def base_url(service_config: dict[str, object]) -> Iterator[str]:
     from mpsserve.serving.app import build_app, serve_options, wait_routable
 
     config = parse_config(service_config)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        logging_level="WARNING",
+        _metrics_export_port=METRICS_PORT,
+    )
     try:
         serve.start(**serve_options(config))
         serve.run(
