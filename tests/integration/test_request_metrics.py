@@ -44,9 +44,7 @@ def test_counts_match_what_the_client_sent(base_url: str) -> None:
     samples = scrape(METRICS_PORT)
     rows = value_of(samples, "ray_mpsserve_rows_total", {"model": "rec", "version": "1"})
     assert rows is not None and rows >= 5 * 8
-    served = value_of(
-        samples, "ray_mpsserve_served_version", {"model": "rec", "version": "1"}
-    )
+    served = value_of(samples, "ray_mpsserve_served_version", {"model": "rec", "version": "1"})
     assert served is not None and served >= 1
     infer = value_of(
         samples, "ray_mpsserve_inference_duration_seconds_count", {"model": "rec", "version": "1"}
