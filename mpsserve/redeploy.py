@@ -185,19 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from mpsserve import cli
 
-    try:
-        config = cli._load_service(args.config)
-        cluster, _ = cli._start_ray(config, args.address or config.ray.address, local=False)
-        print_changes(config, cluster.gpus)
-        cli._deploy(config, cluster)
-    except MpsServeError as exc:
-        print(f"redeploy: {exc.message}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:  # Ray Serve reports a failed deployment this way
-        print(f"redeploy: {exc}", file=sys.stderr)
-        return 1
+    address = ["--address", args.address] if args.address else []
+    code = cli.main(["deploy", "--config", args.config, *address])  # prints the changes
+    if code != 0:
+        return code
     _say("now live:")
-    for line in live_summary(config.ray.app_name):
+    app_name = cli._load_service(args.config).ray.app_name
+    for line in live_summary(app_name):
         _say(f"  {line}")
     return 0
 
