@@ -53,6 +53,8 @@ def encode(
 
 def read_prefix(prefix: bytes, max_bytes: int) -> tuple[int, int]:
     """(header length, body length) from a frame's first ``PREFIX.size`` bytes."""
+    if len(prefix) != PREFIX.size:
+        raise FrameError(f"the connection ended inside a frame ({len(prefix)} prefix bytes)")
     magic, head, body = PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise FrameError(f"not an mpsserve frame (magic {magic!r})")
