@@ -167,6 +167,11 @@ def test_stop_finishes_requests_in_flight() -> None:
     answers: list[Any] = []
     caller = threading.Thread(target=lambda: answers.append(call_replica("127.0.0.1", port, {})))
     caller.start()
+    for _ in range(500):  # until the request is inside the handler
+        if server.in_flight:
+            break
+        threading.Event().wait(0.01)
+    assert server.in_flight == 1
     threading.Timer(0.3, release.set).start()
     server.stop(grace_s=3)
     caller.join(5)
