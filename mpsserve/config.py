@@ -154,6 +154,12 @@ class MpsConfig(_Strict):
     mode: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: MPS when the node has GPUs; on: required; off: never."
     )
+    daemon: Literal["managed", "external"] = Field(
+        "managed",
+        description="managed: mpsserve starts the node's control daemon (Ray hooks) and its "
+        "guardian restarts it; external: someone else runs it (a host DaemonSet, NVIDIA's "
+        "device plugin): mpsserve attaches, reports it down, and never starts or restarts it.",
+    )
     pipe_dir: str = Field("/tmp/mpsserve/mps-pipe", description="CUDA_MPS_PIPE_DIRECTORY.")
     log_dir: str = Field("/tmp/mpsserve/mps-log", description="CUDA_MPS_LOG_DIRECTORY.")
     state_dir: str = Field(

@@ -32,6 +32,8 @@ class Settings:
     wait_for_replica_s: float = 15.0
     #: This replica's MPS mode: off (no MPS), auto (use it when it works), on (required).
     mps_mode: str = "off"
+    #: Who runs the node's control daemon: managed (mpsserve) or external.
+    mps_daemon: str = "managed"
     #: The control daemon's pipe, log and state (locks, guardian) directories.
     mps_pipe_dir: str = "/tmp/mpsserve/mps-pipe"
     mps_log_dir: str = "/tmp/mpsserve/mps-log"

@@ -72,9 +72,12 @@ def write_state(state_dir: Path, state: NodeState) -> None:
 class Guardian(threading.Thread):
     """Keeps the node's control daemon up; one active per node (leader lock)."""
 
-    def __init__(self, control: MpsControl, state_dir: Path, interval_s: float) -> None:
+    def __init__(
+        self, control: MpsControl, state_dir: Path, interval_s: float, restart: bool = True
+    ) -> None:
         super().__init__(name="mps-guardian", daemon=True)
         self.control, self.state_dir, self.interval_s = control, state_dir, interval_s
+        self.restart = restart  # False: the daemon is external; watch and report only
         self._stopping = threading.Event()
         self._lock_handle: Any = None
         self.sampler: NodeSampler | None = None  # the node's metrics sampler, started by the leader
@@ -124,6 +127,11 @@ class Guardian(threading.Thread):
         state = NodeState(restarts=previous.restarts, checked_at=time.time())
         try:
             if not self.control.running():
+                if not self.restart:
+                    raise MpsError(
+                        f"the external MPS control daemon on {self.control.pipe_dir} is down "
+                        "(mps.daemon is 'external': mpsserve does not restart it)"
+                    )
                 logger.warning(
                     "MPS control daemon on %s is down; restarting", self.control.pipe_dir
                 )
@@ -171,7 +179,12 @@ class ReplicaMps:
         self.detail = "MPS off" if self.mode == "off" else "not checked yet"
         self.guardian: Guardian | None = None
         if self.mode != "off":
-            self.guardian = Guardian(self.control, Path(s.mps_state_dir), s.mps_guardian_interval_s)
+            self.guardian = Guardian(
+                self.control,
+                Path(s.mps_state_dir),
+                s.mps_guardian_interval_s,
+                restart=s.mps_daemon != "external",
+            )
 
     def start_guardian(self) -> None:
         if self.guardian is not None and not self.guardian.is_alive():

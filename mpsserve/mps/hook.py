@@ -68,6 +68,7 @@ def replica_runtime_env(mps: MpsConfig, placement: Placement) -> dict[str, Any]:
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": f"{percentage:g}",
         **to_env(
             mps_mode=mps.mode,
+            mps_daemon=mps.daemon,
             mps_pipe_dir=mps.pipe_dir,
             mps_log_dir=mps.log_dir,
             mps_state_dir=mps.state_dir,
@@ -108,6 +109,16 @@ def pinned_limit_mb(s: Settings) -> int | None:
     return int(smallest * s.mps_gpu_share / s.mps_replicas_per_gpu)
 
 
+def require_external(control: MpsControl) -> None:
+    """An external daemon must already answer; mpsserve never starts one."""
+    if not control.running():
+        raise MpsError(
+            f"no MPS control daemon answers on {control.pipe_dir} and mps.daemon is "
+            "'external': start it there (the host's DaemonSet or device plugin), or use "
+            "mps.daemon 'managed'"
+        )
+
+
 def worker_setup() -> None:
     """Ray ``worker_process_setup_hook`` of a GPU replica; never raises (the replica reports)."""
     global setup_error
@@ -115,7 +126,10 @@ def worker_setup() -> None:
     if s.mps_mode == "off":
         return
     try:
-        ensure_daemon(control_from(s), Path(s.mps_state_dir))
+        if s.mps_daemon == "external":
+            require_external(control_from(s))
+        else:
+            ensure_daemon(control_from(s), Path(s.mps_state_dir))
     except MpsError as exc:
         setup_error = exc.message
         logger.warning("MPS is not available to this replica: %s", exc.message)
@@ -133,6 +147,9 @@ def ray_start_hook(ray_params: object, head: bool) -> None:
     gpus = inventory()
     if not gpus.gpus:
         logger.info("no GPU on this node (%s); no MPS daemon started", gpus.error)
+        return
+    if s.mps_daemon == "external":
+        logger.info("MPS daemon is external (mps.daemon); not starting one")
         return
     started = ensure_daemon(control_from(s), Path(s.mps_state_dir))
     logger.info("MPS control daemon %s on %s", "started" if started else "found", s.mps_pipe_dir)

@@ -24,7 +24,7 @@ from mpsserve.config import load_config
 from mpsserve.serving.app import APP_BUILDER, service_config_from_serve
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ["local-cpu", "gpu-mps", "gpu-no-mps", "multi-model"]
+SERVICES = ["local-cpu", "gpu-mps", "gpu-mps-host", "gpu-no-mps", "multi-model"]
 MANIFESTS = sorted((ROOT / "deployments" / "k8s").glob("rayservice-*.yaml"))
 BLOCK = re.compile(
     r"^(?P<indent> *)# BEGIN serve config: (?P<src>\S+).*?\n(?P<body>.*?)^(?P=indent)# END",
@@ -85,7 +85,7 @@ def test_service_yaml_stores_are_absolute(name: str) -> None:
 
 
 def test_gpu_configs_place_on_gpus_and_baseline_turns_mps_off() -> None:
-    mps, baseline = (load_config(ROOT / "deployments" / f"{n}.yaml") for n in SERVICES[1:3])
+    mps, baseline = (load_config(ROOT / "deployments" / f"{n}.yaml") for n in SERVICES[1:4:2])
     assert mps.mps.mode == "on" and baseline.mps.mode == "off"
     assert mps.models[0].placement == baseline.models[0].placement
     multi = load_config(ROOT / "deployments" / "multi-model.yaml")
@@ -238,7 +238,8 @@ def test_host_strategy_shares_the_node_daemon() -> None:
     assert {v["name"]: v.get("hostPath", {}).get("path") for v in pod["volumes"]}["mps-pipe"] == (
         host_pipe
     )
-    mps = load_config(ROOT / "deployments" / "gpu-mps.yaml").mps
+    mps = load_config(ROOT / "deployments" / "gpu-mps-host.yaml").mps
+    assert mps.daemon == "external"  # mpsserve must not start a daemon of its own in the pod
     mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert mounts["mps-pipe"] == mps.pipe_dir
     daemon_mounts = {m["name"]: m["mountPath"] for m in daemon["containers"][0]["volumeMounts"]}

@@ -219,3 +219,39 @@ def test_replica_runtime_env() -> None:
     off = hook.replica_runtime_env(MpsConfig(mode="off"), Placement())
     assert off["env_vars"]["CUDA_MPS_PIPE_DIRECTORY"] == hook.NO_MPS_PIPE_DIR
     assert "worker_process_setup_hook" not in off
+
+
+def test_guardian_of_an_external_daemon_reports_it_down_and_never_restarts_it(
+    tmp_path: Path,
+) -> None:
+    control = standin_control(tmp_path)
+    state_dir = tmp_path / "state"
+    with daemon(control):
+        guardian = Guardian(control, state_dir, interval_s=0.2, restart=False)
+        assert guardian.check().up
+        first = control.daemon_pid()
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        assert wait_for(lambda: not control.running())
+        state = guardian.check()
+        assert not state.up and state.restarts == 0
+        assert state.last_error is not None and "does not restart it" in state.last_error
+        assert not control.running()
+
+
+def test_worker_setup_with_an_external_daemon_attaches_but_never_starts_one(
+    tmp_path: Path, clean_settings: pytest.MonkeyPatch
+) -> None:
+    control = standin_control(tmp_path)
+    replica_settings(control, tmp_path, "on")
+    clean_settings.setenv("MPSSERVE_MPS_DAEMON", "external")
+    settings.cache_clear()
+    hook.worker_setup()
+    assert not control.running()
+    assert hook.setup_error is not None and "mps.daemon is 'external'" in hook.setup_error
+    clean_settings.setattr(hook, "setup_error", None)
+    with daemon(control):  # the host's daemon is up: nothing to say
+        hook.worker_setup()
+        assert hook.setup_error is None
+    env = hook.replica_runtime_env(MpsConfig(mode="on", daemon="external"), Placement())
+    assert env["env_vars"]["MPSSERVE_MPS_DAEMON"] == "external"
