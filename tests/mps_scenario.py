@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +36,9 @@ class Observed:
     failed_after_recovery: int = 0
     doctor_rc: int | None = None
     doctor_verdict: str = ""
+    status_rc: int | None = None
+    status_verdict: str = ""
+    status_attached: int = 0
     exit_code: int | None = None
     output_tail: str = ""
 
@@ -96,7 +100,8 @@ def run(
     )
     load = Load(f"http://127.0.0.1:{port}/v2/models/rec/infer", b"")
     try:
-        read_until(proc, "Ctrl-C stops", timeout_s)
+        banner = read_until(proc, "Ctrl-C stops", timeout_s)
+        address = re.search(r"Ray address:\s+(\S+)", banner)
         _wait(lambda: _all_attached(control, replicas, set()), 60, "every replica attached")
         seen.clients_before, seen.daemon_before = control.clients(), control.daemon_pid()
         seen.replicas_before = sorted(replica_pids())
@@ -131,6 +136,21 @@ def run(
         )
         seen.doctor_rc = doctor.returncode
         seen.doctor_verdict = json.loads(doctor.stdout)["verdict"]
+        status = subprocess.run(
+            [sys.executable, "-m", "mpsserve.cli", "status", "--config", "service.yaml", "--json"]
+            + (["--address", address.group(1)] if address else []),
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, **env},
+        )
+        seen.status_rc = status.returncode
+        report = json.loads(status.stdout) if status.stdout.strip().startswith("{") else {}
+        seen.status_verdict = report.get("verdict", status.stderr[-500:])
+        seen.status_attached = sum(
+            1 for r in report.get("replicas", []) if (r.get("mps") or {}).get("attached")
+        )
     finally:
         load.stop.set()
         if proc.poll() is None:

@@ -30,5 +30,8 @@ def test_replicas_attach_and_recover_from_a_killed_daemon(tf_store: Path, tmp_pa
     assert new_server != server and set(seen.replicas_after) <= set(new_clients)
     assert not set(seen.replicas_after) & set(seen.replicas_before)  # replaced, not reused
     assert seen.requests > 0 and seen.failed_after_recovery == 0
+    # mpsserve status, run as an operator would against the serving cluster, after recovery
+    assert seen.status_rc == 0 and seen.status_verdict.startswith("OK"), seen.status_verdict
+    assert seen.status_attached == 2
     assert seen.exit_code == 0, seen.output_tail
     assert "stopped the MPS control daemon" in seen.output_tail
