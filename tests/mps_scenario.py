@@ -82,6 +82,19 @@ def _all_attached(control: MpsControl, replicas: int, old: set[int]) -> bool:
     return len(live) == replicas and live <= clients and not (live & old)
 
 
+def _cli(tmp: Path, env: dict[str, str], command: str, *extra: str) -> Any:
+    """``mpsserve COMMAND --config service.yaml --json`` as an operator runs it."""
+    argv = [sys.executable, "-m", "mpsserve.cli", command, "--config", "service.yaml", "--json"]
+    return subprocess.run(
+        [*argv, *extra],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+
+
 def run(
     tmp: Path, config: dict[str, Any], replicas: int, env: dict[str, str], timeout_s: float = 240
 ) -> Observed:
@@ -126,25 +139,10 @@ def run(
         seen.failed_after_recovery = sum(
             1 for o in load.outcomes if not o.ok and o.at > recovered_at + 1
         )
-        doctor = subprocess.run(
-            [sys.executable, "-m", "mpsserve.cli", "doctor", "--config", "service.yaml", "--json"],
-            cwd=tmp,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, **env},
-        )
+        doctor = _cli(tmp, env, "doctor")
         seen.doctor_rc = doctor.returncode
         seen.doctor_verdict = json.loads(doctor.stdout)["verdict"]
-        status = subprocess.run(
-            [sys.executable, "-m", "mpsserve.cli", "status", "--config", "service.yaml", "--json"]
-            + (["--address", address.group(1)] if address else []),
-            cwd=tmp,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, **env},
-        )
+        status = _cli(tmp, env, "status", *(["--address", address[1]] if address else []))
         seen.status_rc = status.returncode
         report = json.loads(status.stdout) if status.stdout.strip().startswith("{") else {}
         seen.status_verdict = report.get("verdict", status.stderr[-500:])

@@ -110,6 +110,8 @@ def build_app(config: ServiceConfig, cluster_gpus: int, cluster_cpus: float) -> 
     ]
     ingress = Ingress.options(
         num_replicas=config.ingress.replicas,
+        # Time for requests in flight to finish when Serve replaces an ingress replica.
+        graceful_shutdown_timeout_s=config.ingress.request_timeout_s + 15,
         ray_actor_options={
             "num_cpus": config.ingress.cpus_per_replica,
             "runtime_env": {"env_vars": dict(PROCESS_ENV)},

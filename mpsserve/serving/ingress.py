@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import threading
@@ -88,7 +89,8 @@ class Front:
             http="httptools",
             loop="none",
             timeout_keep_alive=75,
-            timeout_graceful_shutdown=5,
+            # requests in flight at a redeploy may take up to their deadline to finish
+            timeout_graceful_shutdown=math.ceil(self.config.request_timeout_s),
         )
         self._http = uvicorn.Server(http_config)
         self._thread.start()
@@ -171,14 +173,15 @@ class Front:
             if self._http is not None:
                 self._http.should_exit = True
             if self._grpc is not None:
-                await self._grpc.stop(grace=5)
+                await self._grpc.stop(grace=self.config.request_timeout_s)
             task = getattr(self, "_http_task", None)
             if task is not None:
-                await asyncio.wait_for(task, 10)
+                await asyncio.wait_for(task, self.config.request_timeout_s + 5)
 
         if self._thread.is_alive():
             try:
-                asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(timeout=20)
+                done = asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
+                done.result(timeout=self.config.request_timeout_s + 10)
             except Exception as exc:
                 logger.warning("ingress shutdown: %s", exc)
             self.loop.call_soon_threadsafe(self.loop.stop)
