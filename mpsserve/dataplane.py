@@ -152,18 +152,9 @@ class DataPlane:
             status = exc.http_status
             raise
         finally:
-            elapsed = time.perf_counter() - started
             metrics.add_in_flight(request.model, -1)
-            self.recent.record(elapsed, status < 500)
-            metrics.observe_request(request.model, version, protocol, str(status), rows, elapsed)
-            log_access(
-                request_id or request.id or "-",
-                request.model,
-                version,
-                protocol,
-                rows,
-                status,
-                elapsed,
+            self._account(
+                request.model, version, protocol, status, rows, request_id or request.id, started
             )
 
     def rejected(
@@ -173,14 +164,29 @@ class DataPlane:
         large); an unknown model's name is not a label (clients choose it)."""
         status = exc.http_status if isinstance(exc, MpsServeError) else 500
         label = model if model in self._backends else "(unknown)"
+        self._account(label, "", protocol, status, 0, request_id, started)
+
+    def _account(
+        self,
+        model: str,
+        version: str,
+        protocol: str,
+        status: int,
+        rows: int,
+        request_id: str | None,
+        started: float,
+    ) -> None:
+        """Every answered request, once: metrics, the last-minute figures, the access log."""
         elapsed = time.perf_counter() - started
-        metrics.observe_request(label, "", protocol, str(status), 0, elapsed)
+        metrics.observe_request(model, version, protocol, str(status), rows, elapsed)
         self.recent.record(elapsed, status < 500)
-        log_access(request_id or "-", label, "", protocol, 0, status, elapsed)
+        log_access(request_id or "-", model, version, protocol, rows, status, elapsed)
 
 
-def new_request_id() -> str:
-    return uuid.uuid4().hex[:16]
+def request_id_for(client_id: str | None, body_id: str | None) -> str:
+    """The client's request id (header or gRPC metadata), else the body's ``id``, else a new
+    one; echoed back to the client and written in the access log."""
+    return client_id or body_id or uuid.uuid4().hex[:16]
 
 
 def request_rows(request: InferRequest) -> int:

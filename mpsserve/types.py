@@ -47,4 +47,3 @@ class InferResponse:
     version: str
     outputs: dict[str, np.ndarray]
     id: str | None = None
-    timing: dict[str, float] = field(default_factory=dict)  # replica's queue_s, infer_s

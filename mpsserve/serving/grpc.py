@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from mpsserve.dataplane import DataPlane, new_request_id
+from mpsserve.dataplane import DataPlane, request_id_for
 from mpsserve.errors import MpsServeError, to_status
 
 RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
@@ -87,7 +87,7 @@ class GrpcAdapter:
         except MpsServeError as exc:
             self.dataplane.rejected(request.model_name, "grpc", request_id, exc, started)
             raise
-        request_id = request_id or decoded.id or new_request_id()
+        request_id = request_id_for(request_id, decoded.id)
         context.set_trailing_metadata(((REQUEST_ID, request_id),))  # no frame of its own
         result = await self.dataplane.infer(decoded, "grpc", request_id)
         return encode_infer_response(result, decoded)

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from mpsserve.dataplane import DataPlane, new_request_id
+from mpsserve.dataplane import DataPlane, request_id_for
 from mpsserve.errors import InvalidInput, MpsServeError, to_status
 from mpsserve.protocol import kserve, tfserving
 from mpsserve.types import InferRequest, InferResponse
@@ -140,7 +140,7 @@ class InferRoute:
         except MpsServeError as exc:
             dataplane.rejected(name, "http", request_id, exc, started)
             raise
-        request_id = request_id or decoded.id or new_request_id()
+        request_id = request_id_for(request_id, decoded.id)
         result = await dataplane.infer(decoded, "http", request_id)
         payload, response_headers = await _offload(
             _json_output_bytes(result, decoded), kserve.encode_infer_response, result, decoded
@@ -167,11 +167,6 @@ async def _read_body(receive: Receive, size: int | None) -> bytearray:
     if size is not None and filled != size:
         raise InvalidInput(f"request body is {filled} bytes; Content-Length said {size}")
     return body
-
-
-def _request_id(request: Request, body_id: str | None) -> str:
-    """The client's X-Request-ID, else the body's ``id``, else a new one (echoed back)."""
-    return request.headers.get(REQUEST_ID) or body_id or new_request_id()
 
 
 def _ready_response(ready: bool) -> Response:
@@ -231,7 +226,8 @@ def _add_tfserving_routes(app: FastAPI, dataplane: DataPlane) -> None:
     @app.post("/v1/models/{name}:predict")
     @app.post("/v1/models/{name}/versions/{version}:predict")
     async def tfs_predict(name: str, request: Request, version: str | None = None) -> Response:
-        started, request_id = time.perf_counter(), _request_id(request, None)
+        started = time.perf_counter()
+        request_id = request_id_for(request.headers.get(REQUEST_ID), None)
         try:
             dtypes = await dataplane.input_dtypes(name)
             body = await request.body()

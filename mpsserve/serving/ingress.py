@@ -17,6 +17,7 @@ import math
 import os
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -57,15 +58,15 @@ class Front:
     ) -> None:
         self.config, self.directory = config, directory
         self.loop = new_event_loop()
-        max_bytes = int(config.max_request_mb * 2**20)
+        self.max_bytes = int(config.max_request_mb * 2**20)
         self.router = Router(
             dict(models),
             wait_for_replica_s=settings().wait_for_replica_s,
-            max_frame_bytes=max_bytes + 2**20,
+            max_frame_bytes=self.max_bytes + 2**20,
         )
         self.dataplane = DataPlane(
             {name: ReplicaBackend(name, self.router) for name in models},
-            max_request_bytes=max_bytes,
+            max_request_bytes=self.max_bytes,
             request_timeout_s=config.request_timeout_s,
         )
         self._stopping = threading.Event()
@@ -100,10 +101,7 @@ class Front:
 
         async def serve() -> None:
             self._grpc = await start_grpc_server(
-                self.dataplane,
-                self.config.host,
-                self.config.grpc_port,
-                int(self.config.max_request_mb * 2**20),
+                self.dataplane, self.config.host, self.config.grpc_port, self.max_bytes
             )
             self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
 
@@ -129,8 +127,21 @@ class Front:
                 failing = True
             self._stopping.wait(POLL_S)
 
+    def on_loop(self, read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run ``read`` on the ingress's loop, which owns the router's and the data plane's
+        state (another thread iterating them while requests change them would race)."""
+
+        async def call() -> dict[str, Any]:
+            return read()
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(timeout=5)
+
     def _entry(self) -> dict[str, Any]:
-        """This ingress in the directory: where it listens and its recent figures."""
+        """This ingress in the directory (the heartbeat thread asks)."""
+        return self.on_loop(self._entry_now)
+
+    def _entry_now(self) -> dict[str, Any]:
+        """Where this ingress listens and its recent figures."""
         return {
             "key": f"ingress:{self._node_ip}:{os.getpid()}",
             "kind": "ingress",
@@ -208,14 +219,8 @@ class Ingress:
             raise RuntimeError("the ingress's HTTP/gRPC servers stopped")
 
     def describe(self) -> dict[str, Any]:
-        """What this ingress routes to (for ``mpsserve status``)."""
-        future = asyncio.run_coroutine_threadsafe(_snapshot(self._front), self._front.loop)
-        result: dict[str, Any] = future.result(timeout=5)
-        return result
+        """What this ingress routes to (``wait_routable`` reads it)."""
+        return self._front.on_loop(self._front.describe)
 
     def __del__(self) -> None:
         self._front.stop()
-
-
-async def _snapshot(front: Front) -> dict[str, Any]:
-    return front.describe()

@@ -62,10 +62,11 @@ class ModelReplica:
             return
         self._server = ReplicaServer(self.handle_frame, threads=settings().replica_threads)
         port = self._server.start()
+        host = ray.util.get_node_ip_address()
         entry = {
-            "key": f"{ray.util.get_node_ip_address()}:{port}:{os.getpid()}",
+            "key": f"{host}:{port}:{os.getpid()}",
             "model": self._servable.config.name,
-            "host": ray.util.get_node_ip_address(),
+            "host": host,
             "port": port,
             "pid": os.getpid(),
             "node": socket.gethostname(),
@@ -84,14 +85,13 @@ class ModelReplica:
                 version, outputs = self._servable.infer(
                     inputs, header.get("outputs"), header.get("version")
                 )
-                timing = {
-                    "queue_s": started - header["_received"],
-                    "infer_s": time.perf_counter() - started,
-                }
                 metrics.observe_inference(
-                    self._servable.config.name, version, timing["queue_s"], timing["infer_s"]
+                    self._servable.config.name,
+                    version,
+                    queue_seconds=started - header["_received"],
+                    inference_seconds=time.perf_counter() - started,
                 )
-                return frame.encode({"ok": True, "version": version, **timing}, outputs)
+                return frame.encode({"ok": True, "version": version}, outputs)
             if op == "metadata":
                 return frame.encode({"ok": True, "metadata": self.metadata()})
             raise frame.FrameError(f"unknown operation {op!r}")

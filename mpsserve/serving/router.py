@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,7 +81,6 @@ class Router:
         self.max_frame_bytes = max_frame_bytes
         self._endpoints: dict[str, Endpoint] = {}
         self._changed = asyncio.Event()
-        self.updated_at = 0.0
 
     # -- the directory's view ---------------------------------------------------------------
 
@@ -103,7 +103,6 @@ class Router:
                     endpoint.host,
                     endpoint.port,
                 )
-        self.updated_at = time.monotonic()
         self._wake()
 
     def endpoints(self, model: str | None = None) -> list[Endpoint]:
@@ -218,10 +217,8 @@ class ReplicaBackend:
             "outputs": [o.name for o in request.outputs] if request.outputs else None,
         }
         answer, body = await self._call(header, request.inputs)
-        response = InferResponse(request.model, answer["version"], frame.tensors(answer, body))
-        response.id = request.id
-        response.timing = {k: answer[k] for k in ("queue_s", "infer_s") if k in answer}
-        return response
+        outputs = frame.tensors(answer, body)
+        return InferResponse(request.model, answer["version"], outputs, request.id)
 
     async def metadata(self) -> dict[str, Any]:
         answer, _ = await self._call({"op": "metadata"})
@@ -235,8 +232,6 @@ class ReplicaBackend:
 def call_replica(host: str, port: int, header: dict[str, Any], timeout_s: float = 5.0) -> Any:
     """One frame to a replica's data port from blocking code (``mpsserve status``); returns
     the answer's header, or raises its error."""
-    import socket
-
     with socket.create_connection((host, port), timeout=timeout_s) as sock:
         sock.sendall(b"".join(bytes(part) for part in frame.encode(header)))
         reader = sock.makefile("rb")
