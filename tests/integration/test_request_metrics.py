@@ -13,10 +13,24 @@ from tests.integration.conftest import METRICS_PORT
 from tests.integration.test_metrics_export import scrape, value_of
 
 REQUESTS = "ray_mpsserve_requests_total"
+REPORT_INTERVAL_S = 10.0
 
 
 def _count(labels: dict[str, str]) -> float:
     return value_of(scrape(METRICS_PORT), REQUESTS, labels) or 0.0
+
+
+def _settled(labels: dict[str, str], deadline_s: float = 60.0) -> float:
+    """The count once Ray has exported everything earlier tests sent: equal across one
+    report interval (Ray exports every 10 s by default)."""
+    deadline = time.monotonic() + deadline_s
+    value = _count(labels)
+    while True:
+        time.sleep(REPORT_INTERVAL_S + 1)
+        again = _count(labels)
+        if again == value or time.monotonic() > deadline:
+            return again
+        value = again
 
 
 def _wait_for(labels: dict[str, str], want: float, deadline_s: float = 40.0) -> float:
@@ -31,7 +45,7 @@ def _wait_for(labels: dict[str, str], want: float, deadline_s: float = 40.0) -> 
 def test_counts_match_what_the_client_sent(base_url: str) -> None:
     ok = {"model": "rec", "version": "1", "protocol": "http", "status": "200"}
     bad = {"model": "rec", "protocol": "http", "status": "400"}
-    before_ok, before_bad = _count(ok), _count(bad)
+    before_ok, before_bad = _settled(ok), _settled(bad)
     body = encode_json_request(make_request(SMALL, rows=8, seed=5))
     for _ in range(5):
         response = requests.post(f"{base_url}/v2/models/rec/infer", data=body, timeout=60)
