@@ -28,8 +28,6 @@ class Settings:
     #: Threads running inference in each model replica (2 overlaps one request's host work
     #: with another's GPU work).
     replica_threads: int = 2
-    #: How long a request waits for a replica of its model to appear before a 503.
-    wait_for_replica_s: float = 15.0
     #: This replica's MPS mode: off (no MPS), auto (use it when it works), on (required).
     mps_mode: str = "off"
     #: Who runs the node's control daemon: managed (mpsserve) or external.

@@ -32,7 +32,6 @@ from mpsserve.serving.http import create_http_app
 from mpsserve.serving.logs import configure_replica_logging
 from mpsserve.serving.replica_server import new_event_loop
 from mpsserve.serving.router import ReplicaBackend, Router
-from mpsserve.settings import settings
 
 logger = logging.getLogger(__name__)
 POLL_S = 1.0
@@ -61,7 +60,10 @@ class Front:
         self.max_bytes = int(config.max_request_mb * 2**20)
         self.router = Router(
             dict(models),
-            wait_for_replica_s=settings().wait_for_replica_s,
+            # While Serve replaces replicas (an MPS daemon restart replaces them all) a request
+            # waits for one up to its own deadline, less a directory poll, so that it fails
+            # with "no replica is reachable" rather than a bare timeout.
+            wait_for_replica_s=max(config.request_timeout_s - POLL_S, 0.0),
             max_frame_bytes=self.max_bytes + 2**20,
         )
         self.dataplane = DataPlane(
