@@ -143,6 +143,26 @@ def synthetic_inputs(signature: Signature, rows: int = 8) -> dict[str, np.ndarra
     return out
 
 
+def synthetic_like(
+    signature: Signature, shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, np.ndarray]:
+    """A valid request with the given input shapes (a ragged feature's values spread over
+    its rows), for warming a new version with the shapes the old one served."""
+    rng = np.random.default_rng(0)
+    out: dict[str, np.ndarray] = {}
+    for spec in signature.inputs:
+        shape = tuple(shapes[spec.name])
+        if spec.ragged and spec.name.endswith(LENGTHS_SUFFIX):
+            values = shapes[spec.name.removesuffix(LENGTHS_SUFFIX) + VALUES_SUFFIX][0]
+            rows = shape[0]
+            lengths = np.full(rows, values // rows if rows else 0, dtype=spec.dtype)
+            lengths[: values - int(lengths.sum())] += 1
+            out[spec.name] = lengths
+            continue
+        out[spec.name] = _random(spec, shape, rng)
+    return out
+
+
 def _random(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     dtype = np.dtype(spec.dtype)
     if dtype.kind in "iu":

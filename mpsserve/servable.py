@@ -1,10 +1,18 @@
 """One model served by one process: store -> version -> runtime -> validated predict.
 
 Lifecycle: load -> warm up -> ready -> (watch) -> swap -> unload. A watcher thread polls the
-store; a new target version is fetched, loaded and warmed up beside the serving one, then
-swapped in with one assignment, and the old one is unloaded once its in-flight requests have
-finished, so no request fails because of a swap. A version that fails to load or warm up is
-recorded with its reason and not tried again by this process; the current one keeps serving.
+store; a new target version is fetched, loaded and warmed up beside the serving one (with the
+request shapes the serving one has seen, so a PyTorch version captures its CUDA graphs before
+it takes traffic), then swapped in with one assignment, and the old one is unloaded once its
+in-flight requests have finished, so no request fails because of a swap.
+
+One version everywhere: the version a process serves depends only on the store and on which
+versions failed to load, never on what the process happened to load before, so a replica
+started today and one running for a week reach the same verdict. The target is the newest
+complete version the policy allows (``specific``: the highest pinned one) that has not failed.
+A failed version is tried again when its files change (a slow upload completing: size, mtime
+or ETag) and, unchanged, after a backoff (a transient failure: memory, a store hiccup), so
+replicas that disagreed converge. ``converge_within_s`` is the bound this gives.
 This module knows nothing of Ray or HTTP.
 """
 
@@ -18,6 +26,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +42,35 @@ from mpsserve.errors import (
     ModelNotReady,
     MpsServeError,
 )
-from mpsserve.features import prepare_inputs, synthetic_inputs
+from mpsserve.features import prepare_inputs, synthetic_inputs, synthetic_like
 from mpsserve.runtime import REQUIRED_FILES, ModelRuntime, RuntimeOptions, load_runtime
 from mpsserve.settings import settings
 from mpsserve.store import ModelStore
 
 logger = logging.getLogger(__name__)
-#: Error text that means the CUDA context is gone (an MPS server died, a device fault).
+#: Error text that means the CUDA context is gone (an MPS server died, a device fault)...
 DEVICE_FAULTS = ("CUDA error", "cudaError", "MPS", "CUDA_ERROR")
+#: ... unless it is one of these, which leave the context usable (the request failed alone).
+RECOVERABLE = ("out of memory", "stream is capturing", "StreamCapture", "capture")
 UNLOAD_GRACE_S = 60.0  # longest an old version waits for its in-flight requests
 KEEP_NEWEST = 3  # cached versions kept besides the served and pinned ones
+RETRY_BASE_S = 15.0  # first retry of a failed version whose files did not change ...
+RETRY_MAX_S = 600.0  # ... doubling up to this
+LOAD_ALLOWANCE_S = 60.0  # what the convergence bound allows for one load and warm-up
+
+
+@dataclass
+class Failure:
+    """A version that would not load in this process: why, its files then, when to retry."""
+
+    reason: str
+    fingerprint: str | None  # None: its files could not even be listed
+    attempts: int
+    retry_at: float  # time.monotonic()
+
+    def due(self, fingerprint: str | None, now: float) -> bool:
+        """Try again: the files changed since it failed, or the backoff has passed."""
+        return fingerprint != self.fingerprint or now >= self.retry_at
 
 
 class Loaded:
@@ -97,10 +125,11 @@ class Servable:
         )
         self._current: Loaded | None = None
         self.fault: str | None = None  # a device error that leaves this process unusable
-        self.failed: dict[int, str] = {}  # versions that would not load here, and why
+        self.failed: dict[int, Failure] = {}  # versions that would not load here, and why
         self.skipped: dict[int, str] = {}  # incomplete versions in the store, and why
         self.store_error: str | None = None
         self.swaps = 0
+        self.serving_since: float | None = None  # time.time() of the last swap
         self.last_poll: float | None = None
         self._poll_lock = threading.Lock()
         self._wake, self._stopping = threading.Event(), threading.Event()
@@ -130,7 +159,7 @@ class Servable:
         if self.store_error:
             return self.store_error
         if self.failed:
-            return "; ".join(f"version {v}: {r}" for v, r in sorted(self.failed.items()))
+            return "; ".join(f"version {v}: {f.reason}" for v, f in sorted(self.failed.items()))
         return f"no complete version in {self.config.store} matches {self._policy_text()}"
 
     def _policy_text(self) -> str:
@@ -160,36 +189,44 @@ class Servable:
                 return
             self.store_error, self.skipped = None, dict(scan.skipped)
             for version in self._candidates(scan.complete):
-                if version == self.version or self._try_swap(version):
+                if version == self.version:
                     break
+                fingerprint = self._fingerprint(version)
+                failure = self.failed.get(version)
+                if failure is not None and not failure.due(fingerprint, time.monotonic()):
+                    continue
+                if self._try_swap(version, fingerprint):
+                    break
+            for gone in set(self.failed) - set(scan.complete) - set(scan.skipped):
+                del self.failed[gone]  # deleted from the store: forget it
             self._prune(scan.complete)
 
     def _candidates(self, complete: list[int]) -> list[int]:
-        """Versions to try, best first. The policy's versions come first; a process serving
-        nothing yet also falls back to older complete ones, so it never starts empty while
-        an older version would load."""
+        """Every version worth serving, best first; the first that loads (or is already
+        served) wins. Pinned: the pinned versions, highest first. Otherwise the newest
+        complete version, then older ones in case it fails: whatever a process loaded
+        before, the outcome is the same in every process (``latest`` is how many a policy
+        would keep; one version serves at a time)."""
         if self.policy.specific:
-            wanted = [v for v in complete if v in self.policy.specific]
-        else:
-            wanted = complete[-(self.policy.latest or 1) :]
-        ordered = sorted(wanted, reverse=True)
-        if self._current is None and not self.policy.specific:
-            ordered += [v for v in sorted(complete, reverse=True) if v not in ordered]
-        return [v for v in ordered if v not in self.failed or v == self.version]
+            return sorted((v for v in complete if v in self.policy.specific), reverse=True)
+        return sorted(complete, reverse=True)
 
-    def _try_swap(self, version: int) -> bool:
+    def _fingerprint(self, version: int) -> str | None:
+        try:
+            return self.store.fingerprint(version)
+        except MpsServeError:
+            return None
+
+    def _try_swap(self, version: int, fingerprint: str | None) -> bool:
         started = time.monotonic()
         try:
             runtime = self._load_version(version)
-        except Exception as exc:  # whatever a framework raises: report it, never retry it
-            message = (
-                exc.message if isinstance(exc, MpsServeError) else f"{type(exc).__name__}: {exc}"
-            )
-            self.failed[version] = message
-            logger.error("model %s version %d not served: %s", self.config.name, version, message)
-            metrics.count_load_failure(self.config.name, str(version))
+        except Exception as exc:  # whatever a framework raises: report it, retry it later
+            self._record_failure(version, fingerprint, exc)
             return False
+        self.failed.pop(version, None)
         old, self._current = self._current, Loaded(runtime, version)
+        self.serving_since = time.time()
         self.swaps += 1 if old is not None else 0
         name = self.config.name
         if old is not None:
@@ -208,16 +245,42 @@ class Servable:
             threading.Thread(target=old.close_when_idle, name="unload", daemon=True).start()
         return True
 
+    def _record_failure(self, version: int, fingerprint: str | None, exc: Exception) -> None:
+        message = exc.message if isinstance(exc, MpsServeError) else f"{type(exc).__name__}: {exc}"
+        previous = self.failed.get(version)
+        attempts = 1 if previous is None else previous.attempts + 1
+        backoff = min(RETRY_BASE_S * 2 ** (attempts - 1), RETRY_MAX_S)
+        self.failed[version] = Failure(message, fingerprint, attempts, time.monotonic() + backoff)
+        logger.error(
+            "model %s version %d not served (attempt %d): %s; tried again when its files "
+            "change, or in %.0fs",
+            self.config.name,
+            version,
+            attempts,
+            message,
+            backoff,
+        )
+        metrics.count_load_failure(self.config.name, str(version))
+
     def _load_version(self, version: int) -> ModelRuntime:
         path = self.store.fetch(version)
         runtime = load_runtime(self.config.runtime, path, self.options)
-        if self.config.warmup_rows:
-            try:
-                runtime.predict(synthetic_inputs(runtime.signature, self.config.warmup_rows))
-            except Exception as exc:
-                runtime.close()
-                raise ModelLoadError(f"version {version} failed its warm-up: {exc}") from exc
+        try:
+            self._warm_up(runtime)
+        except Exception as exc:
+            runtime.close()
+            raise ModelLoadError(f"version {version} failed its warm-up: {exc}") from exc
         return runtime
+
+    def _warm_up(self, runtime: ModelRuntime) -> None:
+        """A synthetic request, then one of each shape the serving version has prepared for
+        (its CUDA-graph buckets), so the first real requests find them ready."""
+        if not self.config.warmup_rows:
+            return
+        runtime.predict(synthetic_inputs(runtime.signature, self.config.warmup_rows))
+        current = self._current
+        for shapes in current.runtime.warm_shapes() if current is not None else ():
+            runtime.predict(synthetic_like(runtime.signature, shapes))
 
     def _prune(self, complete: list[int]) -> None:
         """Drop old cached copies. Kept: the served version, pinned ones and the newest few,
@@ -277,7 +340,7 @@ class Servable:
             try:
                 result = runtime.predict(prepared)
             except InferenceError as exc:
-                if any(mark in exc.message for mark in DEVICE_FAULTS):
+                if is_device_fault(exc.message):
                     self.fault = exc.message  # CUDA errors are sticky: replace the process
                 raise
         missing = [name for name in wanted if name not in result]
@@ -322,6 +385,7 @@ class Servable:
             "ragged_features": list(signature.ragged_features),
             "device": current.runtime.device,
             "cpu_ops": current.runtime.cpu_ops,
+            "graphs": current.runtime.graph_status(),
             "store": self.store_status(),
         }
 
@@ -330,9 +394,23 @@ class Servable:
             "uri": self.config.store,
             "policy": self._policy_text(),
             "serving": self.version,
+            "serving_since": self.serving_since,
+            "converge_within_s": self.converge_within_s,
             "swaps": self.swaps,
-            "failed": {str(v): r for v, r in sorted(self.failed.items())},
+            "failed": {str(v): f.reason for v, f in sorted(self.failed.items())},
             "skipped": {str(v): r for v, r in sorted(self.skipped.items())},
             "error": self.store_error,
             "last_poll": self.last_poll,
         }
+
+    @property
+    def converge_within_s(self) -> float:
+        """How long replicas of this model may serve different versions: two polls (one to
+        see the change, one in case the files were still arriving), the first retry of a
+        version that failed in one process only, and one load."""
+        return 2 * self.config.poll_interval_s + RETRY_BASE_S + LOAD_ALLOWANCE_S
+
+
+def is_device_fault(message: str) -> bool:
+    """A runtime error that leaves this process's CUDA context unusable."""
+    return any(m in message for m in DEVICE_FAULTS) and not any(m in message for m in RECOVERABLE)

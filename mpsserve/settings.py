@@ -28,6 +28,9 @@ class Settings:
     #: Threads running inference in each model replica (2 overlaps one request's host work
     #: with another's GPU work).
     replica_threads: int = 2
+    #: CUDA-graph capture beside other work of the process: concurrent (thread-local capture
+    #: mode, the default) or exclusive (replays and eager runs pause while a graph captures).
+    graph_capture: str = "concurrent"
     #: This replica's MPS mode: off (no MPS), auto (use it when it works), on (required).
     mps_mode: str = "off"
     #: Who runs the node's control daemon: managed (mpsserve) or external.

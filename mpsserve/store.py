@@ -10,6 +10,7 @@ remote listing tells a valid cached copy from a stale one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -196,8 +197,15 @@ class ModelStore:
     def _version_path(self, version: int) -> str:
         return f"{self._base}/{version}"
 
-    def _listing(self, version: int) -> Files:
-        """Every file and directory of a complete version; ModelLoadError when it is not."""
+    def fingerprint(self, version: int) -> str:
+        """A digest of the version's files (names, sizes, content tags: ETag, mtime, ...):
+        it changes when any file is added, grows or is rewritten, so a version that failed
+        to load is tried again once its files change (a slow upload completing)."""
+        digest = hashlib.sha256(json.dumps(_manifest(self._files(version))).encode())
+        return digest.hexdigest()[:16]
+
+    def _files(self, version: int) -> Files:
+        """Every file and directory under the version, complete or not."""
         root = self._version_path(version)
         try:
             self._fs.invalidate_cache(root)
@@ -208,6 +216,11 @@ class ModelStore:
         for path, info in found.items():
             if path.startswith(root + "/") and path.rstrip("/") != root:
                 files[path[len(root) + 1 :].rstrip("/")] = info
+        return files
+
+    def _listing(self, version: int) -> Files:
+        """Every file and directory of a complete version; ModelLoadError when it is not."""
+        files = self._files(version)
         only = {rel for rel, info in files.items() if info["type"] != "directory"}
         if not only:
             raise ModelLoadError(f"version {version} of {self.uri} is missing or empty")

@@ -152,5 +152,14 @@ class ModelRuntime(ABC):
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on validated inputs (every signature input, right dtype)."""
 
+    def warm_shapes(self) -> list[dict[str, tuple[int, ...]]]:
+        """Input shapes this runtime has prepared for (one request of each), so that the next
+        version can be warmed with them before it takes traffic; none by default."""
+        return []
+
+    def graph_status(self) -> dict[str, Any] | None:
+        """CUDA-graph replay's state (enabled, graphs captured), None where there is none."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, most runtimes free on GC
         """Release what the model holds; the object is not used afterwards."""

@@ -9,10 +9,22 @@ in a geometric series (ratio ``GROWTH``, multiples of ``ALIGN``), and each ragge
 values likewise. Padded rows are zeros; a ragged feature's padded values all go to one spare
 padded row (its length), so every real row sees exactly its own values, and the spare rows'
 outputs are dropped. This assumes what a ranking model does: each row is scored on its own.
-A graph is captured on the first request of its bucket, checked once against the eager
-result, and kept (the ``MAX_GRAPHS`` most recently used). Anything unexpected (a capture
-error, a mismatch, outputs that are not per row) turns graphs off for the model, with a
-warning, and requests run eagerly.
+A graph is captured on the first request of its bucket (or, for a new version, while it
+warms up with the shapes the old version served), checked once against the eager result, and
+kept (the ``MAX_GRAPHS`` most recently used).
+
+Capturing while other threads of the process run CUDA work (the old version serving during a
+hot swap, another bucket replaying) is what broke swaps under load: PyTorch captures in
+"global" mode by default, where any other thread's synchronising call (a device-to-host copy,
+a cudaMalloc) invalidates the capture and fails that thread's work. Captures here use
+"thread_local" mode (only the capturing thread is restricted; the capture runs on a
+non-blocking side stream, so other threads' legacy-stream work does not join it), and one
+capture runs at a time per process. ``MPSSERVE_GRAPH_CAPTURE=exclusive`` also pauses every
+replay and eager run of the process while a capture runs (the fallback if a driver or
+PyTorch version mishandles concurrent work; measured in tests/gpu/results/).
+A capture that fails leaves that bucket eager (the model keeps its other graphs); a mismatch
+against eager, a replay error or outputs that are not per row turn graphs off for the model,
+with a warning, and requests run eagerly.
 """
 
 from __future__ import annotations
@@ -21,19 +33,74 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 
 from mpsserve.runtime.base import LENGTHS_SUFFIX, VALUES_SUFFIX, Signature
+from mpsserve.settings import settings
 
 logger = logging.getLogger(__name__)
 GROWTH = 1.125  # at most ~12% padding; 2000 rows -> 2176 (1.25 gave 2432, 9% less throughput)
 ALIGN = 64
 MAX_GRAPHS = 32
 TOLERANCE = 1e-3  # TF32 and kernel choice differ between capture and eager: loose on purpose
+MAX_CAPTURE_FAILURES = 3  # then graphs go off for the model
+
+
+class CaptureGate:
+    """One capture at a time per process; in exclusive mode a capture also waits for the
+    process's other CUDA work to finish and holds new work back until it ends."""
+
+    def __init__(self, exclusive: bool) -> None:
+        self.exclusive = exclusive
+        self._cond = threading.Condition()
+        self._working = 0
+        self._capturing = False
+
+    @contextmanager
+    def work(self) -> Iterator[None]:
+        """Around a replay or an eager run."""
+        if not self.exclusive:
+            yield
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: not self._capturing)
+            self._working += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._working -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._capturing)
+            self._capturing = True
+            if self.exclusive:
+                self._cond.wait_for(lambda: self._working == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._capturing = False
+                self._cond.notify_all()
+
+
+_gate: CaptureGate | None = None
+
+
+def gate() -> CaptureGate:
+    """The process's gate (``MPSSERVE_GRAPH_CAPTURE``: concurrent or exclusive)."""
+    global _gate
+    if _gate is None:
+        _gate = CaptureGate(exclusive=settings().graph_capture == "exclusive")
+    return _gate
 
 
 def bucket(n: int) -> int:
@@ -80,8 +147,15 @@ class Padding:
 
 
 class _Graph:
-    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor], outputs: Any):
+    def __init__(
+        self,
+        graph: torch.cuda.CUDAGraph,
+        inputs: list[torch.Tensor],
+        outputs: Any,
+        shapes: dict[str, tuple[int, ...]],
+    ) -> None:
         self.graph, self.inputs, self.outputs = graph, inputs, outputs
+        self.shapes = shapes  # the request it was captured for, to warm a next version
         self.checked = False
 
 
@@ -94,6 +168,7 @@ class GraphRunner:
         self._graphs: OrderedDict[tuple[int, ...], _Graph] = OrderedDict()
         self._lock = threading.Lock()  # one replay at a time: the graphs share buffers
         self._pool: Any = None
+        self._eager_keys: dict[tuple[int, ...], str] = {}  # buckets whose capture failed
         self.captures = 0
 
     def predict(self, inputs: Mapping[str, np.ndarray], eager: Any) -> dict[str, np.ndarray] | None:
@@ -108,16 +183,8 @@ class GraphRunner:
                 entry = self._graph_for(padding, inputs)
                 if entry is None:
                     return None
-                for spec, static in zip(self.signature.inputs, entry.inputs, strict=True):
-                    padding.fill(spec.name, inputs[spec.name], static)
-                entry.graph.replay()
-                tensors = (
-                    entry.outputs if isinstance(entry.outputs, tuple | list) else (entry.outputs,)
-                )
-                result = {
-                    name: t[: padding.rows].cpu().numpy()
-                    for name, t in zip(names, tensors, strict=True)
-                }
+                with gate().work():
+                    result = self._replay(entry, padding, inputs, names)
         except Exception as exc:  # never fail a request because of a graph
             self._disable(f"replay failed: {exc}")
             return None
@@ -127,12 +194,30 @@ class GraphRunner:
                 return None
         return result
 
+    def _replay(
+        self,
+        entry: _Graph,
+        padding: Padding,
+        inputs: Mapping[str, np.ndarray],
+        names: list[str],
+    ) -> dict[str, np.ndarray]:
+        for spec, static in zip(self.signature.inputs, entry.inputs, strict=True):
+            padding.fill(spec.name, inputs[spec.name], static)
+        entry.graph.replay()
+        tensors = entry.outputs if isinstance(entry.outputs, tuple | list) else (entry.outputs,)
+        return {
+            name: t[: padding.rows].cpu().numpy() for name, t in zip(names, tensors, strict=True)
+        }
+
     def _graph_for(self, padding: Padding, inputs: Mapping[str, np.ndarray]) -> _Graph | None:
         entry = self._graphs.get(padding.key)
         if entry is not None:
             self._graphs.move_to_end(padding.key)
             return entry
-        entry = self._capture(padding, inputs)
+        if padding.key in self._eager_keys:
+            return None
+        with gate().capture():
+            entry = self._capture(padding, inputs)
         if entry is None:
             return None
         self._graphs[padding.key] = entry
@@ -161,10 +246,13 @@ class GraphRunner:
                     self.module(*statics)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+            with (
+                torch.inference_mode(),
+                torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
+            ):
                 outputs = self.module(*statics)
         except Exception as exc:
-            self._disable(f"capture failed: {exc}")
+            self._capture_failed(padding.key, exc)
             return None
         tensors = outputs if isinstance(outputs, tuple | list) else (outputs,)
         if any(t.ndim == 0 or t.shape[0] != padding.padded_rows for t in tensors):
@@ -172,7 +260,29 @@ class GraphRunner:
             return None
         self.captures += 1
         logger.info("captured a CUDA graph for padded shape %s", padding.key)
-        return _Graph(graph, statics, outputs)
+        shapes = {name: tuple(int(d) for d in array.shape) for name, array in inputs.items()}
+        return _Graph(graph, statics, outputs, shapes)
+
+    def _capture_failed(self, key: tuple[int, ...], exc: Exception) -> None:
+        """That bucket runs eagerly from now on; several failures turn graphs off."""
+        self._eager_keys[key] = str(exc)
+        logger.warning(
+            "CUDA-graph capture for padded shape %s failed: %s; it runs eagerly", key, exc
+        )
+        if len(self._eager_keys) >= MAX_CAPTURE_FAILURES:
+            self._disable(f"{len(self._eager_keys)} captures failed, the last: {exc}")
+
+    def shapes(self) -> list[dict[str, tuple[int, ...]]]:
+        """One request's shapes per checked graph, most recently used last."""
+        return [dict(g.shapes) for g in list(self._graphs.values()) if g.checked]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "graphs": len(self._graphs),
+            "captures": self.captures,
+            "eager_buckets": len(self._eager_keys),
+        }
 
     def _check(self, entry: _Graph, got: dict[str, np.ndarray], want: dict[str, Any]) -> None:
         for name, array in got.items():

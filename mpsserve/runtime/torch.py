@@ -16,7 +16,7 @@ import torch
 
 from mpsserve.errors import InferenceError, ModelLoadError
 from mpsserve.runtime.base import ModelRuntime, RuntimeOptions, Signature, read_signature_file
-from mpsserve.runtime.graphs import GraphRunner
+from mpsserve.runtime.graphs import GraphRunner, gate
 
 MODEL_FILE = "model.pt2"
 
@@ -80,13 +80,19 @@ class TorchRuntime(ModelRuntime):
     def predict_eager(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = [_to_tensor(inputs[spec.name], self._torch_device) for spec in self.signature.inputs]
         try:
-            with torch.inference_mode():
+            with gate().work(), torch.inference_mode():
                 result = self._module(*args)
         except RuntimeError as exc:
             raise InferenceError(f"PyTorch failed: {exc}") from exc
         tensors = result if isinstance(result, (tuple, list)) else (result,)
         names = [spec.name for spec in self.signature.outputs]
         return {name: t.detach().cpu().numpy() for name, t in zip(names, tensors, strict=True)}
+
+    def warm_shapes(self) -> list[dict[str, tuple[int, ...]]]:
+        return self.graphs.shapes() if self.graphs is not None and self.graphs.enabled else []
+
+    def graph_status(self) -> dict[str, Any] | None:
+        return self.graphs.status() if self.graphs is not None else None
 
     def close(self) -> None:
         """Free the weights now: an exported module holds reference cycles, so without a
