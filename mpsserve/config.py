@@ -63,6 +63,20 @@ class Placement(_Strict):
     health_check_period_s: float = Field(
         5.0, gt=0, description="How often Ray Serve asks each replica whether it is healthy."
     )
+    health_check_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long Ray Serve waits for a replica's health check; three missed in a "
+        "row and Serve replaces it, so a frozen process goes in ~3 x this (Serve's default 30 s "
+        "would take 90 s).",
+    )
+    inference_stall_s: float = Field(
+        60.0,
+        gt=0,
+        description="A request running this long in a replica's inference thread fails its "
+        "health check (a hung runtime or GPU); Serve then replaces the replica. Loading and "
+        "warming a version happen on another thread and do not count.",
+    )
 
     def num_gpus_per_replica(self) -> float:
         """Ray's ``num_gpus`` for one replica: its slice of the GPU's share."""
@@ -118,10 +132,50 @@ class IngressConfig(_Strict):
     host: str = Field("0.0.0.0", description="Address the HTTP proxy binds.")
     http_port: int = Field(8000, ge=1, le=65535, description="KServe v2 / TF-Serving REST port.")
     grpc_port: int = Field(9000, ge=1, le=65535, description="KServe v2 gRPC port.")
-    replicas: int = Field(1, ge=1, description="Ingress replicas.")
-    cpus_per_replica: float = Field(1.0, ge=0, description="Ray CPUs reserved per ingress replica.")
+    replicas: int = Field(
+        2,
+        ge=1,
+        description="Ingress replicas. Two by default, so none is a single point of failure: "
+        "on one node they share the HTTP and gRPC ports (SO_REUSEPORT), so a killed, crashed "
+        "or redeployed replica loses only its own in-flight requests while the other listens.",
+    )
+    cpus_per_replica: float = Field(
+        0.5,
+        ge=0,
+        description="Ray CPUs reserved per ingress replica (a scheduling reservation, not a "
+        "cap). 0.5: the default service, one 1-CPU model replica and two ingresses, fits a "
+        "2-CPU machine; raise it where ingresses should own whole cores under heavy load.",
+    )
     max_request_mb: float = Field(64.0, gt=0, description="Largest request body accepted.")
     request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline.")
+    attempt_timeout_min_s: float = Field(
+        1.0,
+        gt=0,
+        description="Floor of the per-attempt timeout. An attempt on a model replica that has "
+        "not answered within max(this, attempt_timeout_p99_factor x the model's recent P99 at "
+        "this ingress) is stalled: the replica is set aside and the request sent to another one "
+        "as well (the first answer wins). The floor keeps a slow first request (TensorFlow's "
+        "first call, a CUDA-graph capture) from being duplicated within milliseconds.",
+    )
+    attempt_timeout_p99_factor: float = Field(
+        4.0,
+        ge=1,
+        description="Per-attempt timeout as a multiple of the model's recent P99 exchange time "
+        "(the last 256 answers at this ingress); it grows with the latency under overload, so "
+        "stalls (and extra attempts) stay rare unless a replica stops answering.",
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Most attempts of one request running at once, each on a different replica "
+        "(1: never send a request to a second replica while the first is silent).",
+    )
+    replica_set_aside_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long a replica that failed or stalled stays out of rotation; one that "
+        "stalled is back as soon as the stalled attempt answers.",
+    )
 
 
 class MpsLimits(_Strict):

@@ -88,6 +88,13 @@ INFERENCE_DURATION = _spec(
     "Time of the model call in a replica",
     *("model", "version"),
 )
+STALLED_ATTEMPTS = _spec(
+    "mpsserve_stalled_attempts_total",
+    "counter",
+    "Attempts an ingress gave up waiting for (past the per-attempt timeout): the replica was "
+    "set aside and the request sent to another one as well",
+    *("model", "replica"),
+)
 IN_FLIGHT = _spec(
     "mpsserve_requests_in_flight", "gauge", "Requests being handled by this process", "model"
 )
@@ -142,8 +149,8 @@ GPU_MEMORY_TOTAL = _spec(
 GPU_POWER = _spec("mpsserve_gpu_power_watts", "gauge", "GPU board power draw", "node", "gpu")
 
 METRICS: tuple[MetricSpec, ...] = (
-    REQUESTS, ROWS, REQUEST_DURATION, QUEUE_DURATION, INFERENCE_DURATION, IN_FLIGHT,
-    SERVED_VERSION, LOAD_FAILURES, SWAPS, CPU_OPS, MPS_UP, MPS_RESTARTS, MPS_CLIENTS,
+    REQUESTS, ROWS, REQUEST_DURATION, QUEUE_DURATION, INFERENCE_DURATION, STALLED_ATTEMPTS,
+    IN_FLIGHT, SERVED_VERSION, LOAD_FAILURES, SWAPS, CPU_OPS, MPS_UP, MPS_RESTARTS, MPS_CLIENTS,
     GPU_UTILIZATION, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_POWER,
 )  # fmt: skip
 
@@ -319,6 +326,11 @@ def observe_inference(
     """One model call in a replica: how long it waited, then how long it ran."""
     _record(QUEUE_DURATION, max(queue_seconds, 0.0), model=model)
     _record(INFERENCE_DURATION, max(inference_seconds, 0.0), model=model, version=version)
+
+
+def count_stalled_attempt(model: str, replica: str) -> None:
+    """An ingress stopped waiting for ``replica`` on one request and tried another."""
+    _record(STALLED_ATTEMPTS, 1, model=model, replica=replica)
 
 
 def add_in_flight(model: str, delta: int) -> None:

@@ -4,10 +4,18 @@ Applications and deployments come from Ray Serve; the replicas and ingresses fro
 directory (where each registers); each model replica answers a ``metadata`` frame on its
 data port (served version, GPU, MPS attach state, its node's MPS daemon as the guardian saw
 it); traffic is each ingress's last 60 seconds.
+
+Versions: replicas of one model that answer with different versions are a split. A split is
+normal for a moment (a new version reaches each replica at its own next poll), so it is a
+problem only once it is older than the replicas' own bound (``converge_within_s``); its age is
+counted from the most recent version change among them, which never overstates it. Versions
+that failed to load are listed with their reason and how many replicas report them; they are
+a problem only through their effects (a replica that serves nothing does not answer).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from mpsserve.serving.router import call_replica
@@ -34,7 +42,7 @@ def gather(app_name: str, timeout_s: float = 5.0) -> dict[str, Any]:
         }
         for name, app in status.applications.items()
     }
-    report: dict[str, Any] = {"app": app_name, "applications": applications}
+    report: dict[str, Any] = {"app": app_name, "time": time.time(), "applications": applications}
     if app_name not in applications:
         report["verdict"] = f"PROBLEM: no application {app_name!r} is deployed"
         report["ok"] = False
@@ -47,8 +55,15 @@ def gather(app_name: str, timeout_s: float = 5.0) -> dict[str, Any]:
     ]
     report["traffic"] = _traffic(report["ingresses"])
     report["mps_nodes"] = _nodes(report["replicas"])
+    report["models"] = _models(report["replicas"], report["time"])
     report["ok"], report["verdict"] = _verdict(report)
     return report
+
+
+#: What each row keeps of a replica's ``metadata["store"]``.
+STORE_FIELDS = ("policy", "swaps", "failed", "serving_since", "converge_within_s")
+#: The split bound assumed for replicas that do not state theirs.
+DEFAULT_CONVERGE_S = 120.0
 
 
 def _replica(entry: dict[str, Any], timeout_s: float) -> dict[str, Any]:
@@ -65,7 +80,8 @@ def _replica(entry: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         "gpus": metadata.get("gpus", []),
         "mps": metadata.get("mps", {}),
         "cpu_ops": len(metadata.get("cpu_ops") or []),
-        "store": {k: metadata.get("store", {}).get(k) for k in ("policy", "swaps", "failed")},
+        "graphs": metadata.get("graphs"),
+        "store": {k: (metadata.get("store") or {}).get(k) for k in STORE_FIELDS},
     }
 
 
@@ -94,7 +110,93 @@ def _nodes(replicas: list[dict[str, Any]]) -> dict[str, Any]:
     return nodes
 
 
+def _models(replicas: list[dict[str, Any]], now: float) -> dict[str, Any]:
+    """Per model, from the replicas that answer: who serves which version, the split's age
+    (None when they agree) and bound, and the failed versions with the replicas reporting them."""
+    answering: dict[str, list[dict[str, Any]]] = {}
+    for replica in replicas:
+        if "error" not in replica:
+            answering.setdefault(replica["model"], []).append(replica)
+    return {name: _model(rows, now) for name, rows in sorted(answering.items())}
+
+
+def _model(rows: list[dict[str, Any]], now: float) -> dict[str, Any]:
+    serving: dict[str, int] = {}
+    failed: dict[str, dict[str, Any]] = {}
+    stores = [row.get("store") or {} for row in rows]
+    for row, store in zip(rows, stores, strict=True):
+        version = ",".join(row.get("versions") or []) or "-"
+        serving[version] = serving.get(version, 0) + 1
+        for failed_version, reason in sorted((store.get("failed") or {}).items()):
+            entry = failed.setdefault(failed_version, {"reason": reason, "replicas": 0})
+            entry["replicas"] += 1
+    bounds = [s["converge_within_s"] for s in stores if s.get("converge_within_s") is not None]
+    since = [s["serving_since"] for s in stores if s.get("serving_since") is not None]
+    split = len(serving) > 1
+    return {
+        "serving": dict(sorted(serving.items())),
+        "split": split,
+        # Since the last version change in any replica: the split is at least that old.
+        "split_s": round(now - max(since), 1) if split and since else None,
+        "bound_s": max(bounds, default=DEFAULT_CONVERGE_S),
+        "failed": failed,
+    }
+
+
+def _versions_text(serving: dict[str, int]) -> str:
+    return ", ".join(f"{v} on {n} replica(s)" for v, n in serving.items())
+
+
+def _version_findings(models: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(problems, notes) about versions: splits past their bound, splits within it, failures."""
+    problems: list[str] = []
+    notes: list[str] = []
+    for name, m in models.items():
+        if m["split"]:
+            late, text = _split_text(name, m)
+            (problems if late else notes).append(text)
+        if m["failed"]:
+            failed = ", ".join(f"{v} ({f['replicas']} replica(s))" for v, f in m["failed"].items())
+            notes.append(f"{name} version(s) failed to load: {failed}")
+    return problems, notes
+
+
+def _split_text(name: str, m: dict[str, Any]) -> tuple[bool, str]:
+    """(past its bound, what to say) for a model whose replicas serve different versions."""
+    versions, bound, age = _versions_text(m["serving"]), m["bound_s"], m["split_s"]
+    if age is None:  # no replica says since when: cannot be shown to be converging
+        return True, f"{name} split across versions, age unknown ({versions})"
+    if age > bound:
+        return True, f"{name} split across versions for {age:g} s, past {bound:g} s ({versions})"
+    return False, f"converging: {name} split for {age:g} s of {bound:g} s ({versions})"
+
+
+def _graph_notes(replicas: list[dict[str, Any]]) -> list[str]:
+    on_gpu = [r for r in replicas if r.get("graphs") is not None and r.get("device") == "gpu"]
+    off = [r for r in on_gpu if not r["graphs"].get("enabled")]
+    return [f"CUDA graphs off in {len(off)} of {len(on_gpu)} replica(s)"] if off else []
+
+
 def _verdict(report: dict[str, Any]) -> tuple[bool, str]:
+    """OK or PROBLEM (the exit status), then notes an operator should see either way."""
+    version_problems, notes = _version_findings(report.get("models") or {})
+    problems = _health_problems(report) + version_problems
+    if len(report["ingresses"]) == 1:
+        notes.insert(0, "1 ingress registered: a single point of failure")
+    notes += _graph_notes(report["replicas"])
+    tail = "".join(f"; {note}" for note in notes)
+    if problems:
+        return False, "PROBLEM: " + "; ".join(problems) + tail
+    mps_on = _mps_replicas(report["replicas"])
+    attached = f", {len(mps_on)} attached to MPS" if mps_on else ", MPS off"
+    return True, f"OK: {len(report['replicas'])} model replica(s) answer{attached}{tail}"
+
+
+def _mps_replicas(replicas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in replicas if (r.get("mps") or {}).get("mode", "off") != "off"]
+
+
+def _health_problems(report: dict[str, Any]) -> list[str]:
     app = report["applications"][report["app"]]
     problems = []
     if app["status"] != "RUNNING":
@@ -103,7 +205,7 @@ def _verdict(report: dict[str, Any]) -> tuple[bool, str]:
     silent = [r for r in replicas if "error" in r]
     if silent:
         problems.append(f"{len(silent)} replica(s) do not answer on their data port")
-    mps_on = [r for r in replicas if (r.get("mps") or {}).get("mode", "off") != "off"]
+    mps_on = _mps_replicas(replicas)
     detached = [r for r in mps_on if not r["mps"].get("attached")]
     if detached:
         problems.append(f"{len(detached)} of {len(mps_on)} MPS replica(s) are not attached")
@@ -112,10 +214,7 @@ def _verdict(report: dict[str, Any]) -> tuple[bool, str]:
         problems.append(f"MPS daemon down on {', '.join(down)}")
     if not report["ingresses"]:
         problems.append("no ingress is registered")
-    if problems:
-        return False, "PROBLEM: " + "; ".join(problems)
-    attached = f", {len(mps_on)} attached to MPS" if mps_on else ", MPS off"
-    return True, f"OK: {len(replicas)} model replica(s) answer{attached}"
+    return problems
 
 
 def render(report: dict[str, Any]) -> str:
@@ -140,23 +239,57 @@ def render(report: dict[str, Any]) -> str:
             f"restarts {state['restarts']}, servers {state['servers'] or '{}'}"
             + (f", last error: {state['last_error']}" if state.get("last_error") else "")
         )
-    lines.append(f"{'model':<12}{'node':<18}{'gpu':<6}{'pid':<9}{'version':<9}mps")
+    lines.append(f"{'model':<12}{'node':<18}{'gpu':<6}{'pid':<9}{'version':<9}{'graphs':<8}mps")
     for r in sorted(report["replicas"], key=lambda r: (r["model"], str(r["node"]), r["pid"])):
-        if "error" in r:
-            mps = f"NO ANSWER ({r['error']})"
-            version = gpu = "?"
-        else:
-            info = r["mps"]
-            mps = (
-                "off"
-                if info.get("mode") == "off"
-                else f"attached, server {info['server']}"
-                if info.get("attached")
-                else f"NOT ATTACHED ({info.get('detail')})"
-            )
-            version, gpu = ",".join(r["versions"]) or "-", ",".join(r["gpus"]) or r["device"]
-        lines.append(
-            f"{r['model']:<12}{str(r['node'])[:17]:<18}{gpu:<6}{r['pid']:<9}{version:<9}{mps}"
-        )
+        lines.append(_replica_line(r))
+    lines += _model_lines(report.get("models") or {})
     lines.append(report["verdict"])
     return "\n".join(lines)
+
+
+def _replica_line(r: dict[str, Any]) -> str:
+    if "error" in r:
+        mps = f"NO ANSWER ({r['error']})"
+        version = gpu = graphs = "?"
+    else:
+        info = r["mps"]
+        mps = (
+            "off"
+            if info.get("mode") == "off"
+            else f"attached, server {info['server']}"
+            if info.get("attached")
+            else f"NOT ATTACHED ({info.get('detail')})"
+        )
+        version, gpu = ",".join(r["versions"]) or "-", ",".join(r["gpus"]) or r["device"]
+        graphs = _graphs_text(r.get("graphs"))
+    node = str(r["node"])[:17]
+    return f"{r['model']:<12}{node:<18}{gpu:<6}{r['pid']:<9}{version:<9}{graphs:<8}{mps}"
+
+
+def _graphs_text(graphs: dict[str, Any] | None) -> str:
+    if graphs is None:
+        return "-"
+    if not graphs.get("enabled"):
+        return "off"
+    return f"on {graphs.get('graphs', graphs.get('captured', 0))}"
+
+
+#: Longest failure reason the screen shows (``--json`` has all of it).
+REASON_CHARS = 90
+
+
+def _model_lines(models: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, m in models.items():
+        state = ""
+        if m["split"]:
+            age = "?" if m["split_s"] is None else f"{m['split_s']:g}"
+            late = m["split_s"] is None or m["split_s"] > m["bound_s"]
+            state = f": {'SPLIT' if late else 'converging'} for {age} s (bound {m['bound_s']:g} s)"
+        lines.append(f"versions of {name}: {_versions_text(m['serving'])}{state}")
+        for version, f in m["failed"].items():
+            reason = str(f["reason"])
+            if len(reason) > REASON_CHARS:
+                reason = reason[: REASON_CHARS - 3] + "..."
+            lines.append(f"  failed {version} in {f['replicas']} replica(s): {reason}")
+    return lines

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 
 def read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> str:
@@ -65,3 +74,80 @@ def _version(body: bytes) -> str | None:
         return str(json.loads(body)["model_version"])
     except (ValueError, KeyError):
         return None
+
+
+class Service:
+    """``mpsserve serve --config service.yaml`` in ``cwd``, as a user starts it: a context
+    manager that waits for the banner and stops it with Ctrl-C (its own Ray goes with it)."""
+
+    def __init__(self, cwd: Path, config: dict[str, Any], timeout_s: float = 300) -> None:
+        self.cwd, self.timeout_s = cwd, timeout_s
+        (cwd / "service.yaml").write_text(yaml.safe_dump(config))
+        self.http_port = int(config["ingress"]["http_port"])
+        self.address = ""
+        self.output = ""
+        self._proc: subprocess.Popen[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/v2/models"
+
+    def __enter__(self) -> Service:
+        self._proc = subprocess.Popen(
+            [*CLI, "serve", "--config", "service.yaml", "--rows", "64"],
+            cwd=self.cwd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            banner = read_until(self._proc, "Ctrl-C stops", self.timeout_s)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        found = re.search(r"Ray address:\s+(\S+)", banner)
+        self.address = found.group(1) if found else ""
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGINT)
+        rest, _ = self._proc.communicate(timeout=120)
+        self.output += rest
+
+    def cli(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+        """Another mpsserve command against this service's cluster."""
+        return subprocess.run(
+            [*CLI, *args, "--config", "service.yaml", "--address", self.address],
+            cwd=self.cwd,
+            env={**os.environ, "RAY_ADDRESS": ""},
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+
+    def status(self) -> dict[str, Any]:
+        """``mpsserve status --json`` (any exit code: a problem is what tests look for)."""
+        done = self.cli("status", "--json")
+        report: dict[str, Any] = json.loads(done.stdout)
+        report["exit_code"] = done.returncode
+        return report
+
+    def request_body(self, model: str = "rec") -> bytes:
+        return (self.cwd / f".mpsserve/request-{model}.json").read_bytes()
+
+
+CLI = [sys.executable, "-m", "mpsserve.cli"]
+
+
+def until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Wait for ``predicate`` to return something true; that value, or TimeoutError."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout_s}s")
+        time.sleep(0.3)

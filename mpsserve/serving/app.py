@@ -45,6 +45,7 @@ def model_options(
     common = {
         "max_ongoing_requests": placement.max_ongoing_requests,
         "health_check_period_s": placement.health_check_period_s,
+        "health_check_timeout_s": placement.health_check_timeout_s,
     }
     if cluster_gpus == 0:
         actor = {

@@ -17,6 +17,7 @@ import math
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +32,7 @@ from mpsserve.serving.grpc import start_grpc_server
 from mpsserve.serving.http import create_http_app
 from mpsserve.serving.logs import configure_replica_logging
 from mpsserve.serving.replica_server import new_event_loop
-from mpsserve.serving.router import ReplicaBackend, Router
+from mpsserve.serving.router import AttemptPolicy, ReplicaBackend, Router
 
 logger = logging.getLogger(__name__)
 POLL_S = 1.0
@@ -64,7 +65,14 @@ class Front:
             # waits for one up to its own deadline, less a directory poll, so that it fails
             # with "no replica is reachable" rather than a bare timeout.
             wait_for_replica_s=max(config.request_timeout_s - POLL_S, 0.0),
+            set_aside_s=config.replica_set_aside_s,
             max_frame_bytes=self.max_bytes + 2**20,
+            attempts=AttemptPolicy(
+                min_s=config.attempt_timeout_min_s,
+                p99_factor=config.attempt_timeout_p99_factor,
+                max_attempts=config.max_attempts,
+                request_timeout_s=config.request_timeout_s,
+            ),
         )
         self.dataplane = DataPlane(
             {name: ReplicaBackend(name, self.router) for name in models},
@@ -161,6 +169,7 @@ class Front:
         return self._thread.is_alive() and not getattr(self._http, "should_exit", False)
 
     def describe(self) -> dict[str, Any]:
+        now = time.monotonic()
         return {
             "endpoints": [
                 {
@@ -171,9 +180,15 @@ class Front:
                     "pid": e.pid,
                     "node": e.node,
                     "in_flight": e.in_flight,
+                    "set_aside_s": round(max(e.set_aside_until - now, 0.0), 2),
+                    "stalls": e.stalls,
                 }
                 for e in self.router.endpoints()
             ],
+            "attempt_timeout_s": {
+                model: round(self.router.attempt_timeout_s(model), 4)
+                for model in self.router.max_in_flight
+            },
         }
 
     def stop(self) -> None:

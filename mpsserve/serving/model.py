@@ -46,6 +46,7 @@ class ModelReplica:
         self._mps = ReplicaMps(settings())
         self._mps.start_guardian()
         self._directory = directory
+        self._stall_s = config.placement.inference_stall_s
         self._server: ReplicaServer | None = None
         self._registration: Registration | None = None
 
@@ -62,6 +63,7 @@ class ModelReplica:
             return
         self._server = ReplicaServer(self.handle_frame, threads=settings().replica_threads)
         port = self._server.start()
+        self._servable.drain = self._drain
         host = ray.util.get_node_ip_address()
         entry = {
             "key": f"{host}:{port}:{os.getpid()}",
@@ -74,6 +76,15 @@ class ModelReplica:
         self._registration = Registration(self._directory, lambda: entry)
         self._registration.start()
         logger.info("model %s: data port %d open", entry["model"], port)
+
+    def _drain(self) -> None:
+        """Before a swap's heavy work: let the requests running here finish (bounded). Their
+        answers say ``busy``, so the ingresses send the next ones to other replicas."""
+        deadline = time.monotonic() + DRAIN_BEFORE_SWAP_S
+        while self._server is not None and self._server.in_flight:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.005)
 
     def handle_frame(self, header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
         """One request from the ingress (runs on the data port's thread pool)."""
@@ -91,7 +102,8 @@ class ModelReplica:
                     queue_seconds=started - header["_received"],
                     inference_seconds=time.perf_counter() - started,
                 )
-                return frame.encode({"ok": True, "version": version}, outputs)
+                answer = {"ok": True, "version": version, "busy": self._servable.busy}
+                return frame.encode(answer, outputs)
             if op == "metadata":
                 return frame.encode({"ok": True, "metadata": self.metadata()})
             raise frame.FrameError(f"unknown operation {op!r}")
@@ -125,8 +137,10 @@ class ModelReplica:
         return self._servable.ready
 
     def check_health(self) -> None:
-        """Ray Serve replaces a replica whose health check raises; leave the directory first
-        so the ingresses stop sending to it."""
+        """Ray Serve replaces a replica whose health check raises (three times in a row);
+        leave the directory first so the ingresses stop sending to it. A stalled inference
+        thread fails the check but keeps the entry: the ingresses already route around a
+        replica that does not answer, and one that recovers before Serve acts serves on."""
         problem = self._servable.problem() or self._mps.problem()
         if problem is None and self._server is not None and not self._server.alive:
             problem = "its data port stopped"
@@ -134,6 +148,22 @@ class ModelReplica:
             if self._registration is not None:
                 self._registration.withdraw()
             raise RuntimeError(f"model {self._servable.config.name!r}: {problem}")
+        stalled = self._stalled()
+        if stalled is not None:
+            logger.error("model %s: %s", self._servable.config.name, stalled)
+            raise RuntimeError(f"model {self._servable.config.name!r}: {stalled}")
+
+    def _stalled(self) -> str | None:
+        """An inference call running past ``inference_stall_s`` (a hung runtime or GPU).
+        Only handler calls count: a version loading or warming runs on the store watcher's
+        thread, and requests queued for a thread are load, not a stall."""
+        running_s = self._server.longest_running_s() if self._server is not None else 0.0
+        if running_s <= self._stall_s:
+            return None
+        return (
+            f"inference stalled: a request has run for {running_s:.0f}s "
+            f"(placement.inference_stall_s is {self._stall_s:g})"
+        )
 
     def __del__(self) -> None:
         """Serve's graceful shutdown: leave the directory, let the ingresses notice, finish
@@ -147,3 +177,4 @@ class ModelReplica:
 
 
 DRAIN_AFTER_WITHDRAW_S = 1.5  # > the ingresses' directory poll period
+DRAIN_BEFORE_SWAP_S = 0.5  # most a swap waits for the requests in flight here

@@ -6,7 +6,9 @@ come straight from the ingress over a persistent connection. The server runs its
 loop on a thread of the replica process; each frame is received straight into one buffer
 (the tensors are views on it), and the handler runs on a small thread pool so the loop keeps
 reading while the GPU works. One request at a time per connection; the ingress opens one
-connection per request it has in flight to this replica.
+connection per request it has in flight to this replica. How long the oldest handler call
+has run (``longest_running_s``) is what the replica's health check reads to tell a hung
+inference thread from a busy one.
 """
 
 from __future__ import annotations
@@ -115,6 +117,8 @@ class ReplicaServer:
         self._thread.daemon = True
         self.port = 0
         self.in_flight = 0
+        self._running: dict[int, float] = {}  # pool thread -> when its handler call began
+        self._running_lock = threading.Lock()
 
     def start(self) -> int:
         """Bind and start serving; returns the port."""
@@ -138,12 +142,30 @@ class ReplicaServer:
         received = time.perf_counter()
         header["_received"] = received
         try:
-            return await self._loop.run_in_executor(self._pool, self.handler, header, body)
+            return await self._loop.run_in_executor(self._pool, self._timed, header, body)
         except Exception as exc:
             logger.exception("replica handler failed")
             return frame.encode(frame.error_header(exc))
         finally:
             self.in_flight -= 1
+
+    def _timed(self, header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
+        """The handler, noted as running on this thread while it runs."""
+        thread = threading.get_ident()
+        with self._running_lock:
+            self._running[thread] = time.monotonic()
+        try:
+            return self.handler(header, body)
+        finally:
+            with self._running_lock:
+                del self._running[thread]
+
+    def longest_running_s(self) -> float:
+        """How long the oldest handler call still running has run (0 when none runs).
+        Requests waiting for a thread do not count: a queue is load, not a stall."""
+        with self._running_lock:
+            oldest = min(self._running.values(), default=None)
+        return 0.0 if oldest is None else time.monotonic() - oldest
 
     @property
     def alive(self) -> bool:

@@ -6,19 +6,53 @@ is loaded and keeps the entry fresh). Each request goes to the replica with the 
 requests in flight from this ingress, over a pooled connection. A replica that cannot be
 reached (it died, Serve is replacing it) is set aside and the request goes to another one,
 so a replica replacement or a redeploy costs no request: inference is idempotent.
+
+A replica that is reachable but stops answering (frozen, a hung inference thread, a GPU
+stuck) is caught by a per-attempt timeout derived from what this ingress observes:
+
+    attempt timeout = max(attempt_timeout_min_s, attempt_timeout_p99_factor x P99)
+
+where P99 is over the model's last ``WINDOW`` answered exchanges (frame out to answer in,
+so it includes the replica's queue). An attempt past its timeout is *stalled*: its replica
+is set aside (warning, ``mpsserve_stalled_attempts_total``) and the request also goes to
+another replica that has room; the first answer wins. The stalled attempt is not cancelled:
+when it answers after all, its replica is back in rotation at once (a slow first call, a
+CUDA-graph capture, a GC pause cost nothing but the extra attempt), and it is closed at the
+request's deadline otherwise. Losing attempts run on to their answer (the replica does the
+work either way; its connection goes back to the pool) or to the deadline, so a replica's
+``in_flight`` is what it really has to do.
+
+Why this does not make overload worse: (1) the timeout follows the observed latency, and
+the winners' times (slow ones included) feed the window, so when every replica slows down
+the timeout grows with them within a few requests; (2) another attempt goes only to a
+replica below its in-flight limit and never waits for one, so when all are busy nothing
+extra is sent; (3) at most ``max_attempts`` attempts of a request run at once, each on a
+different replica, and none starts past the request's deadline; (4) the floor keeps a slow
+first request (TF's first call, graph capture) from being duplicated within milliseconds.
+A replica swapping model versions answers ``busy`` (loading holds its interpreter for most of
+a second): for ``BUSY_S`` it gets requests only when no other replica has room, then one
+request tells whether it is still busy; a swap costs a few slow requests per ingress, not a
+second of every request sent to that replica.
+A replica set aside comes back when a stalled attempt to it answers, or after
+``set_aside_s``; the directory drops one whose heartbeat stops, and Serve's health check
+(``ModelReplica.check_health``, ``health_check_timeout_s``) replaces it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
+import math
 import random
 import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from mpsserve import metrics
 from mpsserve.errors import ModelNotReady
 from mpsserve.protocol import frame
 from mpsserve.types import InferRequest, InferResponse
@@ -27,6 +61,40 @@ logger = logging.getLogger(__name__)
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 _FAILURES = (OSError, ConnectionError, asyncio.IncompleteReadError, frame.FrameError)
+WINDOW = 256  # answered exchanges per model behind the P99
+BUSY_S = 1.0  # how long a replica that answered "busy" gets no request another one could take
+
+
+@dataclass(frozen=True)
+class AttemptPolicy:
+    """When an attempt counts as stalled, and how many attempts a request may have."""
+
+    min_s: float = 1.0
+    p99_factor: float = 4.0
+    max_attempts: int = 3
+    request_timeout_s: float = 30.0
+
+    def timeout_s(self, p99_s: float | None) -> float:
+        """The per-attempt timeout; the floor alone until a first answer was timed."""
+        return self.min_s if p99_s is None else max(self.min_s, self.p99_factor * p99_s)
+
+
+class LatencyWindow:
+    """The last ``size`` answered exchanges of one model and their P99. The P99 is sorted
+    again every ``every`` samples, or at once when a sample is above it (a slowdown raises
+    the timeout right away); sorting on each request would cost the ingress CPU."""
+
+    def __init__(self, size: int = WINDOW, every: int = 16) -> None:
+        self._samples: collections.deque[float] = collections.deque(maxlen=size)
+        self._every, self._count = every, 0
+        self.p99_s: float | None = None
+
+    def record(self, seconds: float) -> None:
+        self._samples.append(seconds)
+        self._count += 1
+        if self.p99_s is None or seconds > self.p99_s or self._count % self._every == 0:
+            ordered = sorted(self._samples)
+            self.p99_s = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
 @dataclass
@@ -42,6 +110,8 @@ class Endpoint:
     in_flight: int = 0
     idle: list[Connection] = field(default_factory=list)
     set_aside_until: float = 0.0
+    busy_until: float = 0.0  # it said it is swapping versions: others first until then
+    stalls: int = 0  # attempts to it that outlived their timeout, since it joined
 
     @classmethod
     def from_entry(cls, entry: dict[str, Any]) -> Endpoint:
@@ -63,6 +133,29 @@ class Endpoint:
         self.idle.clear()
 
 
+@dataclass
+class _Attempt:
+    """One try of a request on one replica."""
+
+    endpoint: Endpoint
+    started: float
+    stall_at: float  # math.inf: its timeout would pass the request's deadline
+    stalled: bool = False
+
+
+@dataclass
+class _Request:
+    """A request's attempts: those running, the replicas tried, the last failure."""
+
+    model: str
+    parts: list[frame.Buffer]
+    deadline: float
+    running: dict[asyncio.Future[Any], _Attempt] = field(default_factory=dict)
+    tried: set[str] = field(default_factory=set)
+    last: BaseException | None = None
+    answered: bool = False
+
+
 class Router:
     """Routes frames to replicas; every method runs on the ingress's event loop."""
 
@@ -73,14 +166,18 @@ class Router:
         set_aside_s: float = 10.0,
         connect_timeout_s: float = 2.0,
         max_frame_bytes: int = 2**31,
+        attempts: AttemptPolicy | None = None,
     ) -> None:
         self.max_in_flight = max_in_flight
         self.wait_for_replica_s = wait_for_replica_s
         self.set_aside_s = set_aside_s
         self.connect_timeout_s = connect_timeout_s
         self.max_frame_bytes = max_frame_bytes
+        self.attempts = attempts or AttemptPolicy()
+        self.latency: dict[str, LatencyWindow] = collections.defaultdict(LatencyWindow)
         self._endpoints: dict[str, Endpoint] = {}
         self._changed = asyncio.Event()
+        self._lingering: set[asyncio.Future[Any]] = set()  # losers left to run on
 
     # -- the directory's view ---------------------------------------------------------------
 
@@ -112,6 +209,10 @@ class Router:
         now = time.monotonic()
         return any(e.usable(now) for e in self.endpoints(model))
 
+    def attempt_timeout_s(self, model: str) -> float:
+        """How long an attempt on ``model`` may take now before it counts as stalled."""
+        return self.attempts.timeout_s(self.latency[model].p99_s)
+
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
@@ -119,42 +220,183 @@ class Router:
     # -- requests ---------------------------------------------------------------------------
 
     async def call(self, model: str, parts: list[frame.Buffer]) -> tuple[dict[str, Any], bytes]:
-        """Send one frame to a replica of ``model``; returns the answer's header and body.
-        Retries on another replica when one cannot be reached."""
-        tried: set[str] = set()
-        last: BaseException | None = None
+        """Send one frame to a replica of ``model``; returns the first answer's header and
+        body. Tries another replica when one cannot be reached, and sends the frame to
+        another one as well when an attempt stalls (see the module's docstring)."""
+        request = _Request(model, parts, time.monotonic() + self.attempts.request_timeout_s)
+        try:
+            return await self._until_answered(request)
+        finally:
+            self._leave(request)
+
+    async def _until_answered(self, request: _Request) -> tuple[dict[str, Any], bytes]:
         while True:
-            endpoint = await self._acquire(model, tried, last)
-            try:
-                return await self._exchange(endpoint, parts)
-            except _FAILURES as exc:
-                last = exc
-                tried.add(endpoint.key)
-                endpoint.set_aside_until = time.monotonic() + self.set_aside_s
-                endpoint.close_idle()
-                logger.warning(
-                    "replica %s of %s (%s:%d) failed a request (%s); trying another",
-                    endpoint.key,
-                    model,
-                    endpoint.host,
-                    endpoint.port,
-                    exc or type(exc).__name__,
-                )
-            finally:
-                self._release(endpoint)
+            await self._launch_if_due(request)
+            for task in await self._wait(request):
+                answer = self._outcome(request, task, request.running.pop(task))
+                if answer is not None:
+                    return answer
+
+    async def _launch_if_due(self, request: _Request) -> None:
+        """The first attempt (or the next once every one failed) waits for a replica; one
+        beside stalled attempts goes only to a replica with room now, never waits."""
+        if not request.running:
+            endpoint = await self._acquire(request.model, request.tried, request.last)
+            self._launch(request, endpoint)
+        elif self._may_add(request):
+            found = self._pick(request.model, request.tried)
+            if found is not None:
+                self._launch(request, found)
+
+    def _may_add(self, request: _Request) -> bool:
+        return (
+            len(request.running) < self.attempts.max_attempts
+            and all(a.stalled for a in request.running.values())
+            and time.monotonic() < request.deadline
+        )
+
+    def _launch(self, request: _Request, endpoint: Endpoint) -> None:
+        started = time.monotonic()
+        stall_at = started + self.attempt_timeout_s(request.model)
+        attempt = _Attempt(endpoint, started, stall_at if stall_at < request.deadline else math.inf)
+        task = asyncio.ensure_future(self._exchange(endpoint, request.parts))
+        task.add_done_callback(functools.partial(self._finished, request.model, attempt))
+        request.running[task] = attempt
+        request.tried.add(endpoint.key)
+
+    async def _wait(self, request: _Request) -> set[asyncio.Future[Any]]:
+        """Until an attempt ends or the next one stalls; while another attempt is due but
+        no replica had room, until the router changes (a slot freed, a replica joined)."""
+        stalls = [a.stall_at for a in request.running.values() if not a.stalled]
+        next_stall = min(stalls, default=math.inf)
+        waiting: set[asyncio.Future[Any]] = set(request.running)
+        changed: asyncio.Future[Any] | None = None
+        timeout = None if next_stall == math.inf else max(next_stall - time.monotonic(), 0.0)
+        if timeout is None and self._may_add(request):
+            changed, timeout = asyncio.ensure_future(self._changed.wait()), 0.5
+            waiting.add(changed)
+        try:
+            done, _ = await asyncio.wait(
+                waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            if changed is not None:
+                changed.cancel()
+        self._mark_stalled(request)
+        return {task for task in done if task in request.running}
+
+    def _mark_stalled(self, request: _Request) -> None:
+        now = time.monotonic()
+        for task, attempt in request.running.items():
+            if not attempt.stalled and now >= attempt.stall_at and not task.done():
+                attempt.stalled = True
+                self._set_aside_stalled(request.model, attempt, now)
+
+    def _set_aside_stalled(self, model: str, attempt: _Attempt, now: float) -> None:
+        endpoint = attempt.endpoint
+        endpoint.stalls += 1
+        endpoint.set_aside_until = max(endpoint.set_aside_until, now + self.set_aside_s)
+        metrics.count_stalled_attempt(model, endpoint.key)
+        p99 = self.latency[model].p99_s
+        logger.warning(
+            "replica %s of %s (%s:%d, pid %d) has not answered in %.2fs (recent P99 %s); "
+            "set aside, sending the request to another replica as well",
+            endpoint.key,
+            model,
+            endpoint.host,
+            endpoint.port,
+            endpoint.pid,
+            now - attempt.started,
+            "unknown" if p99 is None else f"{p99 * 1000:.1f} ms",
+        )
+
+    def _outcome(
+        self, request: _Request, task: asyncio.Future[Any], attempt: _Attempt
+    ) -> tuple[dict[str, Any], bytes] | None:
+        """An ended attempt's answer; None when its replica failed (set aside)."""
+        exc = task.exception()
+        if exc is None:
+            self.latency[request.model].record(time.monotonic() - attempt.started)
+            request.answered = True
+            answer: tuple[dict[str, Any], bytes] = task.result()
+            return answer
+        if not isinstance(exc, _FAILURES):
+            raise exc
+        request.last = exc
+        endpoint = attempt.endpoint
+        endpoint.set_aside_until = time.monotonic() + self.set_aside_s
+        endpoint.close_idle()
+        logger.warning(
+            "replica %s of %s (%s:%d) failed a request (%s); trying another",
+            endpoint.key,
+            request.model,
+            endpoint.host,
+            endpoint.port,
+            exc or type(exc).__name__,
+        )
+        return None
+
+    def _finished(self, model: str, attempt: _Attempt, task: asyncio.Future[Any]) -> None:
+        """Every attempt's end (won, lost, failed or cancelled): its slot is free again, and
+        a replica set aside for stalling that answered after all is back in rotation."""
+        endpoint = attempt.endpoint
+        endpoint.in_flight -= 1
+        self._wake()
+        answered = not task.cancelled() and task.exception() is None
+        if answered:
+            busy = bool(task.result()[0].get("busy"))
+            endpoint.busy_until = time.monotonic() + BUSY_S if busy else 0.0
+        if attempt.stalled and answered and endpoint.set_aside_until > time.monotonic():
+            endpoint.set_aside_until = 0.0
+            logger.info(
+                "replica %s of %s answered after %.2fs; back in rotation",
+                endpoint.key,
+                model,
+                time.monotonic() - attempt.started,
+            )
+
+    def _leave(self, request: _Request) -> None:
+        """Attempts still running when the request ends: after an answer they run on up to
+        the request's deadline (a stalled replica that answers comes back; a healthy one's
+        connection goes back to the pool); after a failure or the deadline they close."""
+        remaining = request.deadline - time.monotonic()
+        loop = asyncio.get_running_loop()
+        for task in request.running:
+            if not request.answered or remaining <= 0:
+                task.cancel()
+                continue
+            self._lingering.add(task)
+            handle = loop.call_later(remaining, task.cancel)
+            task.add_done_callback(functools.partial(self._forget, handle))
+
+    def _forget(self, handle: asyncio.TimerHandle, task: asyncio.Future[Any]) -> None:
+        handle.cancel()
+        self._lingering.discard(task)
+
+    def _pick(self, model: str, tried: set[str]) -> Endpoint | None:
+        """Takes the least busy usable replica of ``model`` not tried yet that has room; one
+        swapping versions only when no other has room."""
+        limit, now = self.max_in_flight.get(model, 8), time.monotonic()
+        free = [
+            e
+            for e in self.endpoints(model)
+            if e.key not in tried and e.usable(now) and e.in_flight < limit
+        ]
+        free = [e for e in free if e.busy_until <= now] or free
+        if not free:
+            return None
+        least = min(e.in_flight for e in free)
+        endpoint = random.choice([e for e in free if e.in_flight == least])
+        endpoint.in_flight += 1
+        return endpoint
 
     async def _acquire(self, model: str, tried: set[str], last: BaseException | None) -> Endpoint:
-        limit = self.max_in_flight.get(model, 8)
+        """Waits for a replica with room; gives up after ``wait_for_replica_s`` with none
+        usable at all."""
         waited_since = time.monotonic()
-        while True:
+        while (endpoint := self._pick(model, tried)) is None:
             now = time.monotonic()
             known = [e for e in self.endpoints(model) if e.key not in tried and e.usable(now)]
-            free = [e for e in known if e.in_flight < limit]
-            if free:
-                least = min(e.in_flight for e in free)
-                endpoint = random.choice([e for e in free if e.in_flight == least])
-                endpoint.in_flight += 1
-                return endpoint
             if not known and now - waited_since > self.wait_for_replica_s:
                 reason = f"; the last one failed with {last!r}" if last is not None else ""
                 raise ModelNotReady(
@@ -164,10 +406,7 @@ class Router:
             changed = self._changed
             with contextlib.suppress(TimeoutError):  # a release or a new list frees one
                 await asyncio.wait_for(changed.wait(), 0.5)
-
-    def _release(self, endpoint: Endpoint) -> None:
-        endpoint.in_flight -= 1
-        self._wake()
+        return endpoint
 
     async def _exchange(
         self, endpoint: Endpoint, parts: list[frame.Buffer]
@@ -189,7 +428,7 @@ class Router:
             body = await reader.readexactly(size) if size else b""
             done = True
         finally:
-            if done and endpoint.key in self._endpoints:
+            if done and self._endpoints.get(endpoint.key) is endpoint:
                 endpoint.idle.append((reader, writer))
             else:  # cancelled (deadline) or failed mid-exchange: the stream is unusable
                 writer.close()

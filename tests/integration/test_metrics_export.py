@@ -49,6 +49,7 @@ EXPECTED: list[tuple[str, dict[str, str], float]] = [
     ("ray_mpsserve_inference_duration_seconds_count", {"model": "rec", "version": "1"}, 2),
     ("ray_mpsserve_inference_duration_seconds_bucket", {"le": "0.002"}, 0),
     ("ray_mpsserve_inference_duration_seconds_bucket", {"le": "0.003"}, 2),
+    ("ray_mpsserve_stalled_attempts_total", {"model": "rec", "replica": "r1"}, 1),
     ("ray_mpsserve_requests_in_flight", {"model": "rec"}, 2),
     ("ray_mpsserve_served_version", {"replica": "r1", "version": "1"}, 0),
     ("ray_mpsserve_served_version", {"replica": "r1", "version": "2"}, 1),
@@ -71,6 +72,7 @@ def record_known_values(state_dir: Path) -> None:
     metrics.observe_request("rec", "1", "grpc", "invalid", rows=10, seconds=0.2)
     for _ in range(2):
         metrics.observe_inference("rec", "1", queue_seconds=0.0005, inference_seconds=0.0021)
+    metrics.count_stalled_attempt("rec", "r1")
     for delta in (1, 1, 1, -1):
         metrics.add_in_flight("rec", delta)
     metrics.set_served_versions("rec", "r1", ["1"])

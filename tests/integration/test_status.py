@@ -40,11 +40,20 @@ def test_status_sees_every_replica_and_the_traffic(base_url: str) -> None:
     [replica] = report["replicas"]
     assert replica["model"] == "rec" and replica["versions"] == ["1"]
     assert replica["mps"]["mode"] == "off" and replica["device"] == "cpu"
-    [ingress] = report["ingresses"]
-    assert ingress["recent"]["requests"] >= 3
+    assert len(report["ingresses"]) == 2  # the default: no single point of failure
+    assert sum(i["recent"]["requests"] for i in report["ingresses"]) >= 3
     assert report["traffic"]["worst_p99_ms"] > 0
+    assert report["models"]["rec"] == {
+        "serving": {"1": 1},
+        "split": False,
+        "split_s": None,
+        "bound_s": replica["store"]["converge_within_s"],
+        "failed": {},
+    }
+    assert replica["store"]["serving_since"] <= report["time"]
     screen = render(report)
     assert "OK: 1 model replica(s) answer, MPS off" in screen
+    assert "versions of rec: 1 on 1 replica(s)" in screen
     assert json.loads(json.dumps(report, default=str))["app"] == "mpsserve"
 
 

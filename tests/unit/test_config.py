@@ -20,6 +20,17 @@ def test_embedded_default_loads_and_resolves_store_from_its_folder() -> None:
     assert config.ingress.http_port == 8000 and config.mps.mode == "auto"
 
 
+def test_default_ingress_is_two_replicas_that_fit_a_two_core_machine() -> None:
+    """No single point of failure by default, and room for it beside one 1-CPU model replica."""
+    config = parse_config(minimal())
+    ingress, placement = config.ingress, config.models[0].placement
+    assert ingress.replicas == 2
+    needed = ingress.replicas * ingress.cpus_per_replica
+    assert needed + placement.cpu_replicas * placement.cpus_per_replica <= 2
+    embedded = load_config(ROOT / "deployments" / "local.yaml").ingress
+    assert (embedded.replicas, embedded.cpus_per_replica) == (2, 0.5)
+
+
 def test_placement_gives_fractional_gpus() -> None:
     config = parse_config(minimal(placement={"replicas_per_gpu": 8, "gpu_share": 0.5}))
     assert config.models[0].placement.num_gpus_per_replica() == pytest.approx(0.0625)

@@ -21,7 +21,7 @@ import yaml
 
 from mpsserve.cli import main
 from mpsserve.config import load_config
-from mpsserve.serving.app import APP_BUILDER, service_config_from_serve
+from mpsserve.serving.app import APP_BUILDER, check_cpus, model_options, service_config_from_serve
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ["local-cpu", "gpu-mps", "gpu-mps-host", "gpu-no-mps", "multi-model"]
@@ -90,6 +90,32 @@ def test_gpu_configs_place_on_gpus_and_baseline_turns_mps_off() -> None:
     assert mps.models[0].placement == baseline.models[0].placement
     multi = load_config(ROOT / "deployments" / "multi-model.yaml")
     assert len(multi.models) == 2 and sum(m.placement.gpu_share for m in multi.models) == 1
+
+
+SERVICE_YAMLS = sorted(
+    [*(ROOT / "deployments").glob("*.yaml"), *(ROOT / "deployments" / "bench").glob("*.yaml")]
+)
+
+
+def test_every_service_yaml_is_listed_here() -> None:
+    """A new service YAML gets its Serve config generated and checked like the others."""
+    top = {p.stem for p in SERVICE_YAMLS if p.parent.name == "deployments"}
+    assert top == {*SERVICES, "local"}
+
+
+@pytest.mark.parametrize("path", SERVICE_YAMLS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_service_yaml_runs_two_ingress_replicas_or_more(path: Path) -> None:
+    """No single point of failure: a killed or redeployed ingress leaves another listening."""
+    assert load_config(path).ingress.replicas >= 2
+
+
+@pytest.mark.parametrize("name", ["local", "local-cpu"])
+def test_local_services_fit_a_two_core_machine(name: str) -> None:
+    """What `make serve` (local.yaml) and local-cpu.yaml place on a CPU-only, 2-core Ray."""
+    config = load_config(ROOT / "deployments" / f"{name}.yaml")
+    options = {m.name: model_options(m, 0, config.mps) for m in config.models}
+    check_cpus(config, options, 2)
+    assert sum(o["num_replicas"] for o in options.values()) >= (2 if name == "local-cpu" else 1)
 
 
 # -- Ray cluster launcher -----------------------------------------------------------------

@@ -5,17 +5,27 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
+from mpsserve import metrics
 from mpsserve.errors import InvalidInput, ModelNotReady
 from mpsserve.protocol import frame
 from mpsserve.serving.replica_server import ReplicaServer
-from mpsserve.serving.router import ReplicaBackend, Router, call_replica
+from mpsserve.serving.router import (
+    AttemptPolicy,
+    LatencyWindow,
+    ReplicaBackend,
+    Router,
+    call_replica,
+)
 from mpsserve.types import InferRequest
+from tests.unit.test_metrics import Recorder
 
 
 def _decode(parts: list[frame.Buffer]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -178,3 +188,225 @@ def test_stop_finishes_requests_in_flight() -> None:
     assert answers == [{"ok": True}]
     with pytest.raises(OSError):
         call_replica("127.0.0.1", port, {}, timeout_s=1)
+
+
+class Hung:
+    """A replica whose inference never returns until released (a frozen process, a hung
+    GPU); its data port still accepts connections and frames, as a SIGSTOPped one does."""
+
+    def __init__(self, threads: int = 2) -> None:
+        self.release = threading.Event()
+        self.server = ReplicaServer(self.handle, threads=threads, host="127.0.0.1")
+        self.port = self.server.start()
+
+    def handle(self, header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
+        self.release.wait(20)
+        return frame.encode({"ok": True, "version": "1", "port": self.port})
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.stop(grace_s=1)
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    backend = Recorder()
+    previous = metrics.use_backend(backend)
+    yield backend
+    metrics.use_backend(previous)
+
+
+@pytest.fixture
+def hung() -> Iterator[list[Hung]]:
+    replicas = [Hung() for _ in range(3)]
+    yield replicas
+    for replica in replicas:
+        replica.stop()
+
+
+def answering(port: int) -> Any:
+    """An echo handler that says which port answered."""
+
+    def handle(header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
+        return echo({**header, "port": port}, body)
+
+    return handle
+
+
+async def until(predicate: Any, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def test_a_silent_replica_is_routed_around_set_aside_and_back_when_it_answers(
+    hung: list[Hung], recorder: Recorder
+) -> None:
+    good = ReplicaServer(lambda h, b: answering(good.port)(h, b), threads=2, host="127.0.0.1")
+    good.start()
+    frozen = hung[0]
+
+    async def scenario() -> None:
+        policy = AttemptPolicy(min_s=0.2, request_timeout_s=10)
+        router = Router({"rec": 4}, set_aside_s=30, attempts=policy)
+        router.update([entry(frozen.port, "frozen")])  # the request lands on it
+        started = time.monotonic()
+        pending = asyncio.ensure_future(router.call("rec", frame.encode({"op": "infer"})))
+        await until(lambda: frozen.server.in_flight == 1)
+        router.update([entry(frozen.port, "frozen"), entry(good.port, "good")])
+        header, _ = await pending
+        took = time.monotonic() - started
+        assert header["port"] == good.port and 0.2 <= took < 1.5  # deadline: 10 s
+        stuck = next(e for e in router.endpoints("rec") if e.key == "frozen")
+        assert stuck.stalls == 1 and not stuck.usable(time.monotonic())
+        assert stuck.in_flight == 1  # the stalled attempt runs on: it is the probe
+        for _ in range(5):  # new requests avoid it
+            header, _ = await router.call("rec", frame.encode({"op": "infer"}))
+            assert header["port"] == good.port
+        frozen.release.set()  # it answers after all: back in rotation at once
+        await until(lambda: stuck.in_flight == 0 and stuck.usable(time.monotonic()))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        good.stop(grace_s=1)
+    assert recorder.of("mpsserve_stalled_attempts_total") == [
+        (1, {"model": "rec", "replica": "frozen"})
+    ]
+
+
+def test_the_attempt_timeout_follows_the_observed_latency() -> None:
+    policy = AttemptPolicy(min_s=0.5, p99_factor=4)
+    window = LatencyWindow(size=100, every=16)
+    assert policy.timeout_s(window.p99_s) == 0.5  # nothing timed yet: the floor
+    for _ in range(100):
+        window.record(0.01)
+    assert window.p99_s == 0.01 and policy.timeout_s(window.p99_s) == 0.5
+    window.record(0.3)  # a slowdown raises it at once (no retry storm under overload)
+    assert policy.timeout_s(window.p99_s) == pytest.approx(1.2)
+    for _ in range(120):  # and comes down once it has left the window (sorted every 16)
+        window.record(0.02)
+    assert policy.timeout_s(window.p99_s) == 0.5
+
+
+def test_when_every_replica_is_slow_the_timeout_grows_instead_of_retrying() -> None:
+    """Overload: the one replica takes 0.3 s a request. The first request outlives the
+    0.05 s floor (nothing timed yet); after that the timeout is 4 x 0.3 s and no request
+    stalls or goes anywhere twice."""
+
+    def slow(header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
+        time.sleep(0.3)
+        return frame.encode({"ok": True})
+
+    server = ReplicaServer(slow, threads=2, host="127.0.0.1")
+    port = server.start()
+
+    async def scenario() -> tuple[int, float]:
+        router = Router({"rec": 4}, attempts=AttemptPolicy(min_s=0.05, request_timeout_s=10))
+        router.update([entry(port, "slow")])
+        for _ in range(4):
+            await router.call("rec", frame.encode({"op": "infer"}))
+        return router.endpoints("rec")[0].stalls, router.attempt_timeout_s("rec")
+
+    try:
+        stalls, timeout_s = asyncio.run(scenario())
+    finally:
+        server.stop(grace_s=1)
+    assert stalls == 1
+    assert 1.2 <= timeout_s < 2.0
+
+
+def test_attempts_are_bounded_and_none_starts_past_the_deadline(hung: list[Hung]) -> None:
+    async def call(router: Router, deadline_s: float) -> None:
+        with pytest.raises(TimeoutError):  # the data plane's deadline
+            await asyncio.wait_for(router.call("rec", frame.encode({"op": "x"})), deadline_s)
+
+    async def scenario() -> None:
+        bounded = Router({"rec": 4}, attempts=AttemptPolicy(min_s=0.1, max_attempts=2))
+        bounded.update([entry(h.port) for h in hung])
+        await call(bounded, 1.0)  # 10 attempt timeouts, but at most 2 attempts
+        assert sum(h.server.in_flight for h in hung) == 2
+        assert all(e.in_flight == 0 for e in bounded.endpoints())  # closed at the deadline
+        for replica in hung:
+            replica.release.set()
+        await until(lambda: sum(h.server.in_flight for h in hung) == 0)
+        for replica in hung:
+            replica.release.clear()
+        # A floor past the request's own deadline: one attempt, never a second.
+        late = Router({"rec": 4}, attempts=AttemptPolicy(min_s=2, request_timeout_s=1))
+        late.update([entry(h.port) for h in hung])
+        await call(late, 1.5)
+        assert sum(h.server.in_flight for h in hung) == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_hung_inference_thread_fails_the_health_check_a_queue_does_not() -> None:
+    """Serve's health check (``ModelReplica._stalled``) reads how long the oldest handler
+    call has run; requests waiting for a thread are load, not a stall."""
+    from mpsserve.serving.model import ModelReplica
+
+    stalled = ModelReplica.func_or_class._stalled  # the method, on a stand-in replica
+    replica = Hung(threads=1)  # one thread: a second request queues
+    try:
+        health = types.SimpleNamespace(_server=replica.server, _stall_s=0.3)
+        assert replica.server.longest_running_s() == 0.0 and stalled(health) is None
+        callers = [
+            threading.Thread(target=call_replica, args=("127.0.0.1", replica.port, {}, 10))
+            for _ in range(2)
+        ]
+        for caller in callers:
+            caller.start()
+        time.sleep(0.5)
+        assert replica.server.in_flight == 2  # one running, one queued
+        assert 0.4 < replica.server.longest_running_s() < 2
+        assert "inference stalled: a request has run for" in stalled(health)
+        replica.release.set()
+        for caller in callers:
+            caller.join(10)
+        assert replica.server.longest_running_s() == 0.0 and stalled(health) is None
+    finally:
+        replica.stop()
+
+
+def test_a_replica_swapping_versions_gets_requests_only_when_no_other_has_room() -> None:
+    """A replica that answers ``busy`` (it is loading a version) is left alone for a while
+    when another replica has room; alone, it still serves; once it answers not busy it is
+    back in the rotation."""
+    state = {"busy": True}
+    counts = {"swapping": 0, "calm": 0}
+
+    def handler(name: str) -> Any:
+        def answer(header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
+            counts[name] += 1
+            busy = state["busy"] and name == "swapping"
+            return frame.encode({"ok": True, "version": "1", "busy": busy})
+
+        return answer
+
+    swapping = ReplicaServer(handler("swapping"), threads=2, host="127.0.0.1")
+    calm = ReplicaServer(handler("calm"), threads=2, host="127.0.0.1")
+    for server in (swapping, calm):
+        server.start()
+
+    async def scenario() -> None:
+        router = Router({"rec": 4})
+        router.update([entry(swapping.port, "swapping")])
+        backend = ReplicaBackend("rec", router)
+        request = InferRequest(model="rec", inputs={"x": np.ones(1, np.float32)})
+        await backend.infer(request)  # alone: it serves, and says it is busy
+        router.update([entry(swapping.port, "swapping"), entry(calm.port, "calm")])
+        for _ in range(20):
+            await backend.infer(request)
+        assert counts == {"swapping": 1, "calm": 20}
+        state["busy"] = False
+        await asyncio.sleep(1.1)  # BUSY_S: one request finds it free again
+        await asyncio.gather(*(backend.infer(request) for _ in range(40)))
+        assert counts["swapping"] > 5
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for server in (swapping, calm):
+            server.stop(grace_s=1)

@@ -48,7 +48,7 @@ def test_replicas_that_need_more_cpus_than_the_cluster_are_refused() -> None:
     config = parse_config(
         {"models": [{"name": "rec", "store": "/s", "placement": {"replicas_per_gpu": 8}}]}
     )
-    with pytest.raises(ConfigError, match=r"need 9 CPUs \(rec: 8 x 1; ingress: 1 x 1\).* has 4"):
+    with pytest.raises(ConfigError, match=r"need 9 CPUs \(rec: 8 x 1; ingress: 2 x 0.5\).* has 4"):
         build_app(config, cluster_gpus=1, cluster_cpus=4)
 
 
