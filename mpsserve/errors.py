@@ -33,6 +33,8 @@ class MpsServeError(Exception):
 
     http_status = 500
     grpc_code = GrpcCode.INTERNAL
+    #: The replica, not the request, is at fault: the ingress sends it to another replica.
+    retry_elsewhere = False
 
     @property
     def message(self) -> str:
@@ -65,6 +67,13 @@ class ModelNotReady(MpsServeError):
 
     http_status = 503
     grpc_code = GrpcCode.UNAVAILABLE
+
+
+class ReplicaUnavailable(ModelNotReady):
+    """This replica cannot serve any more (a sticky CUDA error, its MPS server gone) and is
+    being replaced; the request itself is fine, so the ingress tries another replica."""
+
+    retry_elsewhere = True
 
 
 class DeadlineExceeded(MpsServeError):

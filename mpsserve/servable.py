@@ -49,6 +49,7 @@ from mpsserve.errors import (
     ModelNotFound,
     ModelNotReady,
     MpsServeError,
+    ReplicaUnavailable,
 )
 from mpsserve.features import prepare_inputs, synthetic_inputs, synthetic_like
 from mpsserve.mps.control import file_lock
@@ -369,6 +370,8 @@ class Servable:
         version: str | None = None,
     ) -> tuple[str, dict[str, np.ndarray]]:
         """Validate, predict and select outputs; returns (served version, outputs)."""
+        if self.fault is not None:
+            raise ReplicaUnavailable(f"this replica has a device fault ({self.fault[:200]})")
         current = self._current_for(version)  # one read: a swap may happen meanwhile
         with current.use() as runtime:
             prepared = prepare_inputs(runtime.signature, inputs, self.config.max_rows)
@@ -378,6 +381,10 @@ class Servable:
             except InferenceError as exc:
                 if is_device_fault(exc.message):
                     self.fault = exc.message  # CUDA errors are sticky: replace the process
+                    logger.error("device fault; this replica is done: %s", exc.message)
+                    raise ReplicaUnavailable(
+                        f"this replica hit a device fault ({exc.message[:200]})"
+                    ) from exc
                 raise
         missing = [name for name in wanted if name not in result]
         if missing:

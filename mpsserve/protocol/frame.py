@@ -90,7 +90,8 @@ def error_header(exc: BaseException) -> dict[str, Any]:
     """A failed response: the error's class travels by name, with its client-safe message."""
     status, _, message = errors.to_status(exc)
     name = type(exc).__name__ if isinstance(exc, errors.MpsServeError) else "InferenceError"
-    return {"ok": False, "error": name, "message": message, "status": status}
+    retry = bool(getattr(exc, "retry_elsewhere", False))
+    return {"ok": False, "error": name, "message": message, "status": status, "retry": retry}
 
 
 def raise_for_error(header: Mapping[str, Any]) -> None:

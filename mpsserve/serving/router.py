@@ -53,14 +53,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mpsserve import metrics
-from mpsserve.errors import ModelNotReady
+from mpsserve.errors import ModelNotReady, ReplicaUnavailable
 from mpsserve.protocol import frame
 from mpsserve.types import InferRequest, InferResponse
 
 logger = logging.getLogger(__name__)
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-_FAILURES = (OSError, ConnectionError, asyncio.IncompleteReadError, frame.FrameError)
+_FAILURES = (
+    OSError,
+    ConnectionError,
+    asyncio.IncompleteReadError,
+    frame.FrameError,
+    ReplicaUnavailable,
+)
 WINDOW = 256  # answered exchanges per model behind the P99
 BUSY_S = 1.0  # how long a replica that answered "busy" gets no request another one could take
 
@@ -315,7 +321,9 @@ class Router:
     ) -> tuple[dict[str, Any], bytes] | None:
         """An ended attempt's answer; None when its replica failed (set aside)."""
         exc = task.exception()
-        if exc is None:
+        if exc is None and task.result()[0].get("retry"):  # the replica broke, not the request
+            exc = ReplicaUnavailable(str(task.result()[0].get("message")))
+        elif exc is None:
             self.latency[request.model].record(time.monotonic() - attempt.started)
             request.answered = True
             answer: tuple[dict[str, Any], bytes] = task.result()

@@ -410,3 +410,35 @@ def test_a_replica_swapping_versions_gets_requests_only_when_no_other_has_room()
     finally:
         for server in (swapping, calm):
             server.stop(grace_s=1)
+
+
+def test_a_replica_with_a_device_fault_is_set_aside_and_the_request_served_elsewhere() -> None:
+    """A replica whose CUDA context is gone answers ReplicaUnavailable: the request is fine,
+    so it goes to another replica instead of failing with the broken one's error."""
+    from mpsserve.errors import ReplicaUnavailable
+
+    def broken(header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
+        return frame.encode(frame.error_header(ReplicaUnavailable("device fault: gone")))
+
+    def healthy(header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
+        return frame.encode({"ok": True, "version": "1"})
+
+    servers = [ReplicaServer(h, threads=2, host="127.0.0.1") for h in (broken, healthy)]
+    for server in servers:
+        server.start()
+
+    async def scenario() -> list[str]:
+        router = Router({"rec": 4}, wait_for_replica_s=1.0, set_aside_s=30)
+        router.update([entry(servers[0].port, "broken"), entry(servers[1].port, "healthy")])
+        backend = ReplicaBackend("rec", router)
+        request = InferRequest(model="rec", inputs={"x": np.ones(1, np.float32)})
+        results = await asyncio.gather(*(backend.infer(request) for _ in range(20)))
+        [gone] = [e for e in router.endpoints("rec") if e.key == "broken"]
+        assert gone.set_aside_until > time.monotonic()
+        return [r.version for r in results]
+
+    try:
+        assert asyncio.run(scenario()) == ["1"] * 20
+    finally:
+        for server in servers:
+            server.stop(grace_s=1)
