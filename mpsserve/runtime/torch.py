@@ -78,15 +78,15 @@ class TorchRuntime(ModelRuntime):
         return self.predict_eager(inputs)
 
     def predict_eager(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        args = [_to_tensor(inputs[spec.name], self._torch_device) for spec in self.signature.inputs]
-        try:
+        names = [spec.name for spec in self.signature.outputs]
+        try:  # every step touches CUDA: a dead context (an MPS server gone) fails any of them
+            args = [_to_tensor(inputs[s.name], self._torch_device) for s in self.signature.inputs]
             with gate().work(), torch.inference_mode():
                 result = self._module(*args)
-        except RuntimeError as exc:
+            tensors = result if isinstance(result, (tuple, list)) else (result,)
+            return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
+        except RuntimeError as exc:  # torch.AcceleratorError (CUDA) is one
             raise InferenceError(f"PyTorch failed: {exc}") from exc
-        tensors = result if isinstance(result, (tuple, list)) else (result,)
-        names = [spec.name for spec in self.signature.outputs]
-        return {name: t.detach().cpu().numpy() for name, t in zip(names, tensors, strict=True)}
 
     def warm_shapes(self) -> list[dict[str, tuple[int, ...]]]:
         return self.graphs.shapes() if self.graphs is not None and self.graphs.enabled else []
