@@ -26,7 +26,6 @@ left() { echo $((BUDGET_S - ($(date +%s) - began))); }
 
 nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader \
   | tee "$OUT/gpu.txt"
-(git rev-parse HEAD 2>/dev/null || echo "no git") > "$OUT/commit.txt"
 python3 -m mpsserve.cli demo-model --out "$work/models/rec" --format torch | tail -1
 cat > "$work/service.yaml" <<YAML
 models:
