@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,12 @@ class Outcome:
     at: float  # time.monotonic() when the answer came
     ok: bool
     version: str | None  # the response's model_version
+    sent: float = 0.0  # time.monotonic() when the request went out
+    status: int = 0  # HTTP status; 0: no answer (connection error, client timeout)
+
+    @property
+    def seconds(self) -> float:
+        return self.at - self.sent
 
 
 class Load(threading.Thread):
@@ -53,12 +60,16 @@ class Load(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             request = urllib.request.Request(self.url, data=self.body, method="POST")
+            sent, status, version = time.monotonic(), 0, None
             try:
-                with urllib.request.urlopen(request, timeout=30) as response:
-                    ok, version = response.status == 200, _version(response.read())
+                with urllib.request.urlopen(request, timeout=40) as response:
+                    status, version = response.status, _version(response.read())
+            except urllib.error.HTTPError as exc:
+                status = exc.code
             except Exception:
-                ok, version = False, None
-            self.outcomes.append(Outcome(time.monotonic(), ok, version))
+                pass
+            outcome = Outcome(time.monotonic(), status == 200, version, sent, status)
+            self.outcomes.append(outcome)
 
     def versions(self) -> list[str | None]:
         """The served versions in order, with repeats collapsed: ["1", "2"] for a swap."""
@@ -76,6 +87,37 @@ def _version(body: bytes) -> str | None:
         return None
 
 
+def service_config(
+    store: Path,
+    http_port: int,
+    app_name: str,
+    model_replicas: int = 1,
+    ingress_replicas: int = 2,
+    **model: Any,
+) -> dict[str, Any]:
+    """A small CPU service for ``Service``: fits a 2-CPU local Ray (0.5 CPU per replica);
+    the gRPC port is the HTTP port + 1000. ``model`` adds or overrides model fields."""
+    return {
+        "models": [
+            {
+                "name": "rec",
+                "store": str(store),
+                "intra_op_threads": 1,
+                "placement": {"cpu_replicas": model_replicas, "cpus_per_replica": 0.5},
+                **model,
+            }
+        ],
+        "ray": {"num_cpus": 2, "dashboard": False, "app_name": app_name},
+        "ingress": {
+            "host": "127.0.0.1",
+            "http_port": http_port,
+            "grpc_port": http_port + 1000,
+            "replicas": ingress_replicas,
+            "cpus_per_replica": 0.5,
+        },
+    }
+
+
 class Service:
     """``mpsserve serve --config service.yaml`` in ``cwd``, as a user starts it: a context
     manager that waits for the banner and stops it with Ctrl-C (its own Ray goes with it)."""
@@ -86,6 +128,7 @@ class Service:
         self.http_port = int(config["ingress"]["http_port"])
         self.address = ""
         self.output = ""
+        self.returncode: int | None = None  # once stopped: 0 is a clean Ctrl-C
         self._proc: subprocess.Popen[str] | None = None
 
     @property
@@ -115,11 +158,14 @@ class Service:
         self._proc.send_signal(signal.SIGINT)
         rest, _ = self._proc.communicate(timeout=120)
         self.output += rest
+        self.returncode = self._proc.returncode
 
-    def cli(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, config: str = "service.yaml", timeout_s: float = 300
+    ) -> subprocess.CompletedProcess[str]:
         """Another mpsserve command against this service's cluster."""
         return subprocess.run(
-            [*CLI, *args, "--config", "service.yaml", "--address", self.address],
+            [*CLI, *args, "--config", config, "--address", self.address],
             cwd=self.cwd,
             env={**os.environ, "RAY_ADDRESS": ""},
             capture_output=True,

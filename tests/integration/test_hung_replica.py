@@ -8,75 +8,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import requests
-import yaml
 
-from tests.processes import read_until
+from tests.processes import Load, Service, service_config
 
-HTTP, GRPC = 32410, 32411
+HTTP = 32410
 FREEZE_S = 15.0
-
-
-def service(store: Path) -> dict[str, Any]:
-    return {
-        "models": [
-            {
-                "name": "rec",
-                "store": str(store),
-                "intra_op_threads": 1,
-                "placement": {"cpu_replicas": 2, "cpus_per_replica": 0.5},
-            }
-        ],
-        "ray": {"num_cpus": 2, "dashboard": False, "app_name": "hung"},
-        "ingress": {
-            "http_port": HTTP,
-            "grpc_port": GRPC,
-            "host": "127.0.0.1",
-            "replicas": 1,
-            "cpus_per_replica": 0.5,
-        },
-    }
-
-
-@dataclass(frozen=True)
-class Sent:
-    at: float  # time.monotonic() when sent
-    seconds: float
-    status: int  # 0: no answer (connection error, client timeout)
-
-
-class TimedLoad(threading.Thread):
-    """One request at a time in a loop, each timed."""
-
-    def __init__(self, url: str, body: bytes) -> None:
-        super().__init__(daemon=True)
-        self.url, self.body = url, body
-        self.sent: list[Sent] = []
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            started = time.monotonic()
-            request = urllib.request.Request(self.url, data=self.body, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=40) as response:
-                    response.read()
-                    status = response.status
-            except urllib.error.HTTPError as exc:
-                status = exc.code
-            except Exception:
-                status = 0
-            self.sent.append(Sent(started, time.monotonic() - started, status))
 
 
 def replica_pids(meta_url: str, timeout_s: float) -> set[int]:
@@ -95,53 +35,38 @@ def quantile(values: list[float], q: float) -> float:
 
 
 def test_a_frozen_replica_costs_no_request(tf_store: Path, tmp_path: Path) -> None:
-    (tmp_path / "service.yaml").write_text(yaml.safe_dump(service(tf_store)))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
-    cli = [sys.executable, "-m", "mpsserve.cli"]
-    proc = subprocess.Popen(
-        [*cli, "serve", "--config", "service.yaml", "--rows", "64"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    meta_url = f"http://127.0.0.1:{HTTP}/v2/models/rec"
+    config = service_config(tf_store, HTTP, "hung", model_replicas=2, ingress_replicas=1)
     frozen: int | None = None
-    loads: list[TimedLoad] = []
-    try:
-        read_until(proc, "Ctrl-C stops", 300)
-        pids = replica_pids(meta_url, 60)
-        assert len(pids) == 2, f"saw replicas {pids}"
-        body = (tmp_path / ".mpsserve/request-rec.json").read_bytes()
-        loads = [TimedLoad(f"{meta_url}/infer", body) for _ in range(2)]
-        for load in loads:
-            load.start()
-        time.sleep(3)
-        frozen = min(pids)
-        froze_at = time.monotonic()
-        os.kill(frozen, signal.SIGSTOP)
-        time.sleep(FREEZE_S)
-        os.kill(frozen, signal.SIGCONT)
-        thawed_at, frozen = time.monotonic(), None
-        time.sleep(3)
-        for load in loads:
-            load.stop.set()
-        for load in loads:
-            load.join(60)
-        back = replica_pids(meta_url, 30)  # it re-registers and is routed to again
-    finally:
-        if frozen is not None:
+    loads: list[Load] = []
+    with Service(tmp_path, config) as svc:
+        meta_url = f"{svc.url}/rec"
+        try:
+            pids = replica_pids(meta_url, 60)
+            assert len(pids) == 2, f"saw replicas {pids}"
+            loads = [Load(f"{meta_url}/infer", svc.request_body()) for _ in range(2)]
+            for load in loads:
+                load.start()
+            time.sleep(3)
+            frozen = min(pids)
+            froze_at = time.monotonic()
+            os.kill(frozen, signal.SIGSTOP)
+            time.sleep(FREEZE_S)
             os.kill(frozen, signal.SIGCONT)
-        for load in loads:
-            load.stop.set()
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, rest[-3000:]
-    sent = [s for load in loads for s in load.sent]
-    failed = [s for s in sent if s.status != 200]
-    during = [s.seconds for s in sent if froze_at - 1 <= s.at <= thawed_at]
-    before = [s.seconds for s in sent if s.at < froze_at - 1]
+            thawed_at, frozen = time.monotonic(), None
+            time.sleep(3)
+        finally:
+            if frozen is not None:
+                os.kill(frozen, signal.SIGCONT)
+            for load in loads:
+                load.stop.set()
+            for load in loads:
+                load.join(60)
+        back = replica_pids(meta_url, 30)  # it re-registers and is routed to again
+    assert svc.returncode == 0, svc.output[-3000:]
+    sent = [o for load in loads for o in load.outcomes]
+    failed = [o for o in sent if not o.ok]
+    during = [o.seconds for o in sent if froze_at - 1 <= o.sent <= thawed_at]
+    before = [o.seconds for o in sent if o.sent < froze_at - 1]
     hit = [seconds for seconds in during if seconds > 0.5]  # those sent to the frozen one
     print(  # the figures the issue asks for (pytest -s shows them)
         f"\n{len(sent)} requests, {len(failed)} failed; steady P99 "

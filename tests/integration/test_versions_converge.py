@@ -12,29 +12,12 @@ import os
 import shutil
 import signal
 from pathlib import Path
-from typing import Any
 
 from mpsserve.demo import write_demo_model
 from tests.conftest import SMALL
-from tests.processes import Load, Service, until
+from tests.processes import Load, Service, service_config, until
 
-HTTP, GRPC = 28600, 29600
-
-
-def service(store: Path) -> dict[str, Any]:
-    return {
-        "models": [
-            {
-                "name": "rec",
-                "store": str(store),
-                "poll_interval_s": 1,
-                "intra_op_threads": 1,
-                "placement": {"cpu_replicas": 2, "cpus_per_replica": 0.5},
-            }
-        ],
-        "ray": {"num_cpus": 2, "dashboard": False, "app_name": "converge"},
-        "ingress": {"http_port": HTTP, "grpc_port": GRPC, "host": "127.0.0.1"},
-    }
+HTTP = 28600
 
 
 def serving(svc: Service) -> dict[str, int]:
@@ -58,7 +41,8 @@ def test_versions_converge_after_slow_publishes_bad_versions_and_restarts(
     store, staging = tmp_path / "store", tmp_path / "staging"
     shutil.copytree(tf_store / "1", store / "1")
     write_demo_model(staging, "tensorflow", version=2, seed=8, spec=SMALL)
-    with Service(tmp_path, service(store)) as svc:
+    config = service_config(store, HTTP, "converge", model_replicas=2, poll_interval_s=1)
+    with Service(tmp_path, config) as svc:
         load = Load(f"{svc.url}/rec/infer", svc.request_body())
         load.start()
         upload_slowly(staging / "2", store / "2", svc)
@@ -90,6 +74,7 @@ def test_versions_converge_after_slow_publishes_bad_versions_and_restarts(
         until(lambda: len(load.outcomes) > on_four + 5, 60, "more answers")
         load.stop.set()
         load.join(60)
+    assert svc.returncode == 0, svc.output[-3000:]
     assert [o for o in load.outcomes if not o.ok] == []
     assert {o.version for o in load.outcomes[on_two:before_four]} == {"2"}  # restart included
     assert {o.version for o in load.outcomes[on_four:]} == {"4"}

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mpsserve import metrics
 from mpsserve.errors import InvalidInput, ModelNotReady
 from mpsserve.protocol import frame
 from mpsserve.serving.replica_server import ReplicaServer
@@ -25,7 +24,7 @@ from mpsserve.serving.router import (
     call_replica,
 )
 from mpsserve.types import InferRequest
-from tests.unit.test_metrics import Recorder
+from tests.unit.conftest import Recorder
 
 
 def _decode(parts: list[frame.Buffer]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -206,14 +205,6 @@ class Hung:
     def stop(self) -> None:
         self.release.set()
         self.server.stop(grace_s=1)
-
-
-@pytest.fixture
-def recorder() -> Iterator[Recorder]:
-    backend = Recorder()
-    previous = metrics.use_backend(backend)
-    yield backend
-    metrics.use_backend(previous)
 
 
 @pytest.fixture

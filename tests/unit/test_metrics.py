@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,37 +17,12 @@ from mpsserve.metrics import MetricSpec
 from mpsserve.mps.guardian import Guardian, NodeState, write_state
 from mpsserve.sampler import NodeSampler
 from tests.mps import daemon, standin_client, standin_control
-
-Recorded = tuple[str, float, dict[str, str]]
-
-
-class Recorder:
-    """A backend that keeps what it was given."""
-
-    def __init__(self) -> None:
-        self.values: list[Recorded] = []
-        self._lock = threading.Lock()
-
-    def record(self, spec: MetricSpec, value: float, tags: dict[str, str]) -> None:
-        assert set(tags) == set(spec.tags), f"{spec.name} got tags {sorted(tags)}"
-        with self._lock:
-            self.values.append((spec.name, value, tags))
-
-    def of(self, name: str) -> list[tuple[float, dict[str, str]]]:
-        return [(value, tags) for n, value, tags in self.values if n == name]
+from tests.unit.conftest import Recorder
 
 
 class Failing:
     def record(self, spec: MetricSpec, value: float, tags: dict[str, str]) -> None:
         raise RuntimeError("metrics agent gone")
-
-
-@pytest.fixture
-def recorder() -> Iterator[Recorder]:
-    backend = Recorder()
-    previous = metrics.use_backend(backend)
-    yield backend
-    metrics.use_backend(previous)
 
 
 def test_names_follow_prometheus_conventions() -> None:

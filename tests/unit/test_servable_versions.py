@@ -132,3 +132,12 @@ def test_warm_up_requests_take_the_shapes_of_real_requests() -> None:
     assert {n: a.shape for n, a in warm.items()} == shapes
     assert int(warm["history_lengths"].sum()) == shapes["history_values"][0]
     assert np.all(warm["history_lengths"] >= 0)
+
+
+def test_a_swap_says_busy_and_drains_first_a_first_load_does_not(store: Path) -> None:
+    served = servable(store)  # the first load: nobody to drain
+    seen: list[bool] = []
+    served.drain = lambda: seen.append(served.busy)
+    publish(store, 2)
+    served.poll()
+    assert served.version == 2 and seen == [True] and not served.busy
