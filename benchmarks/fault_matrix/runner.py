@@ -123,15 +123,23 @@ def meta(args: argparse.Namespace, argv: Sequence[str], url: str) -> dict[str, A
     }
 
 
+FIRST_REPLY_S = 60.0  # beyond --warmup-s, for the first good reply
+
+
 def start_load(args: argparse.Namespace, url: str, model: str) -> Load:
     infer = f"{url.rstrip('/')}/v2/models/{model}/infer"
     config = LoadConfig(infer, args.rows, args.timeout_s, args.bodies)
     load = Load(config, args.concurrency, args.processes)
     load.start()
     time.sleep(args.warmup_s)
-    if not any(o[2] == OK for o in load.done_between(0, time.monotonic())):
-        load.close()
-        raise RuntimeError(f"no good reply from {infer} in the {args.warmup_s:g}s warm-up")
+    deadline = time.monotonic() + FIRST_REPLY_S  # a first request can be slow (a cold replica)
+    while not any(o[2] == OK for o in load.done_between(0, time.monotonic())):
+        if time.monotonic() > deadline:
+            load.close()
+            raise RuntimeError(
+                f"no good reply from {infer} within {args.warmup_s + FIRST_REPLY_S:g}s"
+            )
+        time.sleep(0.2)
     return load
 
 

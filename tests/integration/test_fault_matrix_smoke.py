@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 HTTP = 28700
 SHORT = [
     "--cases", "publish-new-version,kill-ingress", "--rows", "200", "--concurrency", "2",
-    "--warmup-s", "1", "--baseline-s", "2", "--window-s", "4", "--quiet-s", "1", "--poll-s", "0.5",
+    "--warmup-s", "2", "--baseline-s", "2", "--window-s", "4", "--quiet-s", "1", "--poll-s", "0.5",
     "--max-extra-s", "30", "--settle-timeout-s", "60",
 ]  # fmt: skip
 FIGURES = {
