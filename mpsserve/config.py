@@ -226,7 +226,16 @@ class MpsConfig(_Strict):
         2.0, gt=0, description="How often each node's guardian checks the control daemon."
     )
     command_timeout_s: float = Field(
-        5.0, gt=0, description="Deadline for one command to the control daemon."
+        5.0, gt=0, description="Deadline for one try of a command to the control daemon."
+    )
+    command_retry_s: float = Field(
+        5.0,
+        gt=0,
+        description="How long one exchange with the control daemon may take in all while it "
+        "is busy (refusing commands or slow to answer, e.g. many replicas starting): refused "
+        "and timed-out tries are repeated with backoff within it, then the daemon is reported "
+        "busy, which never fails a replica's health check. Below every model's "
+        "placement.health_check_timeout_s.",
     )
     limits: MpsLimits = Field(default_factory=MpsLimits)
 
@@ -276,7 +285,21 @@ class ServiceConfig(_Strict):
                 f"{clients} replicas per GPU in all; MPS allows at most "
                 f"{MPS_MAX_CLIENTS_PER_GPU} clients per GPU"
             )
+        self._check_mps_budget()
         return self
+
+    def _check_mps_budget(self) -> None:
+        """A health check may ask a busy daemon for up to mps.command_retry_s; it must still
+        answer within Serve's health-check timeout, or a busy daemon fails replicas."""
+        if self.mps.mode == "off":
+            return
+        for m in self.models:
+            if self.mps.command_retry_s >= m.placement.health_check_timeout_s:
+                raise ValueError(
+                    f"mps.command_retry_s ({self.mps.command_retry_s:g}) must be below model "
+                    f"{m.name!r}'s placement.health_check_timeout_s "
+                    f"({m.placement.health_check_timeout_s:g})"
+                )
 
     def model(self, name: str) -> ModelConfig:
         return next(m for m in self.models if m.name == name)

@@ -125,7 +125,7 @@ MPS_UP = _spec(
 MPS_RESTARTS = _spec(
     "mpsserve_mps_daemon_restarts_total",
     "counter",
-    "Restarts of the node's MPS control daemon by the guardian",
+    "Restarts of the node's MPS control daemon (a new daemon pid), counted by its guardian",
     "node",
 )
 MPS_CLIENTS = _spec(

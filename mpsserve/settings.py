@@ -39,9 +39,11 @@ class Settings:
     mps_pipe_dir: str = "/tmp/mpsserve/mps-pipe"
     mps_log_dir: str = "/tmp/mpsserve/mps-log"
     mps_state_dir: str = "/tmp/mpsserve/mps-state"
-    #: The control program, and the deadline for one command to it.
+    #: The control program, the deadline for one try of a command to it, and how long a busy
+    #: daemon is asked again (mps.command_retry_s).
     mps_control_binary: str = "nvidia-cuda-mps-control"
     mps_command_timeout_s: float = 5.0
+    mps_command_retry_s: float = 5.0
     #: How often the node's guardian checks the daemon.
     mps_guardian_interval_s: float = 2.0
     #: Replicas sharing each GPU and the share of the GPU they take (for derived limits).

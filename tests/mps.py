@@ -11,12 +11,28 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mpsserve.mps.control import MpsControl
+from mpsserve.mps.hook import CONTROL_LOCK_FILE
 
 STANDIN = Path(__file__).parent / "mps_standin" / "nvidia-cuda-mps-control"
 
 
-def standin_control(tmp: Path, binary: str = str(STANDIN), timeout_s: float = 5.0) -> MpsControl:
-    return MpsControl(tmp / "pipe", tmp / "log", binary=binary, timeout_s=timeout_s)
+def standin_control(
+    tmp: Path,
+    binary: str = str(STANDIN),
+    timeout_s: float = 5.0,
+    retry_s: float = 5.0,
+    turns: bool = True,
+) -> MpsControl:
+    """The stand-in's daemon under ``tmp``; with ``turns``, commands take the node's turns
+    on the lock file a replica with state dir ``tmp/state`` uses."""
+    return MpsControl(
+        tmp / "pipe",
+        tmp / "log",
+        binary=binary,
+        timeout_s=timeout_s,
+        retry_s=retry_s,
+        lock_file=tmp / "state" / CONTROL_LOCK_FILE if turns else None,
+    )
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from mpsserve.mps.control import MpsControl
+from mpsserve.mps.hook import CONTROL_LOCK_FILE
 from tests.processes import Load, read_until
 
 
@@ -100,7 +101,12 @@ def run(
 ) -> Observed:
     (tmp / "service.yaml").write_text(yaml.safe_dump(config))
     mps = config["mps"]
-    control = MpsControl(Path(mps["pipe_dir"]), Path(mps["log_dir"]), mps["control_binary"])
+    control = MpsControl(  # takes the node's turns like the replicas and the guardian
+        Path(mps["pipe_dir"]),
+        Path(mps["log_dir"]),
+        mps["control_binary"],
+        lock_file=Path(mps["state_dir"]) / CONTROL_LOCK_FILE,
+    )
     port = config["ingress"]["http_port"]
     seen = Observed()
     proc = subprocess.Popen(

@@ -3,14 +3,21 @@
 Guardian: every GPU replica starts one as a background thread, but only the thread holding
 the node's guardian lock works (a ``flock``; when its replica dies the lock frees and another
 takes over), so each node has exactly one while any replica lives there. Every few seconds
-it checks that the daemon answers, restarts it if not, and writes the node's MPS state
-(daemon pid, restarts, servers and their clients) to a JSON file for replicas, ``doctor`` and
-operators. The leader also runs the node's metrics sampler (mpsserve/sampler.py).
+it checks that the daemon answers, starts it if not (a first start when no daemon ran here
+before, else a restart), and writes the node's MPS state (daemon pid, restarts, servers and
+their clients) to a JSON file for replicas, ``doctor`` and operators. A restart is counted
+when the daemon's pid changes, whoever started the new one. A busy daemon (DaemonBusy) is
+neither down nor restarted: the round keeps the last view of the servers and says it is busy.
+The leader also runs the node's metrics sampler (mpsserve/sampler.py).
 
 Attach verification: after its first CUDA call a replica looks for its own pid in the client
 list of the daemon's servers (NVML need not list MPS clients). The server it attached to is
 remembered; when that server is gone (a daemon restart kills it, and with it every client's
 CUDA context) the replica is unhealthy and Ray Serve replaces it with one that attaches anew.
+A health check first reads the guardian's state file and asks the daemon only when that is
+stale or does not list the replica under its server (fewer clients of a busy daemon); a
+daemon that is busy (in that file, or when asked) is no verdict: the replica stays healthy
+and counts the busy check.
 """
 
 from __future__ import annotations
@@ -28,15 +35,17 @@ from typing import TYPE_CHECKING, Any
 
 from mpsserve.errors import MpsError
 from mpsserve.mps import hook
-from mpsserve.mps.control import MpsControl
+from mpsserve.mps.control import DaemonBusy, DaemonNotRunning, MpsControl
 from mpsserve.settings import Settings
 
 if TYPE_CHECKING:
     from mpsserve.sampler import NodeSampler
 
 logger = logging.getLogger(__name__)
-STATE_FILE = "guardian.json"
+STATE_FILE = hook.STATE_FILE
 LEADER_LOCK = "guardian.lock"
+#: A state file older than this many guardian intervals is stale: replicas ask the daemon.
+STALE_INTERVALS = 3
 
 
 @dataclass
@@ -51,6 +60,11 @@ class NodeState:
     checked_at: float = 0.0
     guardian_pid: int = field(default_factory=os.getpid)
     last_error: str | None = None
+    #: The last daemon seen answering (kept while it is down): a new pid is a restart.
+    known_daemon_pid: int | None = None
+    #: This round the daemon did not take commands in time (``servers`` is the last view).
+    busy: bool = False
+    busy_rounds: int = 0
 
 
 def read_state(state_dir: Path) -> NodeState | None:
@@ -122,28 +136,76 @@ class Guardian(threading.Thread):
             self.sampler.start()
 
     def check(self) -> NodeState:
-        """One round: restart the daemon if it is down, then record what is there."""
+        """One round: start the daemon if it is down, then record what is there."""
         previous = read_state(self.state_dir) or NodeState()
-        state = NodeState(restarts=previous.restarts, checked_at=time.time())
+        state = NodeState(
+            restarts=previous.restarts,
+            known_daemon_pid=previous.known_daemon_pid,
+            busy_rounds=previous.busy_rounds,
+            checked_at=time.time(),
+        )
         try:
-            if not self.control.running():
-                if not self.restart:
-                    raise MpsError(
-                        f"the external MPS control daemon on {self.control.pipe_dir} is down "
-                        "(mps.daemon is 'external': mpsserve does not restart it)"
-                    )
-                logger.warning(
-                    "MPS control daemon on %s is down; restarting", self.control.pipe_dir
-                )
-                hook.ensure_daemon(self.control, self.state_dir)  # replicas' hooks may race
-                state.restarts += 1
-            state.servers = {str(s): c for s, c in self.control.clients().items()}
+            state.servers = {str(s): c for s, c in self._servers(state).items()}
             state.daemon_pid, state.up = self.control.daemon_pid(), True
+            self._count_restart(state)
+        except DaemonBusy as exc:
+            self._busy(previous, state, exc)
         except MpsError as exc:
             state.last_error = exc.message
             logger.error("MPS guardian: %s", exc.message)
         write_state(self.state_dir, state)
         return state
+
+    def _servers(self, state: NodeState) -> dict[int, list[int]]:
+        try:
+            return self.control.clients()
+        except DaemonNotRunning:
+            self._start(state)
+            return self.control.clients()
+
+    def _start(self, state: NodeState) -> None:
+        """The daemon is down: start it, saying whether one ran here before."""
+        pipe_dir = self.control.pipe_dir
+        if not self.restart:
+            raise MpsError(
+                f"the external MPS control daemon on {pipe_dir} is down "
+                "(mps.daemon is 'external': mpsserve does not restart it)"
+            )
+        # A daemon that died before this guardian saw it left its pid file behind.
+        state.known_daemon_pid = state.known_daemon_pid or self.control.recorded_pid()
+        if state.known_daemon_pid is None:
+            logger.info("starting the MPS control daemon on %s (first start)", pipe_dir)
+        else:
+            logger.warning(
+                "MPS control daemon on %s is down (was pid %d); restarting (restart %d)",
+                pipe_dir,
+                state.known_daemon_pid,
+                state.restarts + 1,
+            )
+        hook.ensure_daemon(self.control, self.state_dir)  # replicas' hooks may race
+
+    def _count_restart(self, state: NodeState) -> None:
+        """A daemon pid other than the last one seen is a restart (by us or anyone)."""
+        pid, known = state.daemon_pid, state.known_daemon_pid
+        if pid is None:
+            return
+        if known is not None and pid != known:
+            state.restarts += 1
+            logger.warning(
+                "MPS control daemon on %s is pid %d now, was %d: restart %d",
+                self.control.pipe_dir,
+                pid,
+                known,
+                state.restarts,
+            )
+        state.known_daemon_pid = pid
+
+    def _busy(self, previous: NodeState, state: NodeState, exc: DaemonBusy) -> None:
+        """Busy is not down: no restart, and the last view of the servers stays."""
+        state.up, state.busy, state.busy_rounds = True, True, state.busy_rounds + 1
+        state.daemon_pid, state.servers = self.control.daemon_pid(), previous.servers
+        state.last_error = exc.message
+        logger.warning("MPS guardian (busy round %d): %s", state.busy_rounds, exc.message)
 
 
 @dataclass
@@ -152,11 +214,14 @@ class Attachment:
 
     server: int | None
     detail: str
+    busy: bool = False  # the daemon did not answer in time: nothing is known
 
 
 def find_attachment(control: MpsControl, pid: int) -> Attachment:
     try:
         servers = control.clients()
+    except DaemonBusy as exc:
+        return Attachment(None, exc.message, busy=True)
     except MpsError as exc:
         return Attachment(None, exc.message)
     for server, clients in servers.items():
@@ -177,6 +242,9 @@ class ReplicaMps:
         self.control = hook.control_from(s)
         self.server: int | None = None
         self.detail = "MPS off" if self.mode == "off" else "not checked yet"
+        self.stale_after_s = STALE_INTERVALS * s.mps_guardian_interval_s
+        self.unverified = False  # the daemon was busy when asked after load: ask again
+        self.busy_checks = 0  # health checks that found the daemon busy (no verdict)
         self.guardian: Guardian | None = None
         if self.mode != "off":
             self.guardian = Guardian(
@@ -197,22 +265,63 @@ class ReplicaMps:
         if hook.setup_error is not None:
             self.detail = f"MPS unavailable: {hook.setup_error}"
         else:
-            found = find_attachment(self.control, self.pid)
-            self.server, self.detail = found.server, found.detail
+            found = self._from_state() or find_attachment(self.control, self.pid)
+            self.unverified = found.busy
+            self.server = found.server
+            self.detail = f"not verified yet: {found.detail}" if found.busy else found.detail
         log = logger.info if self.server is not None else logger.warning
         log("replica %d: %s", self.pid, self.detail)
 
     def problem(self) -> str | None:
-        """Why this replica must be replaced, or None. Asked by ``check_health``."""
+        """Why this replica must be replaced, or None. Asked by ``check_health``; a daemon
+        too busy to answer is no verdict (None)."""
         if self.mode == "off":
             return None
-        if self.server is None:  # never attached: fatal only when MPS is required
-            if self.mode == "on":
-                return f"MPS mode is 'on' but this replica is not attached: {self.detail}"
+        if self.unverified:  # the one question to the daemon this time
+            self.verify()
+            if self.unverified:
+                self._note_busy(self.detail)
+                return None
+            return self._unattached()
+        if self.server is None:
+            return self._unattached()
+        now = self._from_state()  # the guardian asked a moment ago: most checks end here
+        if now is None or (not now.busy and now.server != self.server):
+            now = find_attachment(self.control, self.pid)
+        if now.busy:
+            self._note_busy(now.detail)
             return None
-        now = find_attachment(self.control, self.pid)
         if now.server != self.server:
             return f"lost its MPS server {self.server}: {now.detail}"
+        return None
+
+    def _unattached(self) -> str | None:
+        """Never attached: fatal only when MPS is required."""
+        if self.server is None and self.mode == "on":
+            return f"MPS mode is 'on' but this replica is not attached: {self.detail}"
+        return None
+
+    def _note_busy(self, detail: str) -> None:
+        self.busy_checks += 1
+        logger.warning(
+            "replica %d: MPS control daemon busy, health check passes without a verdict "
+            "(%d so far): %s",
+            self.pid,
+            self.busy_checks,
+            detail,
+        )
+
+    def _from_state(self) -> Attachment | None:
+        """What the guardian's fresh state file says: this replica's server, or that the
+        daemon is busy; None when it is stale or does not list this replica (ask the daemon)."""
+        state = read_state(self.state_dir)
+        if state is None or not state.up or time.time() - state.checked_at > self.stale_after_s:
+            return None
+        if state.busy:
+            return Attachment(None, f"(guardian) {state.last_error}", busy=True)
+        for server, clients in state.servers.items():
+            if self.pid in clients:
+                return Attachment(int(server), f"MPS client of server {server} (guardian)")
         return None
 
     def node_state(self) -> dict[str, Any] | None:
@@ -228,4 +337,5 @@ class ReplicaMps:
             "attached": self.server is not None,
             "server": self.server,
             "detail": self.detail,
+            "busy_checks": self.busy_checks,
         }

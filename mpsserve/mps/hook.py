@@ -32,7 +32,11 @@ logger = logging.getLogger(__name__)
 NO_MPS_PIPE_DIR = "/nonexistent/mpsserve-mps-off"
 HOOK = "mpsserve.mps.hook.worker_setup"
 LOCK_FILE = "daemon.lock"
+#: The node's turn to talk to the daemon: one ``nvidia-cuda-mps-control`` client at a time.
+CONTROL_LOCK_FILE = "control.lock"
 STARTED_FILE = "daemon.started"
+#: The guardian's state file (mpsserve/mps/guardian.py), forgotten with the daemon it describes.
+STATE_FILE = "guardian.json"
 
 #: Why this process could not set MPS up (read by the replica to report it), if it could not.
 setup_error: str | None = None
@@ -44,6 +48,8 @@ def control_from(s: Settings) -> MpsControl:
         log_dir=Path(s.mps_log_dir),
         binary=s.mps_control_binary,
         timeout_s=s.mps_command_timeout_s,
+        retry_s=s.mps_command_retry_s,
+        lock_file=Path(s.mps_state_dir) / CONTROL_LOCK_FILE,
     )
 
 
@@ -54,6 +60,8 @@ def control_for(mps: MpsConfig) -> MpsControl:
         log_dir=Path(mps.log_dir),
         binary=mps.control_binary,
         timeout_s=mps.command_timeout_s,
+        retry_s=mps.command_retry_s,
+        lock_file=Path(mps.state_dir) / CONTROL_LOCK_FILE,
     )
 
 
@@ -74,6 +82,7 @@ def replica_runtime_env(mps: MpsConfig, placement: Placement) -> dict[str, Any]:
             mps_state_dir=mps.state_dir,
             mps_control_binary=mps.control_binary,
             mps_command_timeout_s=mps.command_timeout_s,
+            mps_command_retry_s=mps.command_retry_s,
             mps_guardian_interval_s=mps.guardian_interval_s,
             mps_replicas_per_gpu=placement.replicas_per_gpu,
             mps_gpu_share=placement.gpu_share,
@@ -166,5 +175,7 @@ def stop_daemon_if_ours(mps: MpsConfig) -> bool:
     if ours and ours == control.daemon_pid():
         control.quit()
         recorded.unlink(missing_ok=True)
+        # A deliberate stop: the next service's first start is not a restart of this daemon.
+        (Path(mps.state_dir) / STATE_FILE).unlink(missing_ok=True)
         return True
     return False

@@ -26,6 +26,8 @@ CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=2G pytho
 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 python3 -c "$client" 30 > $P/c2.log 2>&1 &
 sleep 10
 ask get_server_list; server=$(echo get_server_list | nvidia-cuda-mps-control | head -1)
+echo "--- 64 clients at once (a busy daemon refuses: which message, which exit code?)"
+for i in $(seq 64); do (out=$(echo get_server_list | timeout 10 nvidia-cuda-mps-control 2>&1); echo "rc=$? ${out:-<empty>}") & done | sort | uniq -c; wait
 ask "get_client_list $server"; ask "get_server_status $server"; ask "get_device_client_list $server"
 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
 ps -eo pid,ppid,comm | grep -i mps

@@ -69,6 +69,14 @@ def test_gpu_shares_over_one_gpu_are_refused() -> None:
         parse_config({"models": models})
 
 
+def test_a_control_daemon_retry_budget_past_the_health_check_timeout_is_refused() -> None:
+    model = {"name": "rec", "store": "/s", "placement": {"health_check_timeout_s": 6}}
+    with pytest.raises(ConfigError, match="command_retry_s \\(8\\) must be below model 'rec'"):
+        parse_config({"models": [model], "mps": {"command_retry_s": 8}})
+    assert parse_config({"models": [model], "mps": {"command_retry_s": 8, "mode": "off"}})
+    assert parse_config({"models": [model], "mps": {"command_retry_s": 5}}).mps.command_retry_s == 5
+
+
 def test_duplicate_model_names_are_refused() -> None:
     with pytest.raises(ConfigError, match="repeated: \\['rec'\\]"):
         parse_config({"models": [{"name": "rec", "store": "/a"}, {"name": "rec", "store": "/b"}]})

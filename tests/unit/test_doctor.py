@@ -40,6 +40,17 @@ def test_daemon_not_started_yet_is_fine(tmp_path: Path) -> None:
     assert report.ok and "replicas start it" in report.verdict
 
 
+def test_a_busy_daemon_is_reported_not_failed(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    cfg = cfg.model_copy(update={"mps": cfg.mps.model_copy(update={"command_retry_s": 0.5})})
+    with daemon(standin_control(tmp_path)) as control:
+        control.command("standin_refuse 1000")
+        report = diagnose(cfg, Inventory([H100], "580"))
+        assert report.ok, report.to_dict()
+        assert "is busy: 'get_server_list' not taken" in report.verdict
+        control.command("standin_refuse 0")
+
+
 def test_each_broken_setup_is_named_in_the_verdict(tmp_path: Path) -> None:
     no_gpu = diagnose(config(tmp_path), Inventory(error="NVML unavailable: no driver"))
     assert not no_gpu.ok

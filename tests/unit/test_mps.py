@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -14,8 +18,8 @@ import pytest
 from mpsserve.config import MpsConfig, Placement
 from mpsserve.errors import MpsError
 from mpsserve.mps import hook
-from mpsserve.mps.control import DaemonNotRunning, MpsControl
-from mpsserve.mps.guardian import Guardian, ReplicaMps, read_state
+from mpsserve.mps.control import BUSY, PID_FILE, DaemonBusy, DaemonNotRunning, MpsControl
+from mpsserve.mps.guardian import Guardian, ReplicaMps, read_state, write_state
 from mpsserve.settings import settings, to_env
 from tests.mps import STANDIN, daemon, standin_client, standin_control
 
@@ -58,13 +62,91 @@ def test_missing_binary_and_unwritable_pipe_dir(tmp_path: Path) -> None:
         blocked.start()
 
 
-def test_a_daemon_that_does_not_answer_times_out(tmp_path: Path) -> None:
-    hanging = tmp_path / "hanging-control"
-    hanging.write_text("#!/bin/sh\nsleep 30\n")
-    hanging.chmod(0o755)
-    control = standin_control(tmp_path, binary=str(hanging), timeout_s=0.5)
-    with pytest.raises(MpsError, match=r"did not answer command 'get_server_list' within 0\.5s"):
+@pytest.mark.parametrize(
+    ("script", "why"),
+    [("sleep 30", r"no answer within 0\.\d+s"), (f"echo '{BUSY}'; exit 1", BUSY)],
+    ids=["no-answer", "refusal"],
+)
+def test_a_busy_answer_is_busy_only_while_the_daemon_process_lives(
+    tmp_path: Path, script: str, why: str
+) -> None:
+    binary = tmp_path / "control"
+    binary.write_text(f"#!/bin/sh\n{script}\n")
+    binary.chmod(0o755)
+    control = standin_control(tmp_path, binary=str(binary), timeout_s=0.3, retry_s=1.0)
+    with pytest.raises(DaemonNotRunning, match=why):  # no pid file: nothing to wait for
         control.command("get_server_list")
+    control.pipe_dir.mkdir(parents=True)
+    (control.pipe_dir / PID_FILE).write_text(str(os.getpid()))  # a live "daemon"
+    started = time.monotonic()
+    with pytest.raises(DaemonBusy, match=rf"'get_server_list' not taken after \d+ tr.*{why}"):
+        control.command("get_server_list")
+    assert time.monotonic() - started < 3.0  # the budget (1 s), give or take a try
+    assert control.running()  # busy is running: nobody starts a second daemon
+
+
+def test_a_transient_refusal_is_retried_and_a_lasting_one_is_daemon_busy(tmp_path: Path) -> None:
+    control = standin_control(tmp_path)
+    impatient = dataclasses.replace(control, retry_s=0.8)
+    with daemon(control):
+        control.command("standin_refuse 3")
+        assert control.server_list() == []
+        log = control.log_dir / "control.log"
+        assert log.read_text().count("Refused (busy):get_server_list") == 3
+        control.command("standin_refuse 1000")
+        with pytest.raises(DaemonBusy, match=r"is busy: 'get_server_list' not taken"):
+            impatient.server_list()
+        control.command("standin_refuse 0")
+        control.command("standin_delay 2")  # a slow daemon: tries time out, and that is busy
+        slow = dataclasses.replace(impatient, timeout_s=0.3)
+        with pytest.raises(DaemonBusy, match=r"no answer within"):
+            slow.server_list()
+        control.command("standin_delay 0")
+        assert control.server_list() == []
+
+
+def _query(pipe: str, log: str, lock: str, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    control = MpsControl(
+        Path(pipe), Path(log), binary=str(STANDIN), retry_s=60, lock_file=Path(lock)
+    )
+    results.put([control.server_list() for _ in range(2)])
+
+
+def test_concurrent_queries_on_a_node_take_turns(tmp_path: Path) -> None:
+    control = standin_control(tmp_path, retry_s=60)
+    log = control.log_dir / "control.log"
+
+    def ask_together(control: MpsControl, threads: int) -> list[list[list[int]]]:
+        start = threading.Barrier(threads)
+
+        def ask(_: int) -> list[list[int]]:
+            start.wait()
+            return [control.server_list() for _ in range(2)]
+
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(ask, range(threads)))
+
+    with daemon(control):
+        # A daemon that refuses a command arriving while it answers another.
+        control.command("standin_exclusive 1")
+        control.command("standin_delay 0.05")
+        assert ask_together(control, 3) == [[[]] * 2] * 3
+        ctx = multiprocessing.get_context("spawn")
+        results: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
+        assert control.lock_file is not None
+        args = (str(control.pipe_dir), str(control.log_dir), str(control.lock_file), results)
+        procs = [ctx.Process(target=_query, args=args) for _ in range(2)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(120)
+        assert [results.get(timeout=5) for _ in procs] == [[[]] * 2] * 2
+        assert "Refused" not in log.read_text()
+        # Without turns the same daemon refuses overlapping commands; retries absorb them.
+        control.command("standin_delay 0.3")
+        loose = dataclasses.replace(control, lock_file=None)
+        assert ask_together(loose, 3) == [[[]] * 2] * 3
+        assert "Refused (busy):get_server_list" in log.read_text()
 
 
 def _ensure(pipe: str, log: str, lock: str, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
@@ -111,13 +193,46 @@ def test_guardian_restarts_a_killed_daemon_and_reports(tmp_path: Path) -> None:
         assert json.loads((state_dir / "guardian.json").read_text())["restarts"] == 1
 
 
+def test_guardian_logs_a_first_start_as_a_start_and_counts_only_real_restarts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mpsserve.mps")
+    control = standin_control(tmp_path, retry_s=0.5)
+    guardian = Guardian(control, tmp_path / "state", interval_s=0.2)
+    try:
+        first = guardian.check()  # nothing ran here before
+        assert first.up and first.restarts == 0 and first.daemon_pid is not None
+        assert "starting the MPS control daemon" in caplog.text and "restart" not in caplog.text
+        assert guardian.check().restarts == 0
+        control.command("standin_refuse 1000")  # busy: not down, nothing restarted
+        busy = guardian.check()
+        assert busy.up and busy.busy and busy.busy_rounds == 1 and busy.restarts == 0
+        assert busy.daemon_pid == first.daemon_pid and "is busy" in (busy.last_error or "")
+        control.command("standin_refuse 0")
+        os.kill(first.daemon_pid, signal.SIGKILL)
+        assert wait_for(lambda: not control.running())
+        caplog.clear()
+        second = guardian.check()
+        assert second.restarts == 1 and second.daemon_pid not in (None, first.daemon_pid)
+        assert f"is down (was pid {first.daemon_pid}); restarting (restart 1)" in caplog.text
+        assert guardian.check().restarts == 1
+        assert second.daemon_pid is not None
+        os.kill(second.daemon_pid, signal.SIGKILL)  # and a replica's hook restarts it
+        assert wait_for(lambda: not control.running())
+        control.start()
+        assert guardian.check().restarts == 2
+        assert f"was {second.daemon_pid}: restart 2" in caplog.text
+    finally:
+        control.quit()
+
+
 def test_only_one_guardian_leads_a_node(tmp_path: Path) -> None:
     control = standin_control(tmp_path)
     first, second = (Guardian(control, tmp_path / "state", 0.2) for _ in range(2))
     assert first._lead() and not second._lead()
 
 
-def replica_settings(control: MpsControl, tmp: Path, mode: str):  # type: ignore[no-untyped-def]
+def replica_settings(control: MpsControl, tmp: Path, mode: str, **more: object):  # type: ignore[no-untyped-def]
     os.environ.update(
         to_env(
             mps_mode=mode,
@@ -125,6 +240,7 @@ def replica_settings(control: MpsControl, tmp: Path, mode: str):  # type: ignore
             mps_log_dir=str(control.log_dir),
             mps_state_dir=str(tmp / "state"),
             mps_control_binary=str(STANDIN),
+            **more,
         )
     )
     settings.cache_clear()
@@ -156,6 +272,60 @@ def test_attached_replica_is_healthy_until_its_server_dies(
         assert f"lost its MPS server {replica.server}" in (replica.problem() or "")
 
 
+def test_a_busy_daemon_is_no_verdict_but_a_server_really_gone_is(
+    tmp_path: Path, clean_settings: pytest.MonkeyPatch
+) -> None:
+    control = standin_control(tmp_path)
+    s = replica_settings(control, tmp_path, "on", mps_command_retry_s=1.5)
+    with daemon(control), standin_client(control) as client:
+        assert wait_for(lambda: control.server_list() != [])
+        control.command("standin_refuse 1000")
+        hook.worker_setup()  # a busy daemon runs: the hook neither fails nor starts another
+        assert hook.setup_error is None
+        replica = ReplicaMps(s, pid=client.pid)
+        replica.verify()  # after load, the daemon too busy to say: no verdict yet
+        assert replica.server is None and replica.detail.startswith("not verified yet")
+        assert replica.problem() is None and replica.busy_checks == 1  # mode 'on', still fine
+        control.command("standin_refuse 0")
+        assert replica.problem() is None and replica.server is not None  # verified now
+        server = replica.server
+        control.command("standin_refuse 1000")
+        assert replica.problem() is None and replica.problem() is None
+        assert replica.describe()["busy_checks"] == 3
+        control.command("standin_kill_server")
+        assert replica.problem() is None  # gone, but the daemon cannot say so yet
+        control.command("standin_refuse 1")  # a short refusal: retried, then the verdict
+        assert f"lost its MPS server {server}: MPS client of server" in (replica.problem() or "")
+
+
+def test_a_health_check_reads_the_guardians_state_before_asking_the_daemon(
+    tmp_path: Path, clean_settings: pytest.MonkeyPatch
+) -> None:
+    control = standin_control(tmp_path)
+    s = replica_settings(control, tmp_path, "on")
+    log = control.log_dir / "control.log"
+
+    def asked() -> int:
+        return log.read_text().count("Cmd:get_server_list")
+
+    with daemon(control), standin_client(control) as client:
+        assert wait_for(lambda: control.server_list() != [])
+        state = Guardian(control, tmp_path / "state", s.mps_guardian_interval_s).check()
+        replica = ReplicaMps(s, pid=client.pid)
+        before = asked()
+        replica.verify()  # the guardian's fresh state lists it: no question to the daemon
+        assert replica.server is not None and str(replica.server) in state.servers
+        assert replica.problem() is None and asked() == before
+        stale = dataclasses.replace(state, checked_at=time.time() - 60)
+        for doubtful in (stale, dataclasses.replace(state, servers={})):
+            write_state(tmp_path / "state", doubtful)
+            assert replica.problem() is None and asked() == before + 1  # asked, still fine
+            before = asked()
+        write_state(tmp_path / "state", dataclasses.replace(state, busy=True))
+        assert replica.problem() is None and asked() == before  # busy a moment ago: no verdict
+        assert replica.busy_checks == 1
+
+
 def test_mode_on_replica_that_is_not_attached_says_why(
     tmp_path: Path, clean_settings: pytest.MonkeyPatch
 ) -> None:
@@ -182,6 +352,8 @@ def test_worker_setup_hook_starts_the_daemon_and_sets_limits(
         hook.worker_setup()
         assert control.running() and hook.setup_error is None
         assert os.environ["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=1234M"
+        Guardian(control, tmp_path / "state", 1.0).check()
+        assert (tmp_path / "state" / hook.STATE_FILE).exists()
         assert hook.stop_daemon_if_ours(
             MpsConfig(
                 pipe_dir=str(control.pipe_dir),
@@ -191,6 +363,7 @@ def test_worker_setup_hook_starts_the_daemon_and_sets_limits(
             )
         )
         assert not control.running()
+        assert not (tmp_path / "state" / hook.STATE_FILE).exists()  # next start: a first one
     finally:
         os.environ.pop("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", None)
         control.quit()

@@ -248,3 +248,40 @@ def test_unusable_pipe_dir_fails(mps: StandIn, tmp_path: Path) -> None:
     result = mps.run("-d")
     assert result.returncode == 1
     assert "Failed to create pipe directory" in result.stderr
+
+
+BUSY = "Cannot send command to MPS control daemon process\n"
+
+
+def test_standin_refuse_refuses_the_next_n_commands_as_a_busy_daemon(mps: StandIn) -> None:
+    mps.start()
+    refused = mps.run(stdin="standin_refuse 2\nset_default_active_thread_percentage 50\n")
+    assert (refused.returncode, refused.stdout) == (1, BUSY)
+    refused = mps.run(stdin="get_server_list\nget_default_active_thread_percentage\n")
+    assert (refused.returncode, refused.stdout) == (1, BUSY)  # later lines are skipped
+    assert mps.ask("get_default_active_thread_percentage") == "100.0\n"  # refused: no effect
+    log = (mps.log_dir / "control.log").read_text()
+    assert "Refused (busy):set_default_active_thread_percentage 50" in log
+    assert "Refused (busy):get_server_list" in log
+    mps.ask("standin_refuse 5")
+    assert mps.ask("standin_refuse 0") == ""  # never refused itself; ends the refusals
+    assert mps.ask("get_server_list") == ""
+
+
+def test_standin_delay_and_exclusive_make_a_slow_one_client_daemon(mps: StandIn) -> None:
+    mps.start()
+    assert mps.ask("standin_delay 0.5", "standin_exclusive 1") == ""
+    started = time.monotonic()
+    with subprocess.Popen(
+        [str(SCRIPT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=mps.env, text=True
+    ) as first:
+        assert first.stdin is not None and first.stdout is not None
+        first.stdin.write("get_server_list\n")
+        first.stdin.close()
+        wait_until(lambda: "Cmd:get_server_list" in (mps.log_dir / "control.log").read_text())
+        second = mps.run(stdin="get_default_active_thread_percentage\n")  # while first waits
+        assert (second.returncode, second.stdout) == (1, BUSY)
+        assert first.stdout.read() == ""  # answered, late
+    assert first.returncode == 0 and time.monotonic() - started >= 0.5
+    mps.ask("standin_delay 0", "standin_exclusive 0")
+    assert mps.ask("get_default_active_thread_percentage") == "100.0\n"
