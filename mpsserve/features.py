@@ -128,19 +128,15 @@ def _fmt(bound: float | None, unbounded: str) -> str:
 
 
 def synthetic_inputs(signature: Signature, rows: int = 8) -> dict[str, np.ndarray]:
-    """A valid request built from the signature alone, for warm-up before serving."""
-    rng = np.random.default_rng(0)
-    out: dict[str, np.ndarray] = {}
+    """A valid request built from the signature alone, for warm-up before serving: ``rows``
+    rows, one value per row for each ragged feature."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for spec in signature.inputs:
-        if spec.ragged and spec.name.endswith(LENGTHS_SUFFIX):
-            out[spec.name] = np.ones(rows, dtype=spec.dtype)
-            continue
-        lead = rows if spec.shape and spec.shape[0] == -1 else None
         shape = tuple(rows if d == -1 else d for d in spec.shape)
-        if lead is not None and spec.ragged:
-            shape = (rows,)  # one value per row, matching lengths of 1
-        out[spec.name] = _random(spec, shape, rng)
-    return out
+        if spec.ragged and spec.shape and spec.shape[0] == -1:
+            shape = (rows,)
+        shapes[spec.name] = shape
+    return synthetic_like(signature, shapes)
 
 
 def synthetic_like(

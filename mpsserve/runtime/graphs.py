@@ -92,15 +92,13 @@ class CaptureGate:
                 self._cond.notify_all()
 
 
-_gate: CaptureGate | None = None
+#: Made at import, before any thread can ask: two gates would let two captures overlap.
+_GATE = CaptureGate(exclusive=settings().graph_capture == "exclusive")
 
 
 def gate() -> CaptureGate:
     """The process's gate (``MPSSERVE_GRAPH_CAPTURE``: concurrent or exclusive)."""
-    global _gate
-    if _gate is None:
-        _gate = CaptureGate(exclusive=settings().graph_capture == "exclusive")
-    return _gate
+    return _GATE
 
 
 def bucket(n: int) -> int:
