@@ -53,7 +53,7 @@ from mpsserve.errors import (
 )
 from mpsserve.features import prepare_inputs, synthetic_inputs, synthetic_like
 from mpsserve.mps.control import file_lock
-from mpsserve.runtime import REQUIRED_FILES, ModelRuntime, RuntimeOptions, load_runtime
+from mpsserve.runtime import REQUIRED_FILES, ModelRuntime, RuntimeOptions, injected, load_runtime
 from mpsserve.settings import settings
 from mpsserve.store import ModelStore
 
@@ -140,6 +140,12 @@ class Servable:
         #: (bounded), called after ``busy`` is set and before a swap starts its heavy work.
         self.drain: Callable[[], None] = lambda: None
         self.fault: str | None = None  # a device error that leaves this process unusable
+        #: Set by the process's owner: told once, with the error, when a device fault is found
+        #: (here, or by a peer on the same GPU), to report it and end the process.
+        self.on_fault: Callable[[str], None] = lambda message: None
+        #: Set by the process's owner: what bounds this process's device memory, added to
+        #: out-of-memory errors (e.g. its MPS pinned-memory limit).
+        self.memory_limit: str | None = None
         self.failed: dict[int, Failure] = {}  # versions that would not load here, and why
         self.skipped: dict[int, str] = {}  # incomplete versions in the store, and why
         self.store_error: str | None = None
@@ -377,19 +383,35 @@ class Servable:
             prepared = prepare_inputs(runtime.signature, inputs, self.config.max_rows)
             wanted = self._check_outputs(runtime, outputs)
             try:
+                if (action := injected.claim()) is not None:  # tests only (settings)
+                    injected.strike(action, runtime)
                 result = runtime.predict(prepared)
             except InferenceError as exc:
                 if is_device_fault(exc.message):
-                    self.fault = exc.message  # CUDA errors are sticky: replace the process
-                    logger.error("device fault; this replica is done: %s", exc.message)
+                    self.device_fault(exc.message)
                     raise ReplicaUnavailable(
                         f"this replica hit a device fault ({exc.message[:200]})"
                     ) from exc
-                raise
+                raise self._explained(exc) from exc
         missing = [name for name in wanted if name not in result]
         if missing:
             raise InferenceError(f"the model did not return output {missing[0]!r}")
         return str(current.version), {name: result[name] for name in wanted}
+
+    def device_fault(self, message: str) -> None:
+        """CUDA errors are sticky: this process answers no more requests, and its owner is
+        told (once) so it can report the fault and make way for a new process."""
+        if self.fault is not None:
+            return
+        self.fault = message
+        logger.error("device fault; this replica is done: %s", message)
+        self.on_fault(message)
+
+    def _explained(self, exc: InferenceError) -> InferenceError:
+        """An out-of-memory error says what bounds this process's memory."""
+        if self.memory_limit and "out of memory" in exc.message:
+            return InferenceError(f"{exc.message} [{self.memory_limit}]")
+        return exc
 
     def _current_for(self, version: str | None) -> Loaded:
         current = self._current

@@ -51,6 +51,9 @@ class Settings:
     mps_gpu_share: float = 1.0
     #: Explicit per-replica pinned device memory limit in MB; 0 derives it from NVML.
     mps_pinned_mem_limit_mb: int = 0
+    #: Tests only: a file whose appearance makes one replica inject the fault written in it
+    #: into its next request (mpsserve/runtime/injected.py). Empty: never.
+    inject_fault_file: str = ""
 
 
 def _convert(raw: str, default: Any) -> Any:

@@ -20,6 +20,9 @@ from typing import Any
 
 from mpsserve.serving.router import call_replica
 
+#: A GPU fault's hit clients still there after this make the report unhealthy.
+LINGER_S = 30.0
+
 
 def gather(app_name: str, timeout_s: float = 5.0) -> dict[str, Any]:
     """Everything the screen shows, as plain data (the ``--json`` form)."""
@@ -106,8 +109,26 @@ def _nodes(replicas: list[dict[str, Any]]) -> dict[str, Any]:
                 "restarts": state.get("restarts"),
                 "servers": {k: len(v) for k, v in (state.get("servers") or {}).items()},
                 "last_error": state.get("last_error"),
+                "gpu_faults": state.get("gpu_faults", 0),
+                "faults": [_fault(f) for f in state.get("faults") or []],
             }
     return nodes
+
+
+def _fault(follow: dict[str, Any]) -> dict[str, Any]:
+    """A followed GPU fault (mpsserve/mps/faults.py) as status shows it."""
+    cleared = follow.get("cleared_at")
+    return {
+        "gpu": follow.get("gpu"),
+        "server": follow.get("server"),
+        "reporter": follow.get("reporter"),
+        "at": follow.get("at"),
+        "message": str(follow.get("message"))[:200],
+        "clients_hit": len(follow.get("clients") or []),
+        "remaining": follow.get("remaining"),
+        "other_clients": follow.get("others") or [],
+        "cleared_after_s": round(cleared - follow["at"], 1) if cleared else None,
+    }
 
 
 def _models(replicas: list[dict[str, Any]], now: float) -> dict[str, Any]:
@@ -212,6 +233,13 @@ def _health_problems(report: dict[str, Any]) -> list[str]:
     down = [n for n, s in report["mps_nodes"].items() if not s.get("up")]
     if down:
         problems.append(f"MPS daemon down on {', '.join(down)}")
+    for node, state in report["mps_nodes"].items():
+        for f in state.get("faults") or []:
+            if f["remaining"] and time.time() - f["at"] > LINGER_S:
+                problems.append(
+                    f"GPU {f['gpu']} fault on {node}: client(s) {f['remaining']} have not "
+                    "exited; the MPS server takes no new client until they do"
+                )
     if not report["ingresses"]:
         problems.append("no ingress is registered")
     return problems
@@ -239,12 +267,26 @@ def render(report: dict[str, Any]) -> str:
             f"restarts {state['restarts']}, servers {state['servers'] or '{}'}"
             + (f", last error: {state['last_error']}" if state.get("last_error") else "")
         )
+        lines += [_fault_line(f) for f in state.get("faults") or []][-3:]
     lines.append(f"{'model':<12}{'node':<18}{'gpu':<6}{'pid':<9}{'version':<9}{'graphs':<8}mps")
     for r in sorted(report["replicas"], key=lambda r: (r["model"], str(r["node"]), r["pid"])):
         lines.append(_replica_line(r))
     lines += _model_lines(report.get("models") or {})
     lines.append(report["verdict"])
     return "\n".join(lines)
+
+
+def _fault_line(f: dict[str, Any]) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(f["at"])) if f.get("at") else "?"
+    outcome = (
+        f"all {f['clients_hit']} client(s) hit exited after {f['cleared_after_s']:g}s"
+        if f.get("cleared_after_s") is not None
+        else f"waiting for client(s) {f['remaining']} to exit"
+    )
+    return (
+        f"  GPU {f['gpu']} fault at {when} on server {f['server']} (pid {f['reporter']}: "
+        f"{f['message'][:80]}): {outcome}"
+    )
 
 
 def _replica_line(r: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class Observed:
     status_rc: int | None = None
     status_verdict: str = ""
     status_attached: int = 0
+    status_mps_nodes: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
     output_tail: str = ""
 
@@ -96,8 +98,26 @@ def _cli(tmp: Path, env: dict[str, str], command: str, *extra: str) -> Any:
     )
 
 
+def kill_daemon(seen: Observed, env: dict[str, str]) -> None:
+    """The daemon SIGKILLed: its server dies, every client's context with it."""
+    os.kill(seen.daemon_before or 0, signal.SIGKILL)
+
+
+def client_fault(seen: Observed, env: dict[str, str]) -> None:
+    """One replica's next request faults its GPU (mpsserve/runtime/injected.py; simulated
+    without CUDA): every client of the server must go, the server itself stays."""
+    trigger = Path(env["MPSSERVE_INJECT_FAULT_FILE"])
+    trigger.with_suffix(".partial").write_text("fault address\n")
+    trigger.with_suffix(".partial").rename(trigger)
+
+
 def run(
-    tmp: Path, config: dict[str, Any], replicas: int, env: dict[str, str], timeout_s: float = 240
+    tmp: Path,
+    config: dict[str, Any],
+    replicas: int,
+    env: dict[str, str],
+    timeout_s: float = 240,
+    strike: Callable[[Observed, dict[str, str]], None] = kill_daemon,
 ) -> Observed:
     (tmp / "service.yaml").write_text(yaml.safe_dump(config))
     mps = config["mps"]
@@ -128,7 +148,7 @@ def run(
         load.start()
         time.sleep(3)
         old = set(seen.replicas_before)
-        os.kill(seen.daemon_before or 0, signal.SIGKILL)
+        strike(seen, env)
         seen.recovered_s = _wait(
             lambda: _all_attached(control, replicas, old),
             timeout_s,
@@ -155,6 +175,7 @@ def run(
         seen.status_attached = sum(
             1 for r in report.get("replicas", []) if (r.get("mps") or {}).get("attached")
         )
+        seen.status_mps_nodes = report.get("mps_nodes") or {}
     finally:
         load.stop.set()
         if proc.poll() is None:

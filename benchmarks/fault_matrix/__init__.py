@@ -23,6 +23,17 @@ Cases, in this order (``--cases`` picks some, in the order given):
   ``saved_model.pb``, PyTorch ``signature.json``) then, ``--slow-gap-s`` (12) later, the rest
   (``variables/`` / ``model.pt2`` last, a ``done_marker`` after them).
 
+* ``gpu-client-fault``: one replica's next request faults its GPU (``--fault-kind``:
+  ``address``, a kernel storing to an unmapped address, or ``assert``, a device-side assert;
+  simulated on a replica without CUDA); under MPS every replica of the node's GPU is expected
+  to be replaced (each that started before the fault exits), without MPS the one hit.
+* ``device-memory-over-limit``: one replica's next request allocates twice
+  ``mps.limits.pinned_mem_limit_mb`` on its GPU; that request may fail (out of memory), no
+  replica may be replaced.
+
+The last two need ``MPSSERVE_INJECT_FAULT_FILE`` set to the same path for the service (its
+replicas) and for the matrix (tests only: mpsserve/runtime/injected.py).
+
 Published versions are copies of the one serving; they stay in the store.
 
 Load: ``--concurrency`` closed-loop workers (over ``--processes`` client processes) send

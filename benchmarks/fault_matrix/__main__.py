@@ -56,6 +56,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--window-s", type=positive, default=60.0, help="load after each fault")
     p.add_argument("--max-extra-s", type=float, default=60.0, help="window extension")
     p.add_argument("--stop-s", type=positive, default=45.0, help="SIGSTOP hold")
+    p.add_argument(
+        "--fault-kind", choices=("assert", "address"), default="address", help="gpu-client-fault"
+    )
     p.add_argument("--slow-gap-s", type=float, default=12.0, help="slow publish gap")
     p.add_argument("--quiet-s", type=positive, default=10.0, help="calm needed to recover")
     p.add_argument("--poll-s", type=positive, default=2.0, help="status poll interval")

@@ -19,6 +19,7 @@ import numpy as np
 
 from benchmarks.fault_matrix.health import Expect, model_rows, served
 from mpsserve.config import ModelConfig, ServiceConfig
+from mpsserve.settings import settings
 
 SLOW_FIRST = {"tensorflow": "saved_model.pb", "torch": "signature.json"}  # the graph first
 SLOW_LAST = {"tensorflow": "variables", "torch": "model.pt2"}  # the weights last
@@ -150,6 +151,60 @@ def kill_mps_daemon(ctx: Context, before: dict[str, Any]) -> Fault | str:
     at = time.monotonic()
     os.kill(local[0], signal.SIGKILL)
     return Fault(f"MPS daemon pid {local[0]}", ctx.expect(before, gone=frozenset(local[:1])), at)
+
+
+def inject(action: str) -> float | str:
+    """Write the replicas' fault trigger (mpsserve/runtime/injected.py); t0, or why not."""
+    trigger = settings().inject_fault_file
+    if not trigger:
+        return (
+            "MPSSERVE_INJECT_FAULT_FILE is not set here: start the service and the matrix with "
+            "it set to the same path (tests only)"
+        )
+    partial = Path(f"{trigger}.partial")
+    partial.write_text(f"{action}\n")
+    at = time.monotonic()
+    partial.rename(trigger)  # whole, at once: a replica never reads half an action
+    return at
+
+
+def untaken(trigger: str) -> Callable[[], None]:
+    """At the window's end: no replica took the trigger (no request reached one): remove it."""
+    return lambda: Path(trigger).unlink(missing_ok=True)
+
+
+def gpu_client_fault(ctx: Context, before: dict[str, Any]) -> Fault | str:
+    """One replica's next request faults its GPU: under MPS every model replica on the node's
+    GPU is hit and must be replaced (this host's replicas: the matrix runs on one node)."""
+    deployment = f"model-{ctx.model.name}"
+    pids = {p for r in model_rows(before, ctx.model.name) if (p := local_pid(ctx, r, deployment))}
+    if not pids:
+        return f"no {deployment} replica of this application on this host"
+    mps = bool(before.get("mps_nodes"))
+    at = inject(f"fault {ctx.args.fault_kind}")
+    if isinstance(at, str):
+        return at
+    # Without MPS the fault stays in the one process that took the trigger, unknown here.
+    gone = frozenset(pids) if mps else frozenset()
+    info = {"action": f"fault {ctx.args.fault_kind}", "mps": mps, "replicas_hit": len(gone)}
+    target = f"device fault ({ctx.args.fault_kind}) in one of {len(pids)} replicas"
+    finish = untaken(settings().inject_fault_file)
+    return Fault(target, ctx.expect(before, gone=gone), at, finish=finish, info=info)
+
+
+def memory_over_limit(ctx: Context, before: dict[str, Any]) -> Fault | str:
+    """One replica's next request allocates twice its MPS device memory limit: that request
+    fails with out-of-memory (allowed: 1 failure), every replica keeps serving."""
+    limit = ctx.config.mps.limits.pinned_mem_limit_mb
+    if ctx.config.mps.mode == "off" or not limit:
+        return "needs mps.mode on/auto and mps.limits.pinned_mem_limit_mb in the service config"
+    at = inject(f"alloc {2 * limit}")
+    if isinstance(at, str):
+        return at
+    info = {"action": f"alloc {2 * limit}", "limit_mb": limit, "allowed_failures": 1}
+    finish = untaken(settings().inject_fault_file)
+    target = f"one request allocating {2 * limit} MB (limit {limit} MB)"
+    return Fault(target, ctx.expect(before), at, finish=finish, info=info)
 
 
 def local_store(ctx: Context, before: dict[str, Any]) -> tuple[Path, Path, int] | str:
@@ -284,5 +339,7 @@ INJECT: dict[str, Callable[[Context, dict[str, Any]], Fault | str]] = {
     "publish-new-version": publish_new,
     "publish-corrupt-version": publish_corrupt,
     "publish-slow-version": publish_slow,
+    "gpu-client-fault": gpu_client_fault,
+    "device-memory-over-limit": memory_over_limit,
 }
 CASES = tuple(INJECT)

@@ -8,7 +8,10 @@ before, else a restart), and writes the node's MPS state (daemon pid, restarts, 
 their clients) to a JSON file for replicas, ``doctor`` and operators. A restart is counted
 when the daemon's pid changes, whoever started the new one. A busy daemon (DaemonBusy) is
 neither down nor restarted: the round keeps the last view of the servers and says it is busy.
-The leader also runs the node's metrics sampler (mpsserve/sampler.py).
+The leader also runs the node's metrics sampler (mpsserve/sampler.py), and follows GPU faults
+(mpsserve/mps/faults.py): which clients of the faulted server were hit, and when the last one
+left, so the server takes new clients again. Every replica's guardian thread, leader or not,
+also looks for fault records naming its own server twice a second (``on_round``).
 
 Attach verification: after its first CUDA call a replica looks for its own pid in the client
 list of the daemon's servers (NVML need not list MPS clients). The server it attached to is
@@ -29,12 +32,13 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpsserve.errors import MpsError
-from mpsserve.mps import hook
+from mpsserve.mps import faults, hook
 from mpsserve.mps.control import DaemonBusy, DaemonNotRunning, MpsControl
 from mpsserve.settings import Settings
 
@@ -46,6 +50,11 @@ STATE_FILE = hook.STATE_FILE
 LEADER_LOCK = "guardian.lock"
 #: A state file older than this many guardian intervals is stale: replicas ask the daemon.
 STALE_INTERVALS = 3
+#: How often every guardian thread runs ``on_round`` (a replica looking for GPU faults).
+ROUND_S = 0.5
+#: A client hit by a GPU fault still there after this is named in a warning (it holds the
+#: server's recovery back).
+LINGER_WARN_S = 30.0
 
 
 @dataclass
@@ -65,6 +74,9 @@ class NodeState:
     #: This round the daemon did not take commands in time (``servers`` is the last view).
     busy: bool = False
     busy_rounds: int = 0
+    #: GPU faults reported on this node (mpsserve/mps/faults.py), and the latest few followed.
+    gpu_faults: int = 0
+    faults: list[dict[str, Any]] = field(default_factory=list)
 
 
 def read_state(state_dir: Path) -> NodeState | None:
@@ -95,17 +107,23 @@ class Guardian(threading.Thread):
         self._stopping = threading.Event()
         self._lock_handle: Any = None
         self.sampler: NodeSampler | None = None  # the node's metrics sampler, started by the leader
+        #: Run by this thread every ROUND_S, leader or not (a replica's own watch).
+        self.on_round: Callable[[], None] = lambda: None
 
     def stop(self) -> None:
         self._stopping.set()
 
     def run(self) -> None:
+        next_check = 0.0
         try:
             while not self._stopping.is_set():
-                if self._lead():
-                    self.check()
-                    self._start_sampler()
-                self._stopping.wait(self.interval_s)
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + self.interval_s
+                    if self._lead():
+                        self.check()
+                        self._start_sampler()
+                self.on_round()
+                self._stopping.wait(min(ROUND_S, self.interval_s))
         finally:
             if self.sampler is not None:
                 self.sampler.stop()
@@ -143,11 +161,14 @@ class Guardian(threading.Thread):
             known_daemon_pid=previous.known_daemon_pid,
             busy_rounds=previous.busy_rounds,
             checked_at=time.time(),
+            gpu_faults=previous.gpu_faults,
+            faults=previous.faults,
         )
         try:
             state.servers = {str(s): c for s, c in self._servers(state).items()}
             state.daemon_pid, state.up = self.control.daemon_pid(), True
             self._count_restart(state)
+            self._follow_faults(previous, state)
         except DaemonBusy as exc:
             self._busy(previous, state, exc)
         except MpsError as exc:
@@ -200,6 +221,69 @@ class Guardian(threading.Thread):
             )
         state.known_daemon_pid = pid
 
+    def _follow_faults(self, previous: NodeState, state: NodeState) -> None:
+        """New fault records start being followed; followed ones lose the clients that left."""
+        follows = [faults.Follow(**f) for f in state.faults]
+        known = {(f.server, f.reporter, f.at) for f in follows}
+        for fault in faults.recorded(self.state_dir, time.time() - faults.KEEP_S):
+            if (fault.server, fault.reporter, fault.at) not in known:
+                follows.append(self._start_following(fault, previous, state))
+                state.gpu_faults += 1
+        for follow in follows:
+            self._update(follow, state)
+        state.faults = [asdict(f) for f in follows[-faults.KEEP_IN_STATE :]]
+        faults.prune(self.state_dir)
+        faults.forget_gone_clients(self.state_dir)
+
+    def _start_following(
+        self, fault: faults.GpuFault, previous: NodeState, state: NodeState
+    ) -> faults.Follow:
+        key = str(fault.server)
+        seen = set(previous.servers.get(key, []))
+        if not seen or previous.checked_at > fault.at:  # no view from before the fault
+            seen |= set(state.servers.get(key, []))
+        follow = faults.Follow.start(self.state_dir, fault, sorted(seen))
+        logger.error(
+            "GPU %s fault on MPS server %d, reported by pid %d: %s; the server takes no new "
+            "client until its %d client(s) on that GPU have exited: %s",
+            fault.gpu,
+            fault.server,
+            fault.reporter,
+            fault.message[:300],
+            len(follow.clients),
+            follow.clients,
+        )
+        if follow.others:
+            logger.warning(
+                "MPS server %d also serves client(s) %s that are not mpsserve replicas: if they "
+                "use GPU %s they were hit too, and the server waits for them to exit",
+                fault.server,
+                follow.others,
+                fault.gpu,
+            )
+        return follow
+
+    def _update(self, follow: faults.Follow, state: NodeState) -> None:
+        now = time.time()
+        if follow.update(state.servers.get(str(follow.server), []), now):
+            logger.warning(
+                "all %d client(s) hit by the GPU %s fault on MPS server %d exited %.1fs after "
+                "it; the server takes new clients again",
+                len(follow.clients),
+                follow.gpu,
+                follow.server,
+                now - follow.at,
+            )
+        elif follow.cleared_at is None and now - follow.at > LINGER_WARN_S:
+            logger.warning(
+                "GPU %s fault on MPS server %d %.0fs ago: client(s) %s have not exited; the "
+                "server takes no new client until they do",
+                follow.gpu,
+                follow.server,
+                now - follow.at,
+                follow.remaining,
+            )
+
     def _busy(self, previous: NodeState, state: NodeState, exc: DaemonBusy) -> None:
         """Busy is not down: no restart, and the last view of the servers stays."""
         state.up, state.busy, state.busy_rounds = True, True, state.busy_rounds + 1
@@ -235,10 +319,14 @@ def find_attachment(control: MpsControl, pid: int) -> Attachment:
 class ReplicaMps:
     """One GPU replica's view of MPS: attach after load, then health."""
 
-    def __init__(self, s: Settings, pid: int | None = None) -> None:
+    def __init__(self, s: Settings, pid: int | None = None, gpu: str | None = None) -> None:
         self.mode = s.mps_mode
         self.state_dir = Path(s.mps_state_dir)
         self.pid = pid or os.getpid()
+        self.gpu = gpu  # as Ray names it on the node; None: no GPU
+        #: Before this process's first CUDA call: a GPU fault after it may have hit this process.
+        self.started_at = time.time()
+        self._hit: faults.GpuFault | None = None
         self.control = hook.control_from(s)
         self.server: int | None = None
         self.detail = "MPS off" if self.mode == "off" else "not checked yet"
@@ -269,6 +357,8 @@ class ReplicaMps:
             self.unverified = found.busy
             self.server = found.server
             self.detail = f"not verified yet: {found.detail}" if found.busy else found.detail
+            if self.server is not None and self.gpu is not None:
+                faults.note_client(self.state_dir, self.pid, self.gpu)
         log = logger.info if self.server is not None else logger.warning
         log("replica %d: %s", self.pid, self.detail)
 
@@ -294,6 +384,43 @@ class ReplicaMps:
         if now.server != self.server:
             return f"lost its MPS server {self.server}: {now.detail}"
         return None
+
+    def report_fault(self, message: str) -> None:
+        """Tell the node this process hit a fatal device error on its server's GPU, so every
+        other client of it exits too (nothing to tell without MPS: the fault stays here)."""
+        if self.server is None or self.gpu is None:
+            return
+        fault = faults.GpuFault(self.server, self.gpu, self.pid, time.time(), message[:2000])
+        faults.report(self.state_dir, fault)
+        logger.error(
+            "replica %d: reported a GPU %s fault on MPS server %d", self.pid, self.gpu, self.server
+        )
+
+    def watch_faults(self, on_fault: Callable[[faults.GpuFault], None]) -> None:
+        """Call ``on_fault`` (once, from the guardian thread) when another process reports a
+        fault on this process's server and GPU after this process started."""
+
+        def look() -> None:
+            if self._hit is not None or self.server is None or self.gpu is None:
+                return
+            self._hit = faults.hitting(
+                self.state_dir, self.server, self.gpu, self.started_at, self.pid
+            )
+            if self._hit is not None:
+                on_fault(self._hit)
+
+        if self.guardian is not None:
+            self.guardian.on_round = look
+
+    def memory_limit(self) -> str | None:
+        """What bounds this process's device memory, for its out-of-memory errors."""
+        limit = hook.pinned_limit_set()
+        if self.mode == "off" or not limit:
+            return None
+        return (
+            f"this replica's MPS device memory limit is {limit.split('=', 1)[-1]} "
+            "(CUDA_MPS_PINNED_DEVICE_MEM_LIMIT, from mps.limits.pinned_mem_limit_mb)"
+        )
 
     def _unattached(self) -> str | None:
         """Never attached: fatal only when MPS is required."""

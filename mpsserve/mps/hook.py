@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from mpsserve.config import MpsConfig, Placement
 from mpsserve.errors import MpsError
 from mpsserve.gpu import inventory
 from mpsserve.mps.control import MpsControl
+from mpsserve.mps.faults import CLIENTS_DIR, FAULTS_DIR
 from mpsserve.settings import Settings, settings, to_env
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ LOCK_FILE = "daemon.lock"
 #: The node's turn to talk to the daemon: one ``nvidia-cuda-mps-control`` client at a time.
 CONTROL_LOCK_FILE = "control.lock"
 STARTED_FILE = "daemon.started"
+PINNED_LIMIT_VAR = "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"
 #: The guardian's state file (mpsserve/mps/guardian.py), forgotten with the daemon it describes.
 STATE_FILE = "guardian.json"
 
@@ -118,6 +121,11 @@ def pinned_limit_mb(s: Settings) -> int | None:
     return int(smallest * s.mps_gpu_share / s.mps_replicas_per_gpu)
 
 
+def pinned_limit_set() -> str | None:
+    """The pinned device memory limit this process runs under (``worker_setup`` set it)."""
+    return os.environ.get(PINNED_LIMIT_VAR)
+
+
 def require_external(control: MpsControl) -> None:
     """An external daemon must already answer; mpsserve never starts one."""
     if not control.running():
@@ -143,9 +151,9 @@ def worker_setup() -> None:
         setup_error = exc.message
         logger.warning("MPS is not available to this replica: %s", exc.message)
     limit = pinned_limit_mb(s)
-    if limit and "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" not in os.environ:
+    if limit and PINNED_LIMIT_VAR not in os.environ:
         # Each replica sees exactly one GPU (fractional num_gpus), its device 0.
-        os.environ["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"0={limit}M"
+        os.environ[PINNED_LIMIT_VAR] = f"0={limit}M"
 
 
 def ray_start_hook(ray_params: object, head: bool) -> None:
@@ -175,7 +183,10 @@ def stop_daemon_if_ours(mps: MpsConfig) -> bool:
     if ours and ours == control.daemon_pid():
         control.quit()
         recorded.unlink(missing_ok=True)
-        # A deliberate stop: the next service's first start is not a restart of this daemon.
+        # A deliberate stop: the next service's first start is not a restart of this daemon,
+        # and the faults of this one's servers are history.
         (Path(mps.state_dir) / STATE_FILE).unlink(missing_ok=True)
+        for folder in (FAULTS_DIR, CLIENTS_DIR):
+            shutil.rmtree(Path(mps.state_dir) / folder, ignore_errors=True)
         return True
     return False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from mpsserve import metrics
 from mpsserve.config import ModelConfig, VersionPolicy
 from mpsserve.errors import MpsServeError
+from mpsserve.mps.faults import GpuFault
 from mpsserve.mps.guardian import ReplicaMps
 from mpsserve.protocol import frame
 from mpsserve.servable import Servable
@@ -40,10 +42,15 @@ class ModelReplica:
     def __init__(self, model: dict[str, Any], directory: DeploymentHandle | None = None) -> None:
         config = ModelConfig.model_validate(model)
         configure_replica_logging()
-        gpu = bool(ray.get_gpu_ids())
-        self._servable = Servable(config, device="auto" if gpu else "cpu")
+        gpus = [str(g) for g in ray.get_gpu_ids()]
+        self._servable = Servable(config, device="auto" if gpus else "cpu")
         # The MPS hook ran before this constructor; the first CUDA call is the model load.
-        self._mps = ReplicaMps(settings())
+        self._mps = ReplicaMps(settings(), gpu=gpus[0] if gpus else None)
+        self._servable.on_fault = self._device_fault
+        self._servable.memory_limit = self._mps.memory_limit()
+        self._peer_fault_seen = False
+        self._leaving = threading.Lock()
+        self._mps.watch_faults(self._peer_fault)
         self._mps.start_guardian()
         self._directory = directory
         self._stall_s = config.placement.inference_stall_s
@@ -85,6 +92,36 @@ class ModelReplica:
             if time.monotonic() > deadline:
                 return
             time.sleep(0.005)
+
+    def _device_fault(self, message: str) -> None:
+        """This process's CUDA context is gone (a sticky error): tell the node when the fault
+        was this process's own (under MPS it hit every client of the GPU's server), then exit
+        at once rather than after three failed health checks: the server takes no new client
+        until every client it hit has exited, so each second here delays the replacements."""
+        if not self._peer_fault_seen:
+            self._mps.report_fault(message)
+        threading.Thread(target=self._exit, args=(message,), name="fault-exit").start()
+
+    def _peer_fault(self, fault: GpuFault) -> None:
+        """Another client of this GPU's MPS server reported a fatal fault after this process
+        started: this process's context is gone too, whether or not it has noticed yet."""
+        self._peer_fault_seen = True
+        self._servable.device_fault(
+            f"GPU {fault.gpu} fault on MPS server {fault.server}, reported by pid "
+            f"{fault.reporter}: {fault.message[:300]}"
+        )
+
+    def _exit(self, why: str) -> None:
+        """Leave the directory, let the requests here get their ``unavailable`` answers (the
+        ingresses retry them elsewhere), and end the process; Ray Serve replaces it."""
+        if not self._leaving.acquire(blocking=False):
+            return
+        if self._registration is not None:
+            self._registration.withdraw()
+        self._drain()
+        logger.error("model %s: exiting for a new process: %s", self._servable.config.name, why)
+        logging.shutdown()
+        os._exit(EXIT_DEVICE_FAULT)
 
     def handle_frame(self, header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
         """One request from the ingress (runs on the data port's thread pool)."""
@@ -178,3 +215,4 @@ class ModelReplica:
 
 DRAIN_AFTER_WITHDRAW_S = 1.5  # > the ingresses' directory poll period
 DRAIN_BEFORE_SWAP_S = 0.5  # most a swap waits for the requests in flight here
+EXIT_DEVICE_FAULT = 3  # the exit status of a replica that ends itself after a device fault
