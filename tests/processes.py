@@ -122,8 +122,14 @@ class Service:
     """``mpsserve serve --config service.yaml`` in ``cwd``, as a user starts it: a context
     manager that waits for the banner and stops it with Ctrl-C (its own Ray goes with it)."""
 
-    def __init__(self, cwd: Path, config: dict[str, Any], timeout_s: float = 300) -> None:
-        self.cwd, self.timeout_s = cwd, timeout_s
+    def __init__(
+        self,
+        cwd: Path,
+        config: dict[str, Any],
+        timeout_s: float = 300,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.cwd, self.timeout_s, self.env = cwd, timeout_s, env or {}
         (cwd / "service.yaml").write_text(yaml.safe_dump(config))
         self.http_port = int(config["ingress"]["http_port"])
         self.address = ""
@@ -139,7 +145,7 @@ class Service:
         self._proc = subprocess.Popen(
             [*CLI, "serve", "--config", "service.yaml", "--rows", "64"],
             cwd=self.cwd,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""},
+            env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

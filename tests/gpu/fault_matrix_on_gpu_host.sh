@@ -8,7 +8,9 @@
 #   usage: tests/gpu/fault_matrix_on_gpu_host.sh   (repo root, PYTHONPATH holding Ray)
 #   env: OUT, CONC (16), PROCS (4), INGRESSES (2), POLL_S (store poll, 2), BASELINE_S (5),
 #        WINDOW_S (20), EXTRA_S (30), QUIET_S (5), STOP_S (45), GAP_S (12), SETTLE_S (60),
-#        CASES (all), BUDGET_S (510)
+#        CASES (all), BUDGET_S (510), PINNED_MB (mps.limits.pinned_mem_limit_mb; unset: derived),
+#        FAULT_KIND (address|assert, for gpu-client-fault). The injected cases (gpu-client-fault,
+#        device-memory-over-limit) run only with INJECT=1, which sets MPSSERVE_INJECT_FAULT_FILE.
 set -uo pipefail
 began=$(date +%s)
 OUT=${OUT:-/tmp/mpsserve-fault-matrix}
@@ -22,6 +24,8 @@ export RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 work=$(mktemp -d /tmp/mpsfm.XXXX)
 mps=$work/mps  # short: the daemon's pipe is a unix socket path
+[ "${INJECT:-0}" = 1 ] && export MPSSERVE_INJECT_FAULT_FILE=$work/inject  # tests only
+limits=${PINNED_MB:+, limits: {pinned_mem_limit_mb: $PINNED_MB\}}
 left() { echo $((BUDGET_S - ($(date +%s) - began))); }
 
 nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader \
@@ -35,7 +39,7 @@ models:
     poll_interval_s: $POLL_S
     placement: {replicas_per_gpu: 8}
 ingress: {replicas: $INGRESSES}
-mps: {mode: "on", pipe_dir: $mps/pipe, log_dir: $mps/log, state_dir: $mps/state}
+mps: {mode: "on", pipe_dir: $mps/pipe, log_dir: $mps/log, state_dir: $mps/state$limits}
 ray: {dashboard: false, app_name: faultmatrix}   # the offline bundle has no dashboard client
 YAML
 cp "$work/service.yaml" "$OUT/service.yaml"
@@ -53,7 +57,7 @@ if grep -q "Ctrl-C stops" "$OUT/serve.log"; then
   cmd=(python3 -m benchmarks.fault_matrix --config "$work/service.yaml" --address "$address"
        --cases "$CASES" --concurrency "$CONC" --processes "$PROCS" --baseline-s "$BASELINE_S"
        --window-s "$WINDOW_S" --max-extra-s "$EXTRA_S" --quiet-s "$QUIET_S" --stop-s "$STOP_S"
-       --slow-gap-s "$GAP_S" --settle-timeout-s "$SETTLE_S"
+       --slow-gap-s "$GAP_S" --settle-timeout-s "$SETTLE_S" --fault-kind "${FAULT_KIND:-address}"
        --out "$OUT/fault-matrix.json" --markdown "$OUT/fault-matrix.md")
   echo "${cmd[*]}" > "$OUT/command.txt"
   matrix_s=$(($(left) - 45))  # keep 45 s to stop the service and the daemon

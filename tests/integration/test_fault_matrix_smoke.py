@@ -1,11 +1,13 @@
 """Smoke test of the fault matrix (benchmarks/fault_matrix) as an operator runs it: `mpsserve
-serve` of a small service, then the tool's publish-new-version and kill-ingress cases with short
-windows. Checks that the report carries every figure, that the new version was served and the
-ingress kill cost nothing beyond its own connections, never how fast."""
+serve` of a small service, then the tool's publish-new-version, kill-ingress and (simulated on
+the CPU) gpu-client-fault cases with short windows. Checks that the report carries every
+figure, that the new version was served, the ingress kill cost nothing beyond its own
+connections and the fault replaced its replica, never how fast."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +19,8 @@ from tests.processes import Service, service_config
 REPO = Path(__file__).resolve().parents[2]
 HTTP = 28700
 SHORT = [
-    "--cases", "publish-new-version,kill-ingress", "--rows", "200", "--concurrency", "2",
+    "--cases", "publish-new-version,kill-ingress,gpu-client-fault",
+    "--rows", "200", "--concurrency", "2",
     "--warmup-s", "2", "--baseline-s", "2", "--window-s", "4", "--quiet-s", "1", "--poll-s", "0.5",
     "--max-extra-s", "30", "--settle-timeout-s", "60",
 ]  # fmt: skip
@@ -29,31 +32,36 @@ FIGURES = {
 }  # fmt: skip
 
 
-def run_matrix(config: Path, address: str, out: Path) -> subprocess.CompletedProcess[str]:
+def run_matrix(
+    config: Path, address: str, out: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
     tool = [sys.executable, "-m", "benchmarks.fault_matrix", "--config", str(config)]
     files = ["--out", str(out / "fm.json"), "--markdown", str(out / "fm.md")]
     return subprocess.run(
         [*tool, "--address", address, *SHORT, *files],
         cwd=REPO,
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=240,
     )
 
 
-def test_publish_and_ingress_kill_cases(tf_store: Path, tmp_path: Path) -> None:
-    """A version published and an ingress killed under load: both PASS (two ingresses by
-    default, so the kill costs only the requests on the killed one's connections)."""
+def test_publish_ingress_kill_and_device_fault_cases(tf_store: Path, tmp_path: Path) -> None:
+    """A version published, an ingress killed and a replica's device faulted under load: all
+    PASS (two ingresses by default, so the kill costs only the requests on the killed one's
+    connections; the faulted replica's requests are answered by the other)."""
     store = tmp_path / "store"
     shutil.copytree(tf_store / "1", store / "1")
     config = service_config(store, HTTP, "faultsmoke", poll_interval_s=0.5)
-    with Service(tmp_path, config) as svc:
-        proc = run_matrix(tmp_path / "service.yaml", svc.address, tmp_path)
+    env = {"MPSSERVE_INJECT_FAULT_FILE": str(tmp_path / "inject")}
+    with Service(tmp_path, config, env=env) as svc:
+        proc = run_matrix(tmp_path / "service.yaml", svc.address, tmp_path, env)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-3000:]}"
     doc = json.loads((tmp_path / "fm.json").read_text())
     assert "benchmarks.fault_matrix" in doc["meta"]["command"]
     cases = {c["case"]: c for c in doc["cases"]}
-    assert set(cases) == {"publish-new-version", "kill-ingress"}
+    assert set(cases) == {"publish-new-version", "kill-ingress", "gpu-client-fault"}
     for case in cases.values():
         assert set(case) >= FIGURES, FIGURES - set(case)
         assert case["verdict"] == "PASS", (case["case"], case["reasons"])
@@ -65,5 +73,8 @@ def test_publish_and_ingress_kill_cases(tf_store: Path, tmp_path: Path) -> None:
     killed = cases["kill-ingress"]
     assert killed["failed"] == killed["failed_in_flight_at_fault"]
     assert len(killed["ingress_pids_after"]) == 2
+    faulted = cases["gpu-client-fault"]  # no MPS: the one replica hit exits and is replaced
+    assert len(faulted["model_pids_replaced"]) == 1, faulted["model_pids_replaced"]
+    assert faulted["failed"] == 0, faulted["failed_by_status"]
     lines = (tmp_path / "fm.md").read_text().splitlines()
     assert HEADER in lines and any(line.startswith("| kill-ingress |") for line in lines)
