@@ -129,13 +129,23 @@ class Follow:
     #: Clients of the server that are not mpsserve replicas (an external daemon's other users):
     #: hit too when on that GPU, which mpsserve cannot tell, and not waited for.
     others: list[int] = field(default_factory=list)
+    #: The records of this fault: the first, and those of clients that saw it too.
+    reports: list[str] = field(default_factory=list)
 
     @classmethod
     def start(cls, state_dir: Path, fault: GpuFault, clients: list[int]) -> Follow:
         gpus = {c: client_gpu(state_dir, c) for c in clients}
         hit = sorted(c for c, gpu in gpus.items() if gpu == fault.gpu)
         others = sorted(c for c, gpu in gpus.items() if gpu is None)
-        return cls(**asdict(fault), clients=hit, remaining=hit, others=others)
+        follow = cls(**asdict(fault), clients=hit, remaining=hit, others=others)
+        follow.reports.append(fault.key())
+        return follow
+
+    def covers(self, fault: GpuFault) -> bool:
+        """The same fault told by another client: same server and GPU, before the last hit
+        client left (clients report when they next touch the GPU, moments apart)."""
+        same_gpu = (fault.server, fault.gpu) == (self.server, self.gpu)
+        return same_gpu and (self.cleared_at is None or fault.at <= self.cleared_at)
 
     def update(self, clients_now: list[int], now: float) -> bool:
         """Note who is left; True when this call saw the last one go."""

@@ -224,11 +224,16 @@ class Guardian(threading.Thread):
     def _follow_faults(self, previous: NodeState, state: NodeState) -> None:
         """New fault records start being followed; followed ones lose the clients that left."""
         follows = [faults.Follow(**f) for f in state.faults]
-        known = {(f.server, f.reporter, f.at) for f in follows}
+        known = {key for f in follows for key in f.reports}
         for fault in faults.recorded(self.state_dir, time.time() - faults.KEEP_S):
-            if (fault.server, fault.reporter, fault.at) not in known:
-                follows.append(self._start_following(fault, previous, state))
-                state.gpu_faults += 1
+            if fault.key() in known:
+                continue
+            same = next((f for f in follows if f.covers(fault)), None)
+            if same is not None:  # more clients telling of one fault (they all saw it)
+                same.reports.append(fault.key())
+                continue
+            follows.append(self._start_following(fault, previous, state))
+            state.gpu_faults += 1
         for follow in follows:
             self._update(follow, state)
         state.faults = [asdict(f) for f in follows[-faults.KEEP_IN_STATE :]]
@@ -390,6 +395,8 @@ class ReplicaMps:
         other client of it exits too (nothing to tell without MPS: the fault stays here)."""
         if self.server is None or self.gpu is None:
             return
+        if faults.hitting(self.state_dir, self.server, self.gpu, self.started_at, self.pid):
+            return  # a peer told the node first: this is the same fault reaching this client
         fault = faults.GpuFault(self.server, self.gpu, self.pid, time.time(), message[:2000])
         faults.report(self.state_dir, fault)
         logger.error(

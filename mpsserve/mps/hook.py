@@ -1,10 +1,14 @@
-"""Ray hooks that put the MPS control daemon in place before any replica touches CUDA.
+"""What puts the MPS control daemon and a replica's limits in place before any replica touches
+CUDA.
 
-* ``worker_setup`` is each GPU replica's ``worker_process_setup_hook``: it runs in the
-  replica's process before the replica is constructed, so before its first CUDA call. It
-  starts the node's daemon unless one answers (under a file lock: many replicas race at
-  start-up), and sets the replica's derived pinned-memory limit. This covers the local
-  cluster of ``mpsserve serve`` and ``ray start`` nodes alike.
+* ``worker_setup`` runs first in each GPU replica's constructor, before its first CUDA call
+  (the model load): it starts the node's daemon unless one answers (under a file lock: many
+  replicas race at start-up) and sets the replica's derived pinned-memory limit. Not a Ray
+  ``worker_process_setup_hook``: Ray 2.60 runs that field only from a job's runtime
+  environment (``ray.init``); in an actor's (a Serve replica's) it is recorded and never run
+  (ray/_private/runtime_env/setup_hook.py: "This field is no-op"), which left the daemon to the
+  guardian and the limit unset until 2026-12-01. An explicit limit also travels in the
+  replica's environment, so CUDA sees it from the process's start.
 * ``ray_start_hook`` is for ``RAY_START_HOOK=mpsserve.mps.hook.ray_start_hook`` on a
   ``ray start`` GPU node: the daemon is up before the raylet starts.
 
@@ -32,7 +36,6 @@ logger = logging.getLogger(__name__)
 #: A pipe directory no daemon listens on: a CUDA client that sees it runs without MPS,
 #: even when the node has a daemon on the default /tmp/nvidia-mps (the no-MPS baseline).
 NO_MPS_PIPE_DIR = "/nonexistent/mpsserve-mps-off"
-HOOK = "mpsserve.mps.hook.worker_setup"
 LOCK_FILE = "daemon.lock"
 #: The node's turn to talk to the daemon: one ``nvidia-cuda-mps-control`` client at a time.
 CONTROL_LOCK_FILE = "control.lock"
@@ -92,7 +95,9 @@ def replica_runtime_env(mps: MpsConfig, placement: Placement) -> dict[str, Any]:
             mps_pinned_mem_limit_mb=mps.limits.pinned_mem_limit_mb or 0,
         ),
     }
-    return {"env_vars": env, "worker_process_setup_hook": HOOK}
+    if mps.limits.pinned_mem_limit_mb:  # each replica sees one GPU, its device 0
+        env[PINNED_LIMIT_VAR] = f"0={mps.limits.pinned_mem_limit_mb}M"
+    return {"env_vars": env}
 
 
 def ensure_daemon(control: MpsControl, state_dir: Path) -> bool:
@@ -137,7 +142,7 @@ def require_external(control: MpsControl) -> None:
 
 
 def worker_setup() -> None:
-    """Ray ``worker_process_setup_hook`` of a GPU replica; never raises (the replica reports)."""
+    """A GPU replica's setup before its first CUDA call; never raises (the replica reports)."""
     global setup_error
     s = settings()
     if s.mps_mode == "off":

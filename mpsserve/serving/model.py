@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from mpsserve import metrics
 from mpsserve.config import ModelConfig, VersionPolicy
 from mpsserve.errors import MpsServeError
+from mpsserve.mps import hook
 from mpsserve.mps.faults import GpuFault
 from mpsserve.mps.guardian import ReplicaMps
 from mpsserve.protocol import frame
@@ -42,9 +43,10 @@ class ModelReplica:
     def __init__(self, model: dict[str, Any], directory: DeploymentHandle | None = None) -> None:
         config = ModelConfig.model_validate(model)
         configure_replica_logging()
+        hook.worker_setup()  # the daemon and this process's limits, before any CUDA call
         gpus = [str(g) for g in ray.get_gpu_ids()]
         self._servable = Servable(config, device="auto" if gpus else "cpu")
-        # The MPS hook ran before this constructor; the first CUDA call is the model load.
+        # The first CUDA call is the model load (``reconfigure``).
         self._mps = ReplicaMps(settings(), gpu=gpus[0] if gpus else None)
         self._servable.on_fault = self._device_fault
         self._servable.memory_limit = self._mps.memory_limit()

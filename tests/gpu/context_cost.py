@@ -9,7 +9,8 @@ context and allocate one small tensor, wait until all hold their context, read t
 memory (NVML), and divide the increase by the process count. Then, under MPS, one client with
 ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=<limit>M`` allocates below and above its limit while a
 neighbour client keeps computing: the first must succeed, the second fail with out-of-memory,
-the neighbour must not notice.
+the neighbour must not notice. The same with the limit set by the process itself
+(``os.environ``) before its first CUDA call, as a replica does for a derived limit.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ print("ready", flush=True)
 sys.stdin.read()
 """
 LIMITED = """
-import json, sys, torch
+import json, os, sys, torch
+if sys.argv[1].startswith("set="):  # the limit set in-process, before the first CUDA call
+    os.environ["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = sys.argv.pop(1)[4:]
 torch.ones(1, device="cuda")
 out = {}
 for mb in (int(a) for a in sys.argv[1:]):
@@ -110,10 +113,19 @@ def limit_check(env: dict[str, str], limit_mb: int, seconds: float) -> dict[str,
         text=True,
         timeout=120,
     )
+    in_process = subprocess.run(
+        [sys.executable, "-c", LIMITED, f"set=0={limit_mb}M", *map(str, sizes[:2])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     rounds, _ = neighbour.communicate(timeout=seconds + 60)
     return {
         "limit_mb": limit_mb,
         "allocations": json.loads(limited.stdout or "{}") or limited.stderr[-500:],
+        "allocations_limit_set_in_process": json.loads(in_process.stdout or "{}")
+        or in_process.stderr[-500:],
         "neighbour_matmuls": int(rounds.strip() or 0),
         "neighbour_exit": neighbour.returncode,
     }

@@ -77,8 +77,10 @@ def test_guardian_follows_a_fault_until_every_hit_client_exited(
         faults.note_client(state_dir, client.pid, "0")
         guardian.check()  # sees the server and its client before the fault
         faults.report(state_dir, fault(server=server, reporter=client.pid))
+        faults.report(state_dir, fault(server=server, reporter=4242))  # another client saw it
         state = guardian.check()
         assert state.gpu_faults == 1 and state.faults[0]["remaining"] == [client.pid]
+        assert len(state.faults[0]["reports"]) == 2, "one fault, told twice"
         assert "takes no new client until its 1 client(s)" in caplog.text
         client.kill()
         client.wait()
@@ -130,6 +132,10 @@ def test_a_replica_reports_its_own_fault_only_when_attached(
     replica.report_fault("CUDA error: boom")
     (recorded,) = faults.recorded(tmp_path / "state")
     assert (recorded.server, recorded.gpu, recorded.reporter) == (99, "0", 12345)
+    peer = ReplicaMps(s, pid=12346, gpu="0")
+    peer.server, peer.started_at = 99, replica.started_at
+    peer.report_fault("CUDA error: boom")  # the same fault reaching it: the node knows already
+    assert len(faults.recorded(tmp_path / "state")) == 1
 
 
 # -- the injected faults, service side (a CPU replica: simulated CUDA errors) -------------------

@@ -381,17 +381,21 @@ def test_worker_setup_hook_reports_a_missing_binary(
 
 def test_replica_runtime_env() -> None:
     on = hook.replica_runtime_env(MpsConfig(mode="on"), Placement(replicas_per_gpu=8))
-    assert on["worker_process_setup_hook"] == hook.HOOK
+    assert "worker_process_setup_hook" not in on  # a no-op in an actor's runtime env (Ray)
     env = on["env_vars"]
+    assert hook.PINNED_LIMIT_VAR not in env  # derived in the replica (its GPU's size)
     assert env["CUDA_MPS_PIPE_DIRECTORY"] == "/tmp/mpsserve/mps-pipe"
     assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "100"  # no SM fence by default
     fenced = MpsConfig(mode="on", limits={"active_thread_percentage": 25})
     fenced_env = hook.replica_runtime_env(fenced, Placement(replicas_per_gpu=8))["env_vars"]
     assert fenced_env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "25"
+    limited = MpsConfig(mode="on", limits={"pinned_mem_limit_mb": 4096})
+    limited_env = hook.replica_runtime_env(limited, Placement(replicas_per_gpu=8))["env_vars"]
+    assert limited_env[hook.PINNED_LIMIT_VAR] == "0=4096M"  # CUDA sees it from the start
     assert env["MPSSERVE_MPS_MODE"] == "on" and env["MPSSERVE_MPS_REPLICAS_PER_GPU"] == "8"
     off = hook.replica_runtime_env(MpsConfig(mode="off"), Placement())
     assert off["env_vars"]["CUDA_MPS_PIPE_DIRECTORY"] == hook.NO_MPS_PIPE_DIR
-    assert "worker_process_setup_hook" not in off
+    assert "worker_process_setup_hook" not in off and hook.PINNED_LIMIT_VAR not in off["env_vars"]
 
 
 def test_guardian_of_an_external_daemon_reports_it_down_and_never_restarts_it(
