@@ -150,8 +150,9 @@ def worker_setup() -> None:
     try:
         if s.mps_daemon == "external":
             require_external(control_from(s))
-        else:
-            ensure_daemon(control_from(s), Path(s.mps_state_dir))
+        elif ensure_daemon(control_from(s), Path(s.mps_state_dir)):
+            # Whether a daemon ran here before is the guardian's to say (a new pid: a restart).
+            logger.info("started the MPS control daemon on %s", s.mps_pipe_dir)
     except MpsError as exc:
         setup_error = exc.message
         logger.warning("MPS is not available to this replica: %s", exc.message)
