@@ -190,7 +190,9 @@ def test_stop_finishes_requests_in_flight() -> None:
     server = ReplicaServer(slow, threads=1, host="127.0.0.1", keys=KEYS.get)
     port = server.start()
     answers: list[Any] = []
-    caller = threading.Thread(target=lambda: answers.append(call_replica("127.0.0.1", port, {}, KEYS.get())))
+    caller = threading.Thread(
+        target=lambda: answers.append(call_replica("127.0.0.1", port, {}, KEYS.get()))
+    )
     caller.start()
     for _ in range(500):  # until the request is inside the handler
         if server.in_flight:
@@ -250,7 +252,9 @@ async def until(predicate: Any, timeout_s: float = 5.0) -> None:
 def test_a_silent_replica_is_routed_around_set_aside_and_back_when_it_answers(
     hung: list[Hung], recorder: Recorder
 ) -> None:
-    good = ReplicaServer(lambda h, b: answering(good.port)(h, b), threads=2, host="127.0.0.1", keys=KEYS.get)
+    good = ReplicaServer(
+        lambda h, b: answering(good.port)(h, b), threads=2, host="127.0.0.1", keys=KEYS.get
+    )
     good.start()
     frozen = hung[0]
 
@@ -310,7 +314,9 @@ def test_when_every_replica_is_slow_the_timeout_grows_instead_of_retrying() -> N
     port = server.start()
 
     async def scenario() -> tuple[int, float]:
-        router = Router({"rec": 4}, keys=KEYS.get, attempts=AttemptPolicy(min_s=0.05, request_timeout_s=10))
+        router = Router(
+            {"rec": 4}, keys=KEYS.get, attempts=AttemptPolicy(min_s=0.05, request_timeout_s=10)
+        )
         router.update([entry(port, "slow")])
         for _ in range(4):
             await router.call("rec", frame.encode({"op": "infer"}))
@@ -330,7 +336,9 @@ def test_attempts_are_bounded_and_none_starts_past_the_deadline(hung: list[Hung]
             await asyncio.wait_for(router.call("rec", frame.encode({"op": "x"})), deadline_s)
 
     async def scenario() -> None:
-        bounded = Router({"rec": 4}, keys=KEYS.get, attempts=AttemptPolicy(min_s=0.1, max_attempts=2))
+        bounded = Router(
+            {"rec": 4}, keys=KEYS.get, attempts=AttemptPolicy(min_s=0.1, max_attempts=2)
+        )
         bounded.update([entry(h.port) for h in hung])
         await call(bounded, 1.0)  # 10 attempt timeouts, but at most 2 attempts
         assert sum(h.server.in_flight for h in hung) == 2
@@ -341,7 +349,9 @@ def test_attempts_are_bounded_and_none_starts_past_the_deadline(hung: list[Hung]
         for replica in hung:
             replica.release.clear()
         # A floor past the request's own deadline: one attempt, never a second.
-        late = Router({"rec": 4}, keys=KEYS.get, attempts=AttemptPolicy(min_s=2, request_timeout_s=1))
+        late = Router(
+            {"rec": 4}, keys=KEYS.get, attempts=AttemptPolicy(min_s=2, request_timeout_s=1)
+        )
         late.update([entry(h.port) for h in hung])
         await call(late, 1.5)
         assert sum(h.server.in_flight for h in hung) == 1
@@ -360,7 +370,9 @@ def test_a_hung_inference_thread_fails_the_health_check_a_queue_does_not() -> No
         health = types.SimpleNamespace(_server=replica.server, _stall_s=0.3)
         assert replica.server.longest_running_s() == 0.0 and stalled(health) is None
         callers = [
-            threading.Thread(target=call_replica, args=("127.0.0.1", replica.port, {}, KEYS.get(), 10))
+            threading.Thread(
+                target=call_replica, args=("127.0.0.1", replica.port, {}, KEYS.get(), 10)
+            )
             for _ in range(2)
         ]
         for caller in callers:
@@ -430,7 +442,9 @@ def test_a_replica_with_a_device_fault_is_set_aside_and_the_request_served_elsew
     def healthy(header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
         return frame.encode({"ok": True, "version": "1"})
 
-    servers = [ReplicaServer(h, threads=2, host="127.0.0.1", keys=KEYS.get) for h in (broken, healthy)]
+    servers = [
+        ReplicaServer(h, threads=2, host="127.0.0.1", keys=KEYS.get) for h in (broken, healthy)
+    ]
     for server in servers:
         server.start()
 
