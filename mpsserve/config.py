@@ -178,6 +178,52 @@ class IngressConfig(_Strict):
     )
 
 
+class TransportConfig(_Strict):
+    """The data port between the ingress and the model replicas: who may connect, how long
+    a connection may sit, how large a frame may be. Frames are authenticated with a key the
+    application generates at each build (see ``serving.transport``); these are the bounds."""
+
+    bind_host: str | None = Field(
+        None,
+        description="Address each model replica's data port binds; null = the node's address "
+        "as Ray reports it (ray.util.get_node_ip_address()). Never 0.0.0.0 by default: the "
+        "port is internal and should be reachable only on the network Ray uses.",
+    )
+    handshake_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="A new connection must prove it holds the application's key within this "
+        "long, or it is closed; nothing else is read from it before.",
+    )
+    idle_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A connection with no frame in progress and no request running is closed "
+        "after this long; the ingress retires its pooled connections at half of it.",
+    )
+    read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Inside a frame, bytes must keep arriving: a connection that sends none "
+        "for this long is closed.",
+    )
+    max_connections: int = Field(
+        256,
+        ge=1,
+        description="Open connections per model replica (authenticated or not); more are "
+        "closed at once. An ingress opens one per request in flight to the replica.",
+    )
+    max_header_kb: int = Field(
+        64, ge=1, le=1024, description="Largest frame header (JSON) a replica accepts."
+    )
+    max_response_mb: float = Field(
+        64.0,
+        gt=0,
+        description="Largest answer a replica sends and an ingress reads; a larger one becomes "
+        "an error. Request frames are bounded by ingress.max_request_mb.",
+    )
+
+
 class MpsLimits(_Strict):
     """Per-replica MPS limits; None derives a default from replicas_per_gpu (N)."""
 
@@ -269,6 +315,7 @@ class ServiceConfig(_Strict):
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     mps: MpsConfig = Field(default_factory=MpsConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    transport: TransportConfig = Field(default_factory=TransportConfig)
 
     @model_validator(mode="after")
     def _check_models(self) -> ServiceConfig:

@@ -62,6 +62,12 @@ class RecentStats:
         }
 
 
+#: What a client may read of a model's metadata: KServe v2's fields and the ragged inputs.
+PUBLIC_METADATA = frozenset(
+    {"name", "versions", "platform", "inputs", "outputs", "ragged_features"}
+)
+
+
 class DataPlane:
     def __init__(
         self,
@@ -105,7 +111,12 @@ class DataPlane:
         return await backend.ready() and version in (await backend.metadata())["versions"]
 
     async def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        metadata = await self.backend(name).metadata()
+        """The model's metadata as any client may read it: ``PUBLIC_METADATA`` only (a
+        replica's own metadata also holds its pid, data port, store path and MPS state,
+        which are for ``mpsserve status`` through Ray, not for the public ports)."""
+        metadata = {
+            k: v for k, v in (await self.backend(name).metadata()).items() if k in PUBLIC_METADATA
+        }
         if version is not None and version not in metadata["versions"]:
             raise ModelNotFound(
                 f"model {name!r} version {version} is not served; serving {metadata['versions']}"

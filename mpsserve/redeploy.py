@@ -17,7 +17,7 @@ from typing import Any
 from mpsserve.config import ModelConfig, ServiceConfig, VersionPolicy
 from mpsserve.errors import MpsServeError
 
-SECTIONS = ("ingress", "mps", "ray")
+SECTIONS = ("ingress", "mps", "ray", "transport")
 
 
 def policy_text(policy: VersionPolicy) -> str:

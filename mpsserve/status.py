@@ -18,6 +18,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from mpsserve.protocol.handshake import Keyring
+from mpsserve.serving import transport
 from mpsserve.serving.router import call_replica
 
 #: A GPU fault's hit clients still there after this make the report unhealthy.
@@ -53,8 +55,9 @@ def gather(app_name: str, timeout_s: float = 5.0) -> dict[str, Any]:
     directory = serve.get_deployment_handle("directory", app_name=app_name)
     entries = directory.endpoints.remote().result(timeout_s=timeout_s * 2)
     report["ingresses"] = [e for e in entries if e.get("kind") == "ingress"]
+    keys = transport.load(app_name)  # the data ports answer only holders of the app's key
     report["replicas"] = [
-        _replica(e, timeout_s) for e in entries if e.get("kind", "model") == "model"
+        _replica(e, keys, timeout_s) for e in entries if e.get("kind", "model") == "model"
     ]
     report["traffic"] = _traffic(report["ingresses"])
     report["mps_nodes"] = _nodes(report["replicas"])
@@ -69,10 +72,10 @@ STORE_FIELDS = ("policy", "swaps", "failed", "serving_since", "converge_within_s
 DEFAULT_CONVERGE_S = 120.0
 
 
-def _replica(entry: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+def _replica(entry: dict[str, Any], keys: Keyring, timeout_s: float) -> dict[str, Any]:
     row = {k: entry.get(k) for k in ("model", "node", "host", "port", "pid")}
     try:
-        metadata = call_replica(entry["host"], entry["port"], {"op": "metadata"}, timeout_s)
+        metadata = call_replica(entry["host"], entry["port"], {"op": "metadata"}, keys, timeout_s)
         metadata = metadata["metadata"]
     except Exception as exc:  # a replica that does not answer is what the screen is for
         return {**row, "error": f"{type(exc).__name__}: {exc}"}

@@ -115,6 +115,7 @@ def service_config(
             "replicas": ingress_replicas,
             "cpus_per_replica": 0.5,
         },
+        "transport": {"bind_host": "127.0.0.1"},  # data ports on loopback only
     }
 
 

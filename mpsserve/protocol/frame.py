@@ -1,6 +1,7 @@
 """The ingress-to-replica wire format: one length-prefixed frame per request and response.
 
-A frame is a 12-byte prefix (magic ``MPS1``, header length, body length, little-endian), a
+A connection starts with the handshake of ``protocol.handshake``; then each frame is a 12-byte
+prefix (magic ``MPS1``, header length, body length, little-endian; each bounded), a
 JSON header and a body holding the raw bytes of every tensor the header lists, in order, in
 KServe v2 binary layout (so numeric tensors are views on the body at either end: no copy,
 no pickling). The header of a request names the operation (``infer``, ``metadata``,
@@ -51,16 +52,24 @@ def encode(
     return [PREFIX.pack(MAGIC, len(head), size), head, *chunks]
 
 
-def read_prefix(prefix: bytes, max_bytes: int) -> tuple[int, int]:
-    """(header length, body length) from a frame's first ``PREFIX.size`` bytes."""
+def read_prefix(prefix: bytes, max_header: int, max_body: int) -> tuple[int, int]:
+    """(header length, body length) from a frame's first ``PREFIX.size`` bytes. Sizes over
+    the limits are refused here, before anything is allocated for them."""
     if len(prefix) != PREFIX.size:
         raise FrameError(f"the connection ended inside a frame ({len(prefix)} prefix bytes)")
     magic, head, body = PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise FrameError(f"not an mpsserve frame (magic {magic!r})")
-    if head + body > max_bytes:
-        raise FrameError(f"frame of {head + body} bytes is over the {max_bytes}-byte limit")
+    if head > max_header:
+        raise FrameError(f"frame header of {head} bytes is over the {max_header}-byte limit")
+    if body > max_body:
+        raise FrameError(f"frame body of {body} bytes is over the {max_body}-byte limit")
     return head, body
+
+
+def body_size(parts: list[Buffer]) -> int:
+    """Bytes of an encoded frame's body (``encode``'s parts after the prefix and header)."""
+    return sum(memoryview(p).nbytes for p in parts[2:])
 
 
 def decode_header(head: Buffer) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from mpsserve.mps.hook import replica_runtime_env
 from mpsserve.serving import directory as _directory
 from mpsserve.serving import ingress as _ingress
 from mpsserve.serving import model as _model
+from mpsserve.serving import transport as _transport
 
 # serve.deployment turns the classes into Deployments; their stubs do not say so.
 ModelReplica: Deployment = _model.ModelReplica  # type: ignore[assignment]
@@ -100,13 +101,15 @@ def build_app(config: ServiceConfig, cluster_gpus: int, cluster_cpus: float) -> 
     check_mps_mode(config, cluster_gpus)
     options = {m.name: model_options(m, cluster_gpus, config.mps) for m in config.models}
     check_cpus(config, options, cluster_cpus)
+    _transport.rotate(config.ray.app_name)  # each build a new data-port key (see transport)
+    transport = _transport.TransportSpec.of(config)
     directory = Directory.bind()
     models = [
         ModelReplica.options(
             name=f"model-{m.name}",
             user_config={"version_policy": m.version_policy.model_dump(mode="json")},
             **options[m.name],
-        ).bind(m.model_dump(mode="json", exclude={"version_policy"}), directory)
+        ).bind(m.model_dump(mode="json", exclude={"version_policy"}), directory, transport)
         for m in config.models
     ]
     ingress = Ingress.options(
@@ -121,7 +124,9 @@ def build_app(config: ServiceConfig, cluster_gpus: int, cluster_cpus: float) -> 
     limits = {m.name: m.placement.max_ongoing_requests for m in config.models}
     # The model deployments are not arguments of the ingress (it reaches their replicas
     # through the directory); binding them to it keeps them in the application.
-    return ingress.bind(directory, limits, config.ingress.model_dump(mode="json"), models)
+    return ingress.bind(
+        directory, limits, config.ingress.model_dump(mode="json"), models, transport
+    )
 
 
 def serve_options(config: ServiceConfig) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from mpsserve.serving.http import create_http_app
 from mpsserve.serving.logs import configure_replica_logging
 from mpsserve.serving.replica_server import new_event_loop
 from mpsserve.serving.router import AttemptPolicy, ReplicaBackend, Router
+from mpsserve.serving.transport import KeyWatcher, TransportSpec
 
 logger = logging.getLogger(__name__)
 POLL_S = 1.0
@@ -54,9 +55,14 @@ class Front:
     """The ingress's servers and router, on their own event loop and thread."""
 
     def __init__(
-        self, config: IngressConfig, models: dict[str, int], directory: DeploymentHandle
+        self,
+        config: IngressConfig,
+        models: dict[str, int],
+        directory: DeploymentHandle,
+        transport: TransportSpec,
     ) -> None:
         self.config, self.directory = config, directory
+        self.keys = KeyWatcher(transport.keys_name)
         self.loop = new_event_loop()
         self.max_bytes = int(config.max_request_mb * 2**20)
         self.router = Router(
@@ -66,13 +72,14 @@ class Front:
             # with "no replica is reachable" rather than a bare timeout.
             wait_for_replica_s=max(config.request_timeout_s - POLL_S, 0.0),
             set_aside_s=config.replica_set_aside_s,
-            max_frame_bytes=self.max_bytes + 2**20,
             attempts=AttemptPolicy(
                 min_s=config.attempt_timeout_min_s,
                 p99_factor=config.attempt_timeout_p99_factor,
                 max_attempts=config.max_attempts,
                 request_timeout_s=config.request_timeout_s,
             ),
+            keys=self.keys.get,
+            limits=transport.limits,
         )
         self.dataplane = DataPlane(
             {name: ReplicaBackend(name, self.router) for name in models},
@@ -106,6 +113,7 @@ class Front:
         self._http = uvicorn.Server(http_config)
         self._thread.start()
         self._poller.start()
+        self.keys.start()
         self._registration = Registration(self.directory, self._entry)
         self._registration.start()
 
@@ -194,6 +202,7 @@ class Front:
     def stop(self) -> None:
         """Leave the directory, close the listeners, let requests in flight finish."""
         self._stopping.set()
+        self.keys.stop()
         if hasattr(self, "_registration"):
             self._registration.withdraw()
 
@@ -224,11 +233,14 @@ class Ingress:
         models: dict[str, int],
         ingress: dict[str, Any],
         deployments: list[DeploymentHandle] | None = None,
+        transport: TransportSpec | None = None,
     ) -> None:
         """``models``: each model's name and the requests one of its replicas takes at a
-        time; ``deployments``: the model deployments' handles (only to keep them bound)."""
+        time; ``deployments``: the model deployments' handles (only to keep them bound);
+        ``transport``: the data ports' key and bounds (``serving.transport``)."""
         configure_replica_logging()
-        self._front = Front(IngressConfig.model_validate(ingress), models, directory)
+        spec = transport or TransportSpec(serve.get_replica_context().app_name)
+        self._front = Front(IngressConfig.model_validate(ingress), models, directory, spec)
         self._front.start()
 
     def check_health(self) -> None:

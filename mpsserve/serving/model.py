@@ -29,6 +29,7 @@ from mpsserve.servable import Servable
 from mpsserve.serving.directory import Registration
 from mpsserve.serving.logs import configure_replica_logging
 from mpsserve.serving.replica_server import ReplicaServer
+from mpsserve.serving.transport import KeyWatcher, TransportSpec
 from mpsserve.settings import settings
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,12 @@ class ModelReplica:
     constructor (the first load happens there) and again whenever only the policy changes,
     without restarting the replica."""
 
-    def __init__(self, model: dict[str, Any], directory: DeploymentHandle | None = None) -> None:
+    def __init__(
+        self,
+        model: dict[str, Any],
+        directory: DeploymentHandle | None = None,
+        transport: TransportSpec | None = None,
+    ) -> None:
         config = ModelConfig.model_validate(model)
         configure_replica_logging()
         hook.worker_setup()  # the daemon and this process's limits, before any CUDA call
@@ -55,6 +61,7 @@ class ModelReplica:
         self._mps.watch_faults(self._peer_fault)
         self._mps.start_guardian()
         self._directory = directory
+        self._transport = transport or TransportSpec(serve.get_replica_context().app_name)
         self._stall_s = config.placement.inference_stall_s
         self._server: ReplicaServer | None = None
         self._registration: Registration | None = None
@@ -70,10 +77,18 @@ class ModelReplica:
     def _open_data_port(self) -> None:
         if self._server is not None or self._directory is None:
             return
-        self._server = ReplicaServer(self.handle_frame, threads=settings().replica_threads)
+        bind, host = self._transport.hosts()
+        keys = KeyWatcher(self._transport.keys_name)
+        keys.start()
+        self._server = ReplicaServer(
+            self.handle_frame,
+            threads=settings().replica_threads,
+            keys=keys.get,
+            host=bind,
+            limits=self._transport.limits,
+        )
         port = self._server.start()
         self._servable.drain = self._drain
-        host = ray.util.get_node_ip_address()
         entry = {
             "key": f"{host}:{port}:{os.getpid()}",
             "model": self._servable.config.name,

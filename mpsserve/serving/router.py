@@ -3,9 +3,11 @@ call that sends one frame to the least busy one.
 
 Endpoints come from the ``Directory`` (each replica registers its data port once its model
 is loaded and keeps the entry fresh). Each request goes to the replica with the fewest
-requests in flight from this ingress, over a pooled connection. A replica that cannot be
-reached (it died, Serve is replacing it) is set aside and the request goes to another one,
-so a replica replacement or a redeploy costs no request: inference is idempotent.
+requests in flight from this ingress, over a pooled connection (authenticated once, when it
+opens: ``protocol.handshake``; retired before the replica's idle timeout would close it). A
+replica that cannot be reached (it died, Serve is replacing it) is set aside and the request
+goes to another one, so a replica replacement or a redeploy costs no request: inference is
+idempotent.
 
 A replica that is reachable but stops answering (frozen, a hung inference thread, a GPU
 stuck) is caught by a per-attempt timeout derived from what this ingress observes:
@@ -49,12 +51,15 @@ import math
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from mpsserve import metrics
-from mpsserve.errors import ModelNotReady, ReplicaUnavailable
-from mpsserve.protocol import frame
+from mpsserve.errors import ModelNotReady, PayloadTooLarge, ReplicaUnavailable
+from mpsserve.protocol import frame, handshake
+from mpsserve.protocol.handshake import Keyring
+from mpsserve.serving.transport import WireLimits
 from mpsserve.types import InferRequest, InferResponse
 
 logger = logging.getLogger(__name__)
@@ -114,7 +119,7 @@ class Endpoint:
     pid: int = 0
     node: str = ""
     in_flight: int = 0
-    idle: list[Connection] = field(default_factory=list)
+    idle: list[tuple[Connection, float]] = field(default_factory=list)  # (pooled, since)
     set_aside_until: float = 0.0
     busy_until: float = 0.0  # it said it is swapping versions: others first until then
     stalls: int = 0  # attempts to it that outlived their timeout, since it joined
@@ -134,9 +139,20 @@ class Endpoint:
         return now >= self.set_aside_until
 
     def close_idle(self) -> None:
-        for _, writer in self.idle:
+        for (_, writer), _ in self.idle:
             writer.close()
         self.idle.clear()
+
+    def pooled(self, max_idle_s: float) -> Connection | None:
+        """A pooled connection idle less than ``max_idle_s`` that the replica has not closed;
+        older ones are closed (the replica closes idle ones: reusing one would fail)."""
+        now = time.monotonic()
+        while self.idle:
+            (reader, writer), since = self.idle.pop()
+            if now - since < max_idle_s and not reader.at_eof():
+                return reader, writer
+            writer.close()
+        return None
 
 
 @dataclass
@@ -171,14 +187,17 @@ class Router:
         wait_for_replica_s: float = 15.0,
         set_aside_s: float = 10.0,
         connect_timeout_s: float = 2.0,
-        max_frame_bytes: int = 2**31,
         attempts: AttemptPolicy | None = None,
+        *,
+        keys: Callable[[], Keyring],
+        limits: WireLimits | None = None,
     ) -> None:
         self.max_in_flight = max_in_flight
         self.wait_for_replica_s = wait_for_replica_s
         self.set_aside_s = set_aside_s
         self.connect_timeout_s = connect_timeout_s
-        self.max_frame_bytes = max_frame_bytes
+        self.keys = keys
+        self.limits = limits or WireLimits()
         self.attempts = attempts or AttemptPolicy()
         self.latency: dict[str, LatencyWindow] = collections.defaultdict(LatencyWindow)
         self._endpoints: dict[str, Endpoint] = {}
@@ -419,28 +438,47 @@ class Router:
     async def _exchange(
         self, endpoint: Endpoint, parts: list[frame.Buffer]
     ) -> tuple[dict[str, Any], bytes]:
-        if endpoint.idle:
-            reader, writer = endpoint.idle.pop()
-        else:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(endpoint.host, endpoint.port), self.connect_timeout_s
-            )
+        connection = endpoint.pooled(self.limits.idle_timeout_s / 2)
+        if connection is None:
+            connection = await asyncio.wait_for(self._connect(endpoint), self.connect_timeout_s)
+        reader, writer = connection
         done = False
         try:
             writer.writelines(parts)
             await writer.drain()
             head, size = frame.read_prefix(
-                await reader.readexactly(frame.PREFIX.size), self.max_frame_bytes
+                await reader.readexactly(frame.PREFIX.size),
+                self.limits.max_response_bytes,
+                self.limits.max_response_bytes,
             )
             header = frame.decode_header(await reader.readexactly(head))
             body = await reader.readexactly(size) if size else b""
             done = True
         finally:
             if done and self._endpoints.get(endpoint.key) is endpoint:
-                endpoint.idle.append((reader, writer))
+                endpoint.idle.append((connection, time.monotonic()))
             else:  # cancelled (deadline) or failed mid-exchange: the stream is unusable
                 writer.close()
         return header, body
+
+    async def _connect(self, endpoint: Endpoint) -> Connection:
+        """A new connection to ``endpoint``, authenticated (``protocol.handshake``)."""
+        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+        try:
+            challenge = await reader.readexactly(handshake.CHALLENGE.size)
+            writer.write(handshake.answer(self.keys(), challenge))
+            if await reader.readexactly(len(handshake.ACCEPTED)) != handshake.ACCEPTED:
+                raise handshake.HandshakeError("the data port sent no handshake verdict")
+        except asyncio.IncompleteReadError as exc:
+            writer.close()
+            raise handshake.HandshakeError(
+                "the data port closed the connection during the handshake (it holds none "
+                "of this process's transport keys?)"
+            ) from exc
+        except BaseException:
+            writer.close()
+            raise
+        return reader, writer
 
 
 class ReplicaBackend:
@@ -452,7 +490,14 @@ class ReplicaBackend:
     async def _call(
         self, header: dict[str, Any], tensors: dict[str, Any] | None = None
     ) -> tuple[dict[str, Any], bytes]:
-        answer, body = await self._router.call(self.model, frame.encode(header, tensors))
+        parts = frame.encode(header, tensors)
+        limit = self._router.limits.max_request_bytes
+        if frame.body_size(parts) > limit:  # a JSON body can decode to more tensor bytes
+            raise PayloadTooLarge(
+                f"the request's tensors take {frame.body_size(parts)} bytes; the limit is "
+                f"{limit} (ingress.max_request_mb)"
+            )
+        answer, body = await self._router.call(self.model, parts)
         frame.raise_for_error(answer)
         return answer, body
 
@@ -476,13 +521,18 @@ class ReplicaBackend:
         return self._router.has_replica(self.model)
 
 
-def call_replica(host: str, port: int, header: dict[str, Any], timeout_s: float = 5.0) -> Any:
-    """One frame to a replica's data port from blocking code (``mpsserve status``); returns
-    the answer's header, or raises its error."""
+def call_replica(
+    host: str, port: int, header: dict[str, Any], keys: Keyring, timeout_s: float = 5.0
+) -> Any:
+    """One frame to a replica's data port from blocking code (``mpsserve status``, which
+    reads the keyring through Ray); returns the answer's header, or raises its error."""
     with socket.create_connection((host, port), timeout=timeout_s) as sock:
-        sock.sendall(b"".join(bytes(part) for part in frame.encode(header)))
         reader = sock.makefile("rb")
-        head, size = frame.read_prefix(reader.read(frame.PREFIX.size), 2**30)
+        sock.sendall(handshake.answer(keys, reader.read(handshake.CHALLENGE.size)))
+        if reader.read(len(handshake.ACCEPTED)) != handshake.ACCEPTED:
+            raise handshake.HandshakeError("the data port refused the handshake")
+        sock.sendall(b"".join(bytes(part) for part in frame.encode(header)))
+        head, size = frame.read_prefix(reader.read(frame.PREFIX.size), 2**30, 2**30)
         answer = frame.decode_header(reader.read(head))
         reader.read(size)
     frame.raise_for_error(answer)

@@ -39,6 +39,7 @@ def service_config(tf_store: Path) -> dict[str, object]:
             "max_request_mb": 16,
             "cpus_per_replica": 0.5,
         },
+        "transport": {"bind_host": "127.0.0.1"},  # data ports on loopback only
     }
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
-import requests
 import yaml
 
 from mpsserve.demo import write_demo_model
@@ -17,6 +17,12 @@ from tests.conftest import SMALL
 from tests.processes import Load, Service, service_config, until
 
 HTTP = 28500
+
+
+def replica_row(svc: Service) -> dict[str, Any]:
+    """The one model replica as ``mpsserve status`` shows it (pid, store state)."""
+    [row] = svc.status()["replicas"]
+    return dict(row)
 
 
 def test_publish_break_and_roll_back_under_load(tf_store: Path, tmp_path: Path) -> None:
@@ -29,7 +35,7 @@ def test_publish_break_and_roll_back_under_load(tf_store: Path, tmp_path: Path) 
     (tmp_path / "pinned.yaml").write_text(yaml.safe_dump(pinned))
     with Service(tmp_path, config) as svc:
         meta_url = f"{svc.url}/rec"
-        pid = requests.get(meta_url, timeout=10).json()["pid"]
+        pid = replica_row(svc)["pid"]  # through Ray: public metadata shows no pid
         load = Load(f"{meta_url}/infer", svc.request_body())
         load.start()
         try:
@@ -41,7 +47,7 @@ def test_publish_break_and_roll_back_under_load(tf_store: Path, tmp_path: Path) 
             (broken / "variables").mkdir(parents=True)
             (broken / "saved_model.pb").write_bytes(b"not a SavedModel")
             until(
-                lambda: "3" in requests.get(meta_url, timeout=10).json()["store"]["failed"],
+                lambda: "3" in replica_row(svc)["store"]["failed"],
                 30,
                 "version 3 reported as failed",
             )
@@ -54,7 +60,7 @@ def test_publish_break_and_roll_back_under_load(tf_store: Path, tmp_path: Path) 
         finally:
             load.stop.set()
             load.join(60)
-        meta = requests.get(meta_url, timeout=10).json()
+        meta = replica_row(svc)
     assert svc.returncode == 0, svc.output[-3000:]
     assert [o for o in load.outcomes if not o.ok] == []
     assert load.versions() == ["1", "2", "1"]

@@ -11,21 +11,19 @@ import signal
 import time
 from pathlib import Path
 
-import requests
-
 from tests.processes import Load, Service, service_config
 
 HTTP = 32410
 FREEZE_S = 15.0
 
 
-def replica_pids(meta_url: str, timeout_s: float) -> set[int]:
-    """The pids of the replicas answering ``metadata`` (the ingress picks one at random
-    among the least busy), until two have been seen."""
+def replica_pids(svc: Service, timeout_s: float) -> set[int]:
+    """The pids of the replicas answering ``metadata`` on their data ports (``mpsserve
+    status``, through Ray: public metadata shows no pid), until two answer."""
     pids: set[int] = set()
     deadline = time.monotonic() + timeout_s
     while len(pids) < 2 and time.monotonic() < deadline:
-        pids.add(requests.get(meta_url, timeout=10).json()["pid"])
+        pids = {r["pid"] for r in svc.status()["replicas"] if "error" not in r}
     return pids
 
 
@@ -41,7 +39,7 @@ def test_a_frozen_replica_costs_no_request(tf_store: Path, tmp_path: Path) -> No
     with Service(tmp_path, config) as svc:
         meta_url = f"{svc.url}/rec"
         try:
-            pids = replica_pids(meta_url, 60)
+            pids = replica_pids(svc, 60)
             assert len(pids) == 2, f"saw replicas {pids}"
             loads = [Load(f"{meta_url}/infer", svc.request_body()) for _ in range(2)]
             for load in loads:
@@ -61,7 +59,7 @@ def test_a_frozen_replica_costs_no_request(tf_store: Path, tmp_path: Path) -> No
                 load.stop.set()
             for load in loads:
                 load.join(60)
-        back = replica_pids(meta_url, 30)  # it re-registers and is routed to again
+        back = replica_pids(svc, 30)  # it re-registers and answers again
     assert svc.returncode == 0, svc.output[-3000:]
     sent = [o for load in loads for o in load.outcomes]
     failed = [o for o in sent if not o.ok]

@@ -15,6 +15,7 @@ import pytest
 
 from mpsserve.errors import InvalidInput, ModelNotReady
 from mpsserve.protocol import frame
+from mpsserve.protocol.handshake import Keyring
 from mpsserve.serving.replica_server import ReplicaServer
 from mpsserve.serving.router import (
     AttemptPolicy,
@@ -27,9 +28,22 @@ from mpsserve.types import InferRequest
 from tests.unit.conftest import Recorder
 
 
+class _Keys:
+    """One keyring for both ends, as a ``KeyWatcher`` would hold it."""
+
+    ring = Keyring.generate()
+
+    @classmethod
+    def get(cls) -> Keyring:
+        return cls.ring
+
+
+KEYS = _Keys
+
+
 def _decode(parts: list[frame.Buffer]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     raw = b"".join(bytes(p) for p in parts)
-    head, size = frame.read_prefix(raw[: frame.PREFIX.size], 2**30)
+    head, size = frame.read_prefix(raw[: frame.PREFIX.size], 2**30, 2**30)
     header = frame.decode_header(raw[frame.PREFIX.size : frame.PREFIX.size + head])
     body = bytearray(raw[frame.PREFIX.size + head :])
     assert len(body) == size
@@ -52,11 +66,13 @@ def test_frame_round_trip_keeps_names_dtypes_shapes_and_values() -> None:
 
 def test_frame_refuses_what_is_not_a_frame() -> None:
     with pytest.raises(frame.FrameError, match="not an mpsserve frame"):
-        frame.read_prefix(b"GET / HTTP/1.1"[: frame.PREFIX.size], 100)
+        frame.read_prefix(b"GET / HTTP/1.1"[: frame.PREFIX.size], 100, 100)
     with pytest.raises(frame.FrameError, match="ended inside a frame"):
-        frame.read_prefix(b"MPS1", 100)
-    with pytest.raises(frame.FrameError, match="over the 10-byte limit"):
-        frame.read_prefix(frame.PREFIX.pack(frame.MAGIC, 8, 8), 10)
+        frame.read_prefix(b"MPS1", 100, 100)
+    with pytest.raises(frame.FrameError, match="header of 8 bytes is over the 4-byte limit"):
+        frame.read_prefix(frame.PREFIX.pack(frame.MAGIC, 8, 8), 4, 10)
+    with pytest.raises(frame.FrameError, match="body of 8 bytes is over the 4-byte limit"):
+        frame.read_prefix(frame.PREFIX.pack(frame.MAGIC, 8, 8), 10, 4)
     header = {"tensors": [["x", "FP32", [2], 8]]}
     with pytest.raises(frame.FrameError, match="its tensors take 8"):
         frame.tensors(header, bytearray(12))
@@ -83,7 +99,7 @@ def echo(header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
 
 @pytest.fixture
 def servers() -> Iterator[list[ReplicaServer]]:
-    started = [ReplicaServer(echo, threads=2, host="127.0.0.1") for _ in range(2)]
+    started = [ReplicaServer(echo, threads=2, host="127.0.0.1", keys=KEYS.get) for _ in range(2)]
     for server in started:
         server.start()
     yield started
@@ -100,10 +116,10 @@ def test_data_port_answers_frames_and_survives_a_handler_crash(
 ) -> None:
     port = servers[0].port
     with pytest.raises(Exception, match="internal error"):
-        call_replica("127.0.0.1", port, {"op": "boom"})
+        call_replica("127.0.0.1", port, {"op": "boom"}, KEYS.get())
     with pytest.raises(InvalidInput, match="bad tensor"):
-        call_replica("127.0.0.1", port, {"op": "bad"})
-    assert call_replica("127.0.0.1", port, {"op": "ping"})["ok"]
+        call_replica("127.0.0.1", port, {"op": "bad"}, KEYS.get())
+    assert call_replica("127.0.0.1", port, {"op": "ping"}, KEYS.get())["ok"]
 
 
 def test_backend_spreads_requests_and_retries_on_a_dead_replica(
@@ -115,7 +131,7 @@ def test_backend_spreads_requests_and_retries_on_a_dead_replica(
     dead.close()  # nothing listens there: a replica that died
 
     async def scenario() -> tuple[int, list[np.ndarray]]:
-        router = Router({"rec": 4}, wait_for_replica_s=1.0, set_aside_s=30)
+        router = Router({"rec": 4}, keys=KEYS.get, wait_for_replica_s=1.0, set_aside_s=30)
         router.update([entry(s.port) for s in servers] + [entry(dead_port, "dead")])
         backend = ReplicaBackend("rec", router)
         x = np.arange(6, dtype=np.float32)
@@ -134,7 +150,7 @@ def test_backend_spreads_requests_and_retries_on_a_dead_replica(
 
 def test_no_replica_at_all_is_a_503_after_the_wait() -> None:
     async def scenario() -> None:
-        router = Router({"rec": 4}, wait_for_replica_s=0.3)
+        router = Router({"rec": 4}, keys=KEYS.get, wait_for_replica_s=0.3)
         router.update([])
         await ReplicaBackend("rec", router).infer(
             InferRequest(model="rec", inputs={"x": np.zeros(1, np.float32)})
@@ -151,7 +167,7 @@ def test_requests_wait_for_a_free_replica_and_for_new_ones(
     goes out as soon as the directory lists one."""
 
     async def scenario() -> list[str]:
-        router = Router({"rec": 1}, wait_for_replica_s=5)
+        router = Router({"rec": 1}, keys=KEYS.get, wait_for_replica_s=5)
         router.update([])
         backend = ReplicaBackend("rec", router)
         request = InferRequest(model="rec", inputs={"x": np.ones(3, np.float32)})
@@ -171,10 +187,12 @@ def test_stop_finishes_requests_in_flight() -> None:
         release.wait(5)
         return frame.encode({"ok": True})
 
-    server = ReplicaServer(slow, threads=1, host="127.0.0.1")
+    server = ReplicaServer(slow, threads=1, host="127.0.0.1", keys=KEYS.get)
     port = server.start()
     answers: list[Any] = []
-    caller = threading.Thread(target=lambda: answers.append(call_replica("127.0.0.1", port, {})))
+    caller = threading.Thread(
+        target=lambda: answers.append(call_replica("127.0.0.1", port, {}, KEYS.get()))
+    )
     caller.start()
     for _ in range(500):  # until the request is inside the handler
         if server.in_flight:
@@ -186,7 +204,7 @@ def test_stop_finishes_requests_in_flight() -> None:
     caller.join(5)
     assert answers == [{"ok": True}]
     with pytest.raises(OSError):
-        call_replica("127.0.0.1", port, {}, timeout_s=1)
+        call_replica("127.0.0.1", port, {}, KEYS.get(), timeout_s=1)
 
 
 class Hung:
@@ -195,7 +213,7 @@ class Hung:
 
     def __init__(self, threads: int = 2) -> None:
         self.release = threading.Event()
-        self.server = ReplicaServer(self.handle, threads=threads, host="127.0.0.1")
+        self.server = ReplicaServer(self.handle, threads=threads, host="127.0.0.1", keys=KEYS.get)
         self.port = self.server.start()
 
     def handle(self, header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
@@ -234,13 +252,15 @@ async def until(predicate: Any, timeout_s: float = 5.0) -> None:
 def test_a_silent_replica_is_routed_around_set_aside_and_back_when_it_answers(
     hung: list[Hung], recorder: Recorder
 ) -> None:
-    good = ReplicaServer(lambda h, b: answering(good.port)(h, b), threads=2, host="127.0.0.1")
+    good = ReplicaServer(
+        lambda h, b: answering(good.port)(h, b), threads=2, host="127.0.0.1", keys=KEYS.get
+    )
     good.start()
     frozen = hung[0]
 
     async def scenario() -> None:
         policy = AttemptPolicy(min_s=0.2, request_timeout_s=10)
-        router = Router({"rec": 4}, set_aside_s=30, attempts=policy)
+        router = Router({"rec": 4}, keys=KEYS.get, set_aside_s=30, attempts=policy)
         router.update([entry(frozen.port, "frozen")])  # the request lands on it
         started = time.monotonic()
         pending = asyncio.ensure_future(router.call("rec", frame.encode({"op": "infer"})))
@@ -290,11 +310,13 @@ def test_when_every_replica_is_slow_the_timeout_grows_instead_of_retrying() -> N
         time.sleep(0.3)
         return frame.encode({"ok": True})
 
-    server = ReplicaServer(slow, threads=2, host="127.0.0.1")
+    server = ReplicaServer(slow, threads=2, host="127.0.0.1", keys=KEYS.get)
     port = server.start()
 
     async def scenario() -> tuple[int, float]:
-        router = Router({"rec": 4}, attempts=AttemptPolicy(min_s=0.05, request_timeout_s=10))
+        router = Router(
+            {"rec": 4}, keys=KEYS.get, attempts=AttemptPolicy(min_s=0.05, request_timeout_s=10)
+        )
         router.update([entry(port, "slow")])
         for _ in range(4):
             await router.call("rec", frame.encode({"op": "infer"}))
@@ -314,7 +336,9 @@ def test_attempts_are_bounded_and_none_starts_past_the_deadline(hung: list[Hung]
             await asyncio.wait_for(router.call("rec", frame.encode({"op": "x"})), deadline_s)
 
     async def scenario() -> None:
-        bounded = Router({"rec": 4}, attempts=AttemptPolicy(min_s=0.1, max_attempts=2))
+        bounded = Router(
+            {"rec": 4}, keys=KEYS.get, attempts=AttemptPolicy(min_s=0.1, max_attempts=2)
+        )
         bounded.update([entry(h.port) for h in hung])
         await call(bounded, 1.0)  # 10 attempt timeouts, but at most 2 attempts
         assert sum(h.server.in_flight for h in hung) == 2
@@ -325,7 +349,9 @@ def test_attempts_are_bounded_and_none_starts_past_the_deadline(hung: list[Hung]
         for replica in hung:
             replica.release.clear()
         # A floor past the request's own deadline: one attempt, never a second.
-        late = Router({"rec": 4}, attempts=AttemptPolicy(min_s=2, request_timeout_s=1))
+        late = Router(
+            {"rec": 4}, keys=KEYS.get, attempts=AttemptPolicy(min_s=2, request_timeout_s=1)
+        )
         late.update([entry(h.port) for h in hung])
         await call(late, 1.5)
         assert sum(h.server.in_flight for h in hung) == 1
@@ -344,7 +370,9 @@ def test_a_hung_inference_thread_fails_the_health_check_a_queue_does_not() -> No
         health = types.SimpleNamespace(_server=replica.server, _stall_s=0.3)
         assert replica.server.longest_running_s() == 0.0 and stalled(health) is None
         callers = [
-            threading.Thread(target=call_replica, args=("127.0.0.1", replica.port, {}, 10))
+            threading.Thread(
+                target=call_replica, args=("127.0.0.1", replica.port, {}, KEYS.get(), 10)
+            )
             for _ in range(2)
         ]
         for caller in callers:
@@ -376,13 +404,13 @@ def test_a_replica_swapping_versions_gets_requests_only_when_no_other_has_room()
 
         return answer
 
-    swapping = ReplicaServer(handler("swapping"), threads=2, host="127.0.0.1")
-    calm = ReplicaServer(handler("calm"), threads=2, host="127.0.0.1")
+    swapping = ReplicaServer(handler("swapping"), threads=2, host="127.0.0.1", keys=KEYS.get)
+    calm = ReplicaServer(handler("calm"), threads=2, host="127.0.0.1", keys=KEYS.get)
     for server in (swapping, calm):
         server.start()
 
     async def scenario() -> None:
-        router = Router({"rec": 4})
+        router = Router({"rec": 4}, keys=KEYS.get)
         router.update([entry(swapping.port, "swapping")])
         backend = ReplicaBackend("rec", router)
         request = InferRequest(model="rec", inputs={"x": np.ones(1, np.float32)})
@@ -414,12 +442,14 @@ def test_a_replica_with_a_device_fault_is_set_aside_and_the_request_served_elsew
     def healthy(header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
         return frame.encode({"ok": True, "version": "1"})
 
-    servers = [ReplicaServer(h, threads=2, host="127.0.0.1") for h in (broken, healthy)]
+    servers = [
+        ReplicaServer(h, threads=2, host="127.0.0.1", keys=KEYS.get) for h in (broken, healthy)
+    ]
     for server in servers:
         server.start()
 
     async def scenario() -> list[str]:
-        router = Router({"rec": 4}, wait_for_replica_s=1.0, set_aside_s=30)
+        router = Router({"rec": 4}, keys=KEYS.get, wait_for_replica_s=1.0, set_aside_s=30)
         router.update([entry(servers[0].port, "broken"), entry(servers[1].port, "healthy")])
         backend = ReplicaBackend("rec", router)
         request = InferRequest(model="rec", inputs={"x": np.ones(1, np.float32)})
