@@ -201,7 +201,7 @@ class CaseFigures:
 def verdict(row: dict[str, Any]) -> tuple[str, list[str]]:
     reasons = []
     allowed = row["failed_in_flight_at_fault"] if row["case"] == "kill-ingress" else 0
-    allowed += row["info"].get("allowed_failures", 0)
+    allowed += (row.get("info") or {}).get("allowed_failures", 0)
     if (bad := row["failed"] - allowed) > 0:
         reasons.append(f"{bad} failed in the window {row['failed_by_status']}")
     if row["failed_after_window"]:
