@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 #: What uvicorn may hold beyond what a route has read (its 64 KiB high-water mark plus one
 #: socket read), so the backstop never fires before a route's own, exact check.
 BODY_SLACK_BYTES = 2**20
+#: How long a refused connection is drained before it is closed.
+LINGER_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -86,13 +88,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._phase = "headers"  # headers -> body -> app -> idle -> headers ...
         self._timer: asyncio.TimerHandle | None = None
-        self._header_bytes = self._header_count = self._body_bytes = 0
+        self._header_bytes = self._header_count = self._body_bytes = self._parsed_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_connections:
             message = f"the server holds its most connections ({self.limits.max_connections})"
-            self._refuse(Overloaded(message), self.limits.retry_after_s)
+            self._refuse(Overloaded(message), self.limits.retry_after_s, linger=False)
             return
         self._arm(self.limits.header_timeout_s, self._header_timeout)
 
@@ -101,6 +103,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._phase == "closed":  # refused: what still arrives is dropped unread
+            return
         if self._phase == "idle":  # a new request after a keep-alive pause
             self._start_headers()
         elif self._phase == "body":
@@ -109,8 +113,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._header_bytes += len(data)
         super().data_received(data)
         if self._phase == "headers" and self._header_bytes > self.limits.max_header_bytes:
-            kib = self.limits.max_header_bytes // 1024
-            self._refuse(HeadersTooLarge(f"request line and headers are over {kib} KiB"))
+            self._refuse(self._headers_too_large())
+
+    def _headers_too_large(self) -> HeadersTooLarge:
+        kib = self.limits.max_header_bytes / 1024
+        return HeadersTooLarge(f"request line and headers are over {kib:g} KiB")
 
     def _start_headers(self) -> None:
         self._phase = "headers"
@@ -118,11 +125,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._arm(self.limits.header_timeout_s, self._header_timeout)
 
     def on_message_begin(self) -> None:
-        self._header_count = self._body_bytes = 0
+        self._header_count = self._body_bytes = self._parsed_bytes = 0
         super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._parsed_bytes += len(url)
+        super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
+        self._parsed_bytes += len(name) + len(value) + 4  # ": " and CRLF
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
@@ -131,6 +143,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._header_count > self.limits.max_headers:
             many = f"{self._header_count} header fields; the limit is {self.limits.max_headers}"
             self._refuse(HeadersTooLarge(many))
+            return
+        if self._parsed_bytes > self.limits.max_header_bytes:
+            self._refuse(self._headers_too_large())
             return
         self._phase = "body"
         self._arm(self.limits.body_idle_timeout_s, self._body_timeout)
@@ -156,7 +171,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         if self._phase in ("headers", "body"):  # answered before the body was all read
-            self.transport.close()
+            self._phase = "closed"
+            self._linger_close()
             return
         self._phase = "idle"  # uvicorn arms its keep-alive timeout
         super().on_response_complete()
@@ -188,7 +204,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._timer.cancel()
             self._timer = None
 
-    def _refuse(self, exc: MpsServeError, retry_after_s: int | None = None) -> None:
+    def _refuse(
+        self, exc: MpsServeError, retry_after_s: int | None = None, linger: bool = True
+    ) -> None:
         """Answer ``exc`` (unless a response has begun) and close the connection."""
         self._disarm()
         self._phase = "closed"
@@ -199,4 +217,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.disconnected = True  # the route's own answer, if any, goes nowhere
             self.cycle.message_event.set()
-        self.transport.close()
+        if linger:
+            self._linger_close()
+        else:  # nothing more is expected: the file descriptor goes back at once
+            self.transport.close()
+
+    def _linger_close(self) -> None:
+        """Close after a short drain: closing a socket with unread bytes in it sends a
+        reset, which can destroy the refusal before the client reads it (a client still
+        uploading a refused body). Bytes arriving meanwhile are dropped, unparsed."""
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.flow.resume_reading()
+        self._timer = self.loop.call_later(LINGER_S, self.transport.close)
