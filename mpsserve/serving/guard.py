@@ -46,8 +46,10 @@ logger = logging.getLogger(__name__)
 #: What uvicorn may hold beyond what a route has read (its 64 KiB high-water mark plus one
 #: socket read), so the backstop never fires before a route's own, exact check.
 BODY_SLACK_BYTES = 2**20
-#: How long a refused connection is drained before it is closed.
+#: How long, and for how many bytes at most, a refused connection is drained before it is
+#: closed (a client still uploading a refused body is cut off soon after its refusal).
 LINGER_S = 1.0
+LINGER_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._phase = "headers"  # headers -> body -> app -> idle -> headers ...
         self._timer: asyncio.TimerHandle | None = None
         self._header_bytes = self._header_count = self._body_bytes = self._parsed_bytes = 0
+        self._drained = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -104,6 +107,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._phase == "closed":  # refused: what still arrives is dropped unread
+            self._drained += len(data)
+            if self._drained > LINGER_BYTES:
+                self.transport.close()
             return
         if self._phase == "idle":  # a new request after a keep-alive pause
             self._start_headers()
@@ -225,7 +231,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _linger_close(self) -> None:
         """Close after a short drain: closing a socket with unread bytes in it sends a
         reset, which can destroy the refusal before the client reads it (a client still
-        uploading a refused body). Bytes arriving meanwhile are dropped, unparsed."""
+        uploading a refused body). Bytes arriving meanwhile are dropped, unparsed; after
+        LINGER_S or LINGER_BYTES the connection is closed anyway."""
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.flow.resume_reading()
