@@ -346,3 +346,62 @@ def test_error_messages_are_bounded() -> None:
     from mpsserve.errors import InvalidInput
 
     assert len(to_status(InvalidInput("x" * 100_000))[2]) < 2100
+
+
+# -- connection budget and gRPC --------------------------------------------------------------
+
+
+def test_connection_caps_stay_within_the_file_limit() -> None:
+    from mpsserve.config import IngressConfig
+    from mpsserve.serving.ingress import connection_caps
+
+    config = IngressConfig()
+    assert connection_caps(config, 1_000_000) == (4096, 1024)
+    http_cap, grpc_cap = connection_caps(config, 1024)
+    assert http_cap + grpc_cap <= 0.8 * 1024 and grpc_cap <= 1024 * 0.8 / 4
+
+
+def test_limits_are_strict_config() -> None:
+    from pydantic import ValidationError
+
+    from mpsserve.config import IngressConfig
+
+    with pytest.raises(ValidationError):
+        IngressConfig.model_validate({"limits": {"header_timeout": 5}})
+    assert IngressConfig().limits.max_in_flight_requests == 256 and not IngressConfig().api_docs
+
+
+def test_grpc_long_model_name_and_bad_request_id() -> None:
+    import grpc
+
+    from mpsserve.protocol import grpc_service_pb2 as pb
+    from mpsserve.protocol import grpc_service_pb2_grpc as pb_grpc
+    from mpsserve.serving.grpc import GrpcLimits, start_grpc_server
+
+    limits = GrpcLimits(1 << 20, 8192, 1.0, 16, 10, 8, 5.0, None, 60.0, 10.0)
+    plane = DataPlane({"echo": EchoBackend()}, 1 << 20, 10, max_in_flight=4)
+    loop = asyncio.new_event_loop()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = loop.run_until_complete(start_grpc_server(plane, "127.0.0.1", port, limits))
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    try:
+        stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        request = pb.ModelInferRequest(model_name="m" * (1 << 20))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request, timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "m" * 64 + "..." in info.value.details()
+        request = pb.ModelInferRequest(model_name="echo", id="a\r\nb")
+        request.inputs.add(name="x", datatype="FP32", shape=[2])
+        request.raw_input_contents.append(b"\0" * 8)
+        _, call = stub.ModelInfer.with_call(request, timeout=10)
+        (item,) = [m for m in call.trailing_metadata() if m.key == "x-request-id"]
+        assert valid_request_id(item.value)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
