@@ -126,6 +126,93 @@ class ModelConfig(_Strict):
     placement: Placement = Field(default_factory=Placement)
 
 
+class IngressLimits(_Strict):
+    """What one ingress replica accepts from peers it does not trust: every wait has a
+    timeout, every size and count a bound, and load beyond them is refused at once (a quick
+    503 or RESOURCE_EXHAUSTED the client can retry elsewhere) rather than queued."""
+
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A connection must deliver a request's line and headers within this time "
+        "(from connecting, or from the first byte of a request after a keep-alive pause); "
+        "a slowloris gets 408 and is closed. Also gRPC's handshake deadline.",
+    )
+    body_idle_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="While a request body is being received, bytes must keep arriving: a "
+        "silence this long gets 408 and the connection closed.",
+    )
+    keepalive_timeout_s: float = Field(
+        75.0,
+        gt=0,
+        description="An idle keep-alive HTTP connection is closed after this long. Above the "
+        "60 s idle timeout of common load balancers, so they never reuse a connection we closed.",
+    )
+    max_header_kb: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="Most bytes of a request line and headers (HTTP) or of a call's metadata "
+        "(gRPC), in KiB; more gets 431 and a closed connection.",
+    )
+    max_headers: int = Field(
+        100, ge=1, description="Most header fields in one HTTP request; more gets 431."
+    )
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        description="Most open HTTP connections per ingress replica; beyond it a new "
+        "connection gets 503 with Retry-After and is closed. Lowered at start to 80% of the "
+        "process's file limit (RLIMIT_NOFILE, whose soft value is raised to the hard one), so "
+        "file descriptors are never exhausted.",
+    )
+    max_grpc_connections: int = Field(
+        1024,
+        ge=1,
+        description="Most open gRPC connections per ingress replica (grpc's "
+        "max_allowed_incoming_connections); counted in the same file budget.",
+    )
+    max_in_flight_requests: int = Field(
+        256,
+        ge=1,
+        description="Most inference requests one ingress replica holds at once (HTTP and gRPC "
+        "together, queued for a model replica or running); beyond it a request is refused at "
+        "once with 503 + Retry-After (gRPC: UNAVAILABLE) instead of waiting in a queue. About "
+        "the model replicas' max_ongoing_requests in all, times a few, per ingress replica.",
+    )
+    retry_after_s: int = Field(
+        1, ge=0, description="The Retry-After a shed request (503) is given, in seconds."
+    )
+    grpc_max_concurrent_streams: int = Field(
+        100, ge=1, description="Most RPCs at once on one gRPC connection (HTTP/2 streams)."
+    )
+    grpc_idle_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="A gRPC connection with no RPC for this long is closed (GOAWAY).",
+    )
+    grpc_max_connection_age_s: float | None = Field(
+        None,
+        gt=0,
+        description="Close gRPC connections this old (GOAWAY, RPCs in flight get 30 s to "
+        "finish), so long-lived clients rebalance over ingress replicas; null: never.",
+    )
+    grpc_keepalive_s: float = Field(
+        60.0,
+        gt=0,
+        description="The server pings a gRPC connection silent this long, and closes it when "
+        "the ping is not answered within 20 s (a vanished peer).",
+    )
+    grpc_min_ping_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="Keepalive enforcement: a client pinging more often than this (twice in a "
+        "row) is sent GOAWAY.",
+    )
+
+
 class IngressConfig(_Strict):
     """The HTTP (and later gRPC) front door."""
 
@@ -176,6 +263,12 @@ class IngressConfig(_Strict):
         description="How long a replica that failed or stalled stays out of rotation; one that "
         "stalled is back as soon as the stalled attempt answers.",
     )
+    api_docs: bool = Field(
+        False,
+        description="Serve FastAPI's pages (/openapi.json, /docs, /redoc). Off: they list "
+        "every route to anyone who asks and are no part of the inference API.",
+    )
+    limits: IngressLimits = Field(default_factory=IngressLimits)
 
 
 class TransportConfig(_Strict):

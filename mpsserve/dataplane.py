@@ -12,19 +12,28 @@ import collections
 import json
 import logging
 import time
-import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from mpsserve import __version__, metrics
-from mpsserve.errors import DeadlineExceeded, ModelNotFound, MpsServeError, PayloadTooLarge
+from mpsserve.errors import (
+    DeadlineExceeded,
+    ModelNotFound,
+    MpsServeError,
+    Overloaded,
+    PayloadTooLarge,
+)
 from mpsserve.settings import settings
+from mpsserve.text import log_field, new_request_id, quote, valid_request_id
 from mpsserve.types import InferRequest, InferResponse
 
 access_log = logging.getLogger("mpsserve.access")
+logger = logging.getLogger(__name__)
 
 EXTENSIONS = ["binary_tensor_data"]
 DTYPES_TTL_S = 10.0  # how long an input-dtype map read from a replica is reused
+QUOTE = "'"  # model names are quoted as repr() quoted them
 
 
 class ModelBackend(Protocol):
@@ -74,10 +83,13 @@ class DataPlane:
         backends: Mapping[str, ModelBackend],
         max_request_bytes: int,
         request_timeout_s: float,
+        max_in_flight: int = 2**31,
     ) -> None:
         self._backends = backends
         self.max_request_bytes = max_request_bytes
         self._timeout_s = request_timeout_s
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
         self._dtypes: dict[str, tuple[float, dict[str, str]]] = {}
         self.recent = RecentStats()
 
@@ -101,7 +113,7 @@ class DataPlane:
             return self._backends[name]
         except KeyError:
             raise ModelNotFound(
-                f"unknown model {name!r}; this server serves {self.models()}"
+                f"unknown model {quote(name, mark=QUOTE)}; this server serves {self.models()}"
             ) from None
 
     async def model_ready(self, name: str, version: str | None = None) -> bool:
@@ -119,7 +131,8 @@ class DataPlane:
         }
         if version is not None and version not in metadata["versions"]:
             raise ModelNotFound(
-                f"model {name!r} version {version} is not served; serving {metadata['versions']}"
+                f"model {quote(name, mark=QUOTE)} version {quote(version, mark=QUOTE)} is not "
+                f"served; serving {metadata['versions']}"
             )
         return metadata
 
@@ -140,6 +153,26 @@ class DataPlane:
                 f"request body is {size} bytes; the limit is {self.max_request_bytes} "
                 "(ingress.max_request_mb)"
             )
+
+    @contextmanager
+    def admission(self, model: str, protocol: str, request_id: str | None = None) -> Iterator[None]:
+        """Hold one of the ingress's ``max_in_flight`` places for a request, or refuse it
+        at once: past the bound a request would only queue for a model replica, and a quick
+        503 the client can retry beats a wait of many seconds (measured: P99 17.5 s at 200
+        clients when nothing was shed). Taken before a body is read, so a shed request
+        costs no buffer."""
+        if self.in_flight >= self.max_in_flight:
+            exc = Overloaded(
+                f"the server holds its most requests in flight ({self.max_in_flight}); retry "
+                "shortly (ingress.limits.max_in_flight_requests)"
+            )
+            self.rejected(model, protocol, request_id, exc, time.perf_counter())
+            raise exc
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     async def infer(
         self, request: InferRequest, protocol: str = "http", request_id: str | None = None
@@ -196,8 +229,26 @@ class DataPlane:
 
 def request_id_for(client_id: str | None, body_id: str | None) -> str:
     """The client's request id (header or gRPC metadata), else the body's ``id``, else a new
-    one; echoed back to the client and written in the access log."""
-    return client_id or body_id or uuid.uuid4().hex[:16]
+    one; echoed back to the client and written in the access log, so it must be safe in a
+    header, gRPC metadata and a log line (``client_request_id``)."""
+    return client_request_id(client_id or body_id) or new_request_id()
+
+
+def client_request_id(given: str | None) -> str | None:
+    """``given`` when it is 1-128 visible ASCII characters; None when absent; else a new id,
+    logged with an escaped prefix of what was sent (a CR/LF in an id would split the
+    response's header, break gRPC metadata and forge access-log lines)."""
+    if not given or valid_request_id(given):
+        return given or None
+    replacement = new_request_id()
+    logger.warning(
+        "request id replaced by %s: the client sent %s (%d characters), not 1-128 visible "
+        "ASCII characters",
+        replacement,
+        quote(given, 32),
+        len(given),
+    )
+    return replacement
 
 
 def request_rows(request: InferRequest) -> int:
@@ -216,7 +267,8 @@ def log_access(
     status: int,
     seconds: float,
 ) -> None:
-    """One line per request (``MPSSERVE_ACCESS_LOG``: text, json or off)."""
+    """One line per request (``MPSSERVE_ACCESS_LOG``: text, json or off). Fields a client
+    chose are escaped (JSON escapes them itself): one request is one line."""
     style = settings().access_log
     if style == "off" or not access_log.isEnabledFor(logging.INFO):
         return
@@ -238,9 +290,9 @@ def log_access(
     else:
         access_log.info(
             "request_id=%s model=%s version=%s protocol=%s rows=%d status=%d latency_ms=%.2f",
-            request_id,
-            model,
-            version or "-",
+            log_field(request_id),
+            log_field(model),
+            log_field(version or "-"),
             protocol,
             rows,
             status,

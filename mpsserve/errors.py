@@ -12,6 +12,8 @@ from __future__ import annotations
 import enum
 import logging
 
+from mpsserve.text import bound_message
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,6 +37,8 @@ class MpsServeError(Exception):
     grpc_code = GrpcCode.INTERNAL
     #: The replica, not the request, is at fault: the ingress sends it to another replica.
     retry_elsewhere = False
+    #: A transient refusal: HTTP answers carry a Retry-After header.
+    retry_after = False
 
     @property
     def message(self) -> str:
@@ -53,6 +57,29 @@ class PayloadTooLarge(InvalidInput):
 
     http_status = 413
     grpc_code = GrpcCode.RESOURCE_EXHAUSTED
+
+
+class HeadersTooLarge(InvalidInput):
+    """The request's line and headers (or their count) are over the ingress's limit."""
+
+    http_status = 431
+    grpc_code = GrpcCode.RESOURCE_EXHAUSTED
+
+
+class RequestTimeout(InvalidInput):
+    """The client stopped sending a request's headers or body before it was complete."""
+
+    http_status = 408
+    grpc_code = GrpcCode.DEADLINE_EXCEEDED
+
+
+class Overloaded(MpsServeError):
+    """The ingress holds as many requests or connections as it is configured to; the
+    client should retry soon, here or elsewhere (HTTP adds a Retry-After)."""
+
+    http_status = 503
+    grpc_code = GrpcCode.UNAVAILABLE
+    retry_after = True
 
 
 class ModelNotFound(MpsServeError):
@@ -125,6 +152,6 @@ def to_status(exc: BaseException) -> tuple[int, GrpcCode, str]:
     if isinstance(cause, BaseException):
         exc = cause
     if isinstance(exc, MpsServeError):
-        return exc.http_status, exc.grpc_code, exc.message
+        return exc.http_status, exc.grpc_code, bound_message(exc.message)
     logger.error("unhandled error", exc_info=exc)
     return 500, GrpcCode.INTERNAL, GENERIC_INTERNAL_MESSAGE

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from mpsserve.errors import InferenceError, InvalidInput
+from mpsserve.text import quote
 from mpsserve.types import InferRequest, InferResponse, RequestedOutput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -103,10 +104,16 @@ def _split_body(view: memoryview, header_length: int | None) -> tuple[bytes, mem
     return view[:header_length].tobytes(), view[header_length:]
 
 
-def parse_json_object(header: bytes) -> dict[str, Any]:
-    """Parse a JSON object (a request body or header), every parser failure an InvalidInput."""
+def parse_json_object(header: bytes, non_finite: bool = False) -> dict[str, Any]:
+    """Parse a JSON object (a request body or header), every parser failure an InvalidInput.
+
+    ``NaN``, ``Infinity`` and ``-Infinity`` are not JSON (RFC 8259) and are refused unless
+    ``non_finite`` (TF Serving's REST API takes them; Python's parser would by default). An
+    integer of more than 4300 digits (Python's conversion limit) is refused naming where it
+    is; the hooks that find it run only then, so good requests parse at full speed."""
+    hooks: dict[str, Any] = {} if non_finite else {"parse_constant": _refuse_constant}
     try:
-        doc = json.loads(header)
+        doc = json.loads(header, **hooks)
     except json.JSONDecodeError as exc:
         msg = f"request body is not valid JSON at position {exc.pos}: {exc.msg}"
         raise InvalidInput(msg) from None
@@ -114,9 +121,72 @@ def parse_json_object(header: bytes) -> dict[str, Any]:
         raise InvalidInput(f"request body is not valid UTF-8 at position {exc.start}") from None
     except RecursionError:
         raise InvalidInput("request body JSON is nested too deeply") from None
+    except _NonFinite:
+        where = _locate(header, {"parse_constant": _mark_constant})
+        raise InvalidInput(
+            f"request body holds NaN or Infinity{where}, which JSON does not have; send such "
+            "values as binary tensor data"
+        ) from None
+    except ValueError:  # int() refused a number too long to convert
+        where = _locate(header, {"parse_int": _mark_long_int, "parse_constant": float})
+        raise InvalidInput(
+            f"request body holds an integer with more digits than any tensor can hold{where}"
+        ) from None
     if not isinstance(doc, dict):
         raise InvalidInput("request body must be a JSON object")
     return doc
+
+
+class _NonFinite(Exception):
+    pass
+
+
+_MARK = object()  # stands for the offending number when locating it
+_LONG_INT_DIGITS = 4000
+
+
+def _refuse_constant(_token: str) -> Any:
+    raise _NonFinite
+
+
+def _mark_constant(_token: str) -> Any:
+    return _MARK
+
+
+def _mark_long_int(digits: str) -> Any:
+    return _MARK if len(digits) > _LONG_INT_DIGITS else int(digits)
+
+
+def _locate(header: bytes, hooks: dict[str, Any]) -> str:
+    """`` at <path>`` of the first number a hook marked (only on the error path)."""
+    try:
+        path = _path_to(json.loads(header, **hooks), "")
+    except (ValueError, RecursionError):
+        return ""
+    return f" at {path}" if path else ""
+
+
+def _path_to(node: Any, path: str) -> str | None:
+    """Where ``_MARK`` is, as ``inputs["dense"].data[3]``: list entries that are named
+    objects (v2 inputs) are shown by name, quoted and truncated."""
+    if node is _MARK:
+        return path or "(top level)"
+    if isinstance(node, dict):
+        items = ((f"{path}.{quote(str(k))}" if path else quote(str(k)), v) for k, v in node.items())
+    elif isinstance(node, list):
+        items = ((f"{path}[{_label(i, v)}]", v) for i, v in enumerate(node))
+    else:
+        return None
+    for sub, value in items:
+        found = _path_to(value, sub)
+        if found is not None:
+            return found
+    return None
+
+
+def _label(index: int, entry: Any) -> str:
+    name = entry.get("name") if isinstance(entry, dict) else None
+    return quote(name) if isinstance(name, str) else str(index)
 
 
 def _get_dict(entry: dict[str, Any], key: str, what: str) -> dict[str, Any]:
@@ -136,7 +206,7 @@ def _decode_inputs(entries: Any, binary: memoryview) -> dict[str, np.ndarray]:
     for index, entry in enumerate(entries):
         name = _entry_name(entry, f"inputs[{index}]")
         if name in inputs:
-            raise InvalidInput(f'duplicate input name "{name}"')
+            raise InvalidInput(f"duplicate input name {quote(name)}")
         inputs[name], offset = _decode_input(name, entry, binary, offset)
     if offset != len(binary):
         raise InvalidInput(
@@ -162,25 +232,25 @@ def _decode_input(
     """Decode one input; returns the tensor and the binary offset after it."""
     datatype = entry.get("datatype")
     if not isinstance(datatype, str) or datatype not in DATATYPE_TO_NUMPY:
-        raise InvalidInput(f'unknown datatype "{datatype}" for input "{name}"')
+        raise InvalidInput(f"unknown datatype {quote(str(datatype))} for input {quote(name)}")
     shape = _shape(name, entry.get("shape"))
-    params = _get_dict(entry, "parameters", f'input "{name}"')
+    params = _get_dict(entry, "parameters", f"input {quote(name)}")
     if "shared_memory_region" in params:
-        raise InvalidInput(f'input "{name}": shared memory is not supported')
+        raise InvalidInput(f"input {quote(name)}: shared memory is not supported")
     size = params.get("binary_data_size")
     has_data = "data" in entry
     if size is not None and has_data:
-        raise InvalidInput(f'input "{name}" has both "data" and parameters.binary_data_size')
+        raise InvalidInput(f'input {quote(name)} has both "data" and parameters.binary_data_size')
     if size is None:
         if not has_data:
-            raise InvalidInput(f'input "{name}" has neither "data" nor binary_data_size')
+            raise InvalidInput(f'input {quote(name)} has neither "data" nor binary_data_size')
         return _from_json(name, datatype, shape, entry["data"]), offset
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise InvalidInput(f'input "{name}": binary_data_size must be a non-negative integer')
+        raise InvalidInput(f"input {quote(name)}: binary_data_size must be a non-negative integer")
     end = offset + size
     if end > len(binary):
         raise InvalidInput(
-            f'input "{name}": binary data ends at byte {end} after the JSON header but only '
+            f"input {quote(name)}: binary data ends at byte {end} after the JSON header but only "
             f"{len(binary)} bytes follow it (is {HEADER_LENGTH} set?)"
         )
     return tensor_from_bytes(name, datatype, shape, binary[offset:end], "binary_data_size"), end
@@ -196,10 +266,11 @@ def _shape(name: str, shape: Any) -> list[int]:
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise InvalidInput(
-            f'input "{name}": "shape" must be a list of non-negative integers, got {shape!r}'
+            f'input {quote(name)}: "shape" must be a list of non-negative integers, '
+            f"got {quote(str(shape))}"
         )
     if len(shape) > _MAX_DIMS or math.prod(d or 1 for d in shape) > _MAX_ELEMENTS:
-        raise InvalidInput(f'input "{name}": "shape" {shape} is too large')
+        raise InvalidInput(f'input {quote(name)}: "shape" {shape} is too large')
     return shape
 
 
@@ -214,7 +285,7 @@ def tensor_from_bytes(
     dtype = DATATYPE_TO_NUMPY[datatype]
     if len(raw) != count * dtype.itemsize:
         raise InvalidInput(
-            f'input "{name}": {field} is {len(raw)} bytes but shape {shape} of {datatype} '
+            f"input {quote(name)}: {field} is {len(raw)} bytes but shape {shape} of {datatype} "
             f"needs {count * dtype.itemsize}"
         )
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
@@ -226,16 +297,16 @@ def _unpack_bytes(name: str, raw: memoryview, count: int) -> np.ndarray:
     offset = 0
     while offset < len(raw):
         if offset + 4 > len(raw):
-            raise InvalidInput(f'input "{name}": BYTES data ends inside a length prefix')
+            raise InvalidInput(f"input {quote(name)}: BYTES data ends inside a length prefix")
         (length,) = _LENGTH.unpack_from(raw, offset)
         offset += 4
         if offset + length > len(raw):
-            raise InvalidInput(f'input "{name}": BYTES element {len(items)} overruns its data')
+            raise InvalidInput(f"input {quote(name)}: BYTES element {len(items)} overruns its data")
         items.append(raw[offset : offset + length].tobytes())
         offset += length
     if len(items) != count:
         raise InvalidInput(
-            f'input "{name}": shape needs {count} BYTES elements, binary data has {len(items)}'
+            f"input {quote(name)}: shape needs {count} BYTES elements, binary data has {len(items)}"
         )
     return _object_array(items)
 
@@ -250,24 +321,36 @@ def _object_array(items: list[bytes]) -> np.ndarray:
 def _from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
     """Convert flat or nested JSON "data" (row-major) to a tensor of ``shape``."""
     if not isinstance(data, list):
-        raise InvalidInput(f'input "{name}": "data" must be a list')
+        raise InvalidInput(f'input {quote(name)}: "data" must be a list')
     if datatype == "BYTES":
         return _json_bytes(name, shape, data)
     try:
         arr = np.array(data)
     except (ValueError, TypeError, OverflowError):
-        raise InvalidInput(f'input "{name}": "data" is a ragged nested list') from None
+        raise InvalidInput(f'input {quote(name)}: "data" is a ragged nested list') from None
     _check_count(name, shape, arr.size)
     dtype = DATATYPE_TO_NUMPY[datatype]
     if arr.size == 0:
         return np.empty(shape, dtype=dtype)
     if arr.dtype.kind not in _JSON_KINDS[dtype.kind]:
-        raise InvalidInput(f'input "{name}": "data" is not convertible to {datatype}')
+        raise InvalidInput(f'input {quote(name)}: "data" is not convertible to {datatype}')
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         if int(arr.min()) < info.min or int(arr.max()) > info.max:
-            raise InvalidInput(f'input "{name}": "data" has values out of range for {datatype}')
+            raise InvalidInput(
+                f'input {quote(name)}: "data" has values out of range for {datatype}'
+            )
+    elif dtype.kind == "f":
+        _check_float_range(name, arr, dtype, datatype)
     return arr.astype(dtype, copy=False).reshape(shape)
+
+
+def _check_float_range(name: str, arr: np.ndarray, dtype: np.dtype, datatype: str) -> None:
+    """JSON numbers must fit the float type: 1e39 for FP32 (or 1e999, which Python reads as
+    infinity) would turn into an infinity no client sent."""
+    magnitude = np.abs(arr.astype(np.float64, copy=False))
+    if not np.all(magnitude <= np.finfo(dtype).max):
+        raise InvalidInput(f'input {quote(name)}: "data" has values out of range for {datatype}')
 
 
 def _json_bytes(name: str, shape: list[int], data: list[Any]) -> np.ndarray:
@@ -275,7 +358,7 @@ def _json_bytes(name: str, shape: list[int], data: list[Any]) -> np.ndarray:
     flat = list(_flatten(data))
     _check_count(name, shape, len(flat))
     if not all(isinstance(item, str) for item in flat):
-        raise InvalidInput(f'input "{name}": BYTES "data" must hold only strings')
+        raise InvalidInput(f'input {quote(name)}: BYTES "data" must hold only strings')
     return _object_array([item.encode("utf-8") for item in flat]).reshape(shape)
 
 
@@ -293,7 +376,7 @@ def _check_count(name: str, shape: list[int], got: int) -> None:
     expected = math.prod(shape)
     if got != expected:
         raise InvalidInput(
-            f'input "{name}": shape {shape} needs {expected} elements, "data" has {got}'
+            f'input {quote(name)}: shape {shape} needs {expected} elements, "data" has {got}'
         )
 
 
@@ -307,10 +390,10 @@ def _decode_outputs(entries: Any) -> list[RequestedOutput] | None:
     for index, entry in enumerate(entries):
         name = _entry_name(entry, f"outputs[{index}]")
         if any(o.name == name for o in outputs):
-            raise InvalidInput(f'duplicate output name "{name}"')
-        binary = _get_dict(entry, "parameters", f'output "{name}"').get("binary_data", False)
+            raise InvalidInput(f"duplicate output name {quote(name)}")
+        binary = _get_dict(entry, "parameters", f"output {quote(name)}").get("binary_data", False)
         if not isinstance(binary, bool):
-            raise InvalidInput(f'output "{name}": parameter "binary_data" must be a boolean')
+            raise InvalidInput(f'output {quote(name)}: parameter "binary_data" must be a boolean')
         outputs.append(RequestedOutput(name=name, binary=binary))
     return outputs
 
@@ -350,7 +433,7 @@ def _encode_output(name: str, arr: np.ndarray, binary: bool) -> tuple[dict[str, 
     try:
         datatype = numpy_to_datatype(arr.dtype)
     except ValueError as exc:
-        raise InferenceError(f'output "{name}": {exc}') from exc
+        raise InferenceError(f"output {quote(name)}: {exc}") from exc
     entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
     if not binary:
         entry["data"] = _json_bytes_data(name, arr) if datatype == "BYTES" else arr.ravel().tolist()
@@ -375,7 +458,7 @@ def _elements_as_bytes(name: str, arr: np.ndarray) -> list[bytes]:
     """BYTES elements as ``bytes`` (``str`` is UTF-8 encoded; anything else is a model bug)."""
     items = arr.ravel().tolist()
     if not all(isinstance(e, (bytes, str)) for e in items):
-        raise InferenceError(f'output "{name}": BYTES elements must be bytes or str')
+        raise InferenceError(f"output {quote(name)}: BYTES elements must be bytes or str")
     return [e.encode("utf-8") if isinstance(e, str) else e for e in items]
 
 
@@ -390,7 +473,7 @@ def _json_bytes_data(name: str, arr: np.ndarray) -> list[str]:
         return [item.decode("utf-8") for item in _elements_as_bytes(name, arr)]
     except UnicodeDecodeError as exc:
         raise InvalidInput(
-            f'output "{name}" holds bytes that are not valid UTF-8; request it with '
+            f"output {quote(name)} holds bytes that are not valid UTF-8; request it with "
             '"binary_data": true'
         ) from exc
 

@@ -36,6 +36,7 @@ from mpsserve.protocol.kserve import (
     numpy_to_datatype,
     tensor_from_bytes,
 )
+from mpsserve.text import quote
 from mpsserve.types import InferRequest, InferResponse, RequestedOutput
 
 # The one InferTensorContents field each datatype may use (FP16 has none: raw only).
@@ -93,10 +94,10 @@ def _decode_inputs(msg: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         if len(raw) < len(entries):
             missing = entries[len(raw)].name
             raise InvalidInput(
-                f'input "{missing}" has no raw_input_contents entry: the request has '
+                f"input {quote(missing)} has no raw_input_contents entry: the request has "
                 f"{len(entries)} inputs and {len(raw)} raw_input_contents entries"
             )
-        names = ", ".join(f'"{e.name}"' for e in entries)
+        names = ", ".join(f"{quote(e.name)}" for e in entries)
         raise InvalidInput(
             f"raw_input_contents has {len(raw)} entries but the request has only "
             f"{len(entries)} inputs ({names}): one entry per input, in input order"
@@ -107,7 +108,7 @@ def _decode_inputs(msg: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         if not name:
             raise InvalidInput(f'inputs[{index}] has no "name"')
         if name in inputs:
-            raise InvalidInput(f'duplicate input name "{name}"')
+            raise InvalidInput(f"duplicate input name {quote(name)}")
         inputs[name] = _decode_input(entry, raw[index] if raw else None)
     return inputs
 
@@ -117,18 +118,20 @@ def _decode_input(entry: Any, raw: bytes | None) -> np.ndarray:
     name = entry.name
     datatype = entry.datatype
     if datatype not in DATATYPE_TO_NUMPY:
-        raise InvalidInput(f'unknown datatype "{datatype}" for input "{name}"')
+        raise InvalidInput(f"unknown datatype {quote(datatype)} for input {quote(name)}")
     shape = _shape(name, list(entry.shape))
     for key in _UNSUPPORTED_INPUT_PARAMETERS:
         if key in entry.parameters:
-            raise InvalidInput(f'input "{name}": parameter "{key}" is not supported')
+            raise InvalidInput(f'input {quote(name)}: parameter "{key}" is not supported')
     has_contents = entry.HasField("contents")
     if raw is not None:
         if has_contents:
-            raise InvalidInput(f'input "{name}" has both "contents" and a raw_input_contents entry')
+            raise InvalidInput(
+                f'input {quote(name)} has both "contents" and a raw_input_contents entry'
+            )
         return tensor_from_bytes(name, datatype, shape, memoryview(raw), "raw_input_contents entry")
     if not has_contents:
-        raise InvalidInput(f'input "{name}" has neither "contents" nor raw_input_contents')
+        raise InvalidInput(f'input {quote(name)} has neither "contents" nor raw_input_contents')
     return _from_contents(name, datatype, shape, entry.contents)
 
 
@@ -136,18 +139,20 @@ def _from_contents(name: str, datatype: str, shape: list[int], contents: Any) ->
     """Convert the typed contents field that matches ``datatype`` to a tensor of ``shape``."""
     expected_field = CONTENTS_FIELD.get(datatype)
     if expected_field is None:
-        raise InvalidInput(f'input "{name}": {datatype} data can only travel in raw_input_contents')
+        raise InvalidInput(
+            f"input {quote(name)}: {datatype} data can only travel in raw_input_contents"
+        )
     for other in _CONTENTS_FIELDS:
         if other != expected_field and len(getattr(contents, other)):
             raise InvalidInput(
-                f'input "{name}": {datatype} data must be in contents.{expected_field}, '
+                f"input {quote(name)}: {datatype} data must be in contents.{expected_field}, "
                 f"not contents.{other}"
             )
     values = getattr(contents, expected_field)
     count = math.prod(shape)
     if len(values) != count:
         raise InvalidInput(
-            f'input "{name}": shape {shape} needs {count} elements, '
+            f"input {quote(name)}: shape {shape} needs {count} elements, "
             f"contents.{expected_field} has {len(values)}"
         )
     if datatype == "BYTES":
@@ -160,7 +165,8 @@ def _from_contents(name: str, datatype: str, shape: list[int], contents: Any) ->
         info = np.iinfo(dtype)
         if int(wide.min()) < info.min or int(wide.max()) > info.max:
             raise InvalidInput(
-                f'input "{name}": contents.{expected_field} has values out of range for {datatype}'
+                f"input {quote(name)}: contents.{expected_field} has values out of range "
+                f"for {datatype}"
             )
     return wide.astype(dtype, copy=False).reshape(shape)
 
@@ -186,10 +192,10 @@ def _decode_outputs(entries: Sequence[Any]) -> list[RequestedOutput] | None:
         if not name:
             raise InvalidInput(f'outputs[{index}] has no "name"')
         if any(o.name == name for o in outputs):
-            raise InvalidInput(f'duplicate output name "{name}"')
+            raise InvalidInput(f"duplicate output name {quote(name)}")
         for key in _UNSUPPORTED_OUTPUT_PARAMETERS:
             if key in entry.parameters:
-                raise InvalidInput(f'output "{name}": parameter "{key}" is not supported')
+                raise InvalidInput(f'output {quote(name)}: parameter "{key}" is not supported')
         outputs.append(RequestedOutput(name=name, binary=True))
     return outputs
 
@@ -205,7 +211,7 @@ def encode_infer_response(response: InferResponse, request: InferRequest) -> pb.
         try:
             datatype = numpy_to_datatype(arr.dtype)
         except ValueError as exc:
-            raise InferenceError(f'output "{name}": {exc}') from exc
+            raise InferenceError(f"output {quote(name)}: {exc}") from exc
         raw = _pack_bytes(name, arr) if datatype == "BYTES" else _raw_view(arr).tobytes()
         msg.outputs.add(name=name, datatype=datatype, shape=arr.shape)
         msg.raw_output_contents.append(raw)
@@ -237,7 +243,7 @@ def _tensor_metadata(spec: Mapping[str, Any]) -> pb.ModelMetadataResponse.Tensor
         try:
             datatype = numpy_to_datatype(dtype)
         except (TypeError, ValueError) as exc:
-            raise InferenceError(f'tensor "{name}": dtype {dtype!r}: {exc}') from exc
+            raise InferenceError(f"tensor {quote(name)}: dtype {dtype!r}: {exc}") from exc
     shape = [-1 if d is None else int(d) for d in spec.get("shape", ())]
     return pb.ModelMetadataResponse.TensorMetadata(name=name, datatype=datatype, shape=shape)
 

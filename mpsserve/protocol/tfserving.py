@@ -20,6 +20,7 @@ import numpy as np
 
 from mpsserve.errors import InferenceError, InvalidInput
 from mpsserve.protocol.kserve import parse_json_object
+from mpsserve.text import quote
 from mpsserve.types import InferRequest, InferResponse
 
 SIGNATURE = "serving_default"
@@ -32,10 +33,12 @@ def decode_predict(
     body: bytes, *, model: str, version: str | None, dtypes: dict[str, str]
 ) -> tuple[InferRequest, bool]:
     """Decode a predict body; returns the request and whether it used row ("instances") format."""
-    doc = parse_json_object(body)
+    doc = parse_json_object(body, non_finite=True)
     signature = doc.get("signature_name", SIGNATURE)
     if signature != SIGNATURE:
-        raise InvalidInput(f'unknown signature_name {signature!r}; only "{SIGNATURE}" is served')
+        raise InvalidInput(
+            f'unknown signature_name {quote(str(signature))}; only "{SIGNATURE}" is served'
+        )
     if ("instances" in doc) == ("inputs" in doc):
         raise InvalidInput('request must have exactly one of "instances" (rows) or "inputs"')
     if "instances" in doc:
@@ -52,7 +55,7 @@ def _check_known(name: str, dtypes: dict[str, str]) -> None:
     if name == "b64":  # {"b64": ...} as a whole instance or as the whole "inputs"
         where = f'input "{next(iter(dtypes))}": ' if len(dtypes) == 1 else ""
         raise InvalidInput(f'{where}{{"b64": ...}} binary values are not supported')
-    raise InvalidInput(f'unknown input "{name}"; the model\'s inputs are {sorted(dtypes)}')
+    raise InvalidInput(f"unknown input {quote(name)}; the model's inputs are {sorted(dtypes)}")
 
 
 def _single_input(dtypes: dict[str, str], what: str) -> str:
@@ -95,7 +98,7 @@ def _named_rows(instances: list[Any], dtypes: dict[str, str]) -> list[dict[str, 
     if not isinstance(instances[0], dict):
         name = _single_input(dtypes, "each instance")
         if any(isinstance(inst, dict) for inst in instances):
-            raise InvalidInput(f'input "{name}": mix of named and bare instances')
+            raise InvalidInput(f"input {quote(name)}: mix of named and bare instances")
         return [{name: inst} for inst in instances]
     first = instances[0].keys()
     for index, inst in enumerate(instances):
@@ -122,10 +125,10 @@ def _ragged(name: str, rows: list[dict[str, Any]], dtypes: dict[str, str]) -> di
     column = [row[name] for row in rows]
     for index, value in enumerate(column):
         if not isinstance(value, list):
-            raise InvalidInput(f'input "{name}": instance {index} must hold a list of values')
+            raise InvalidInput(f"input {quote(name)}: instance {index} must hold a list of values")
     values = _to_tensor(name, [item for value in column for item in value], dtypes[name])
     if values.ndim != 1:
-        raise InvalidInput(f'input "{name}": each instance must hold a flat list of values')
+        raise InvalidInput(f"input {quote(name)}: each instance must hold a flat list of values")
     lengths_name = name.removesuffix(VALUES) + LENGTHS
     lengths = np.array([len(value) for value in column], dtype=dtypes[lengths_name])
     if lengths_name in rows[0]:
@@ -137,12 +140,12 @@ def _ragged(name: str, rows: list[dict[str, Any]], dtypes: dict[str, str]) -> di
 def _check_lengths(name: str, given: np.ndarray, computed: np.ndarray) -> None:
     """Given ``<base>_lengths`` must be one scalar per instance equal to its list's length."""
     if given.shape != computed.shape:
-        raise InvalidInput(f'input "{name}": each instance must hold one scalar length')
+        raise InvalidInput(f"input {quote(name)}: each instance must hold one scalar length")
     bad = np.flatnonzero(given != computed)
     if bad.size:
         i = bad[0]
         msg = f"instance {i} says {given[i]} but its values list has {computed[i]}"
-        raise InvalidInput(f'input "{name}": {msg}')
+        raise InvalidInput(f"input {quote(name)}: {msg}")
 
 
 def _stack(name: str, column: list[Any], dtype: str) -> np.ndarray:
@@ -160,11 +163,11 @@ def _bad_row(name: str, column: list[Any]) -> InvalidInput | None:
         try:
             shapes.append(np.shape(row))
         except ValueError:
-            return InvalidInput(f'input "{name}": instance {index} is a ragged nested list')
+            return InvalidInput(f"input {quote(name)}: instance {index} is a ragged nested list")
         if shapes[-1] != shapes[0]:
             return InvalidInput(
-                f'input "{name}": instance {index} has shape {list(shapes[-1])} but instance 0 '
-                f"has {list(shapes[0])}; rows must have the same shape"
+                f"input {quote(name)}: instance {index} has shape {list(shapes[-1])} but "
+                f"instance 0 has {list(shapes[0])}; rows must have the same shape"
             )
     return None
 
@@ -175,13 +178,13 @@ def _to_tensor(name: str, value: Any, dtype_name: str) -> np.ndarray:
     try:
         arr = np.array(value)
     except (ValueError, TypeError, OverflowError):
-        raise InvalidInput(f'input "{name}": value is ragged or nested too deeply') from None
+        raise InvalidInput(f"input {quote(name)}: value is ragged or nested too deeply") from None
     if arr.size == 0:
         return arr.astype(dtype)
     if arr.dtype == object and _has_b64(value):
-        raise InvalidInput(f'input "{name}": {{"b64": ...}} binary values are not supported')
+        raise InvalidInput(f'input {quote(name)}: {{"b64": ...}} binary values are not supported')
     if arr.dtype.kind not in _JSON_KINDS.get(dtype.kind, ""):
-        raise InvalidInput(f'input "{name}": values are not convertible to {dtype}')
+        raise InvalidInput(f"input {quote(name)}: values are not convertible to {dtype}")
     _check_range(name, arr, dtype)
     return arr.astype(dtype, copy=False)
 
@@ -199,7 +202,7 @@ def _check_range(name: str, arr: np.ndarray, dtype: np.dtype) -> None:
     else:
         return
     if low < info.min or high > info.max:
-        raise InvalidInput(f'input "{name}": values out of range for {dtype}')
+        raise InvalidInput(f"input {quote(name)}: values out of range for {dtype}")
 
 
 def _has_b64(value: Any) -> bool:
@@ -216,7 +219,9 @@ def encode_predict(response: InferResponse, row_format: bool) -> bytes:
         raise InferenceError("the model returned no outputs")
     for name, arr in outputs.items():
         if arr.dtype.kind not in "biuf":
-            raise InferenceError(f'output "{name}": dtype {arr.dtype} has no TF Serving JSON form')
+            raise InferenceError(
+                f"output {quote(name)}: dtype {arr.dtype} has no TF Serving JSON form"
+            )
     if row_format:
         doc: dict[str, Any] = {"predictions": _rows(outputs)}
     elif len(outputs) == 1:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from mpsserve.dataplane import DataPlane, request_id_for
+from mpsserve.dataplane import DataPlane, client_request_id, request_id_for
 from mpsserve.errors import MpsServeError, to_status
 
 RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
@@ -75,11 +76,17 @@ class GrpcAdapter:
         return model_metadata_response(metadata)
 
     async def _ModelInfer(self, request: Any, context: Any) -> Any:
+        started, request_id = time.perf_counter(), client_request_id(_metadata(context, REQUEST_ID))
+        with self.dataplane.admission(request.model_name, "grpc", request_id):
+            return await self._infer(request, context, started, request_id)
+
+    async def _infer(
+        self, request: Any, context: Any, started: float, request_id: str | None
+    ) -> Any:
         from mpsserve.protocol.kserve_grpc import decode_infer_request, encode_infer_response
 
         # The tensors' bytes are the message's size: cheaper than ByteSize(), which walks it;
         # the server's max_receive_message_length bounds the rest.
-        started, request_id = time.perf_counter(), _metadata(context, REQUEST_ID)
         try:
             self.dataplane.check_size(sum(len(raw) for raw in request.raw_input_contents))
             self.dataplane.backend(request.model_name)  # unknown model: NOT_FOUND first
@@ -108,18 +115,58 @@ def _rpc(adapter: GrpcAdapter, rpc: str) -> Callable[[Any, Any], Awaitable[Any]]
     return method
 
 
-async def start_grpc_server(dataplane: DataPlane, host: str, port: int, max_bytes: int) -> Any:
+@dataclass(frozen=True)
+class GrpcLimits:
+    """The gRPC server's bounds (``IngressLimits``' grpc_* fields, in its units)."""
+
+    max_bytes: int
+    max_metadata_bytes: int
+    handshake_timeout_s: float
+    max_connections: int
+    max_concurrent_streams: int
+    max_concurrent_rpcs: int
+    idle_timeout_s: float
+    max_connection_age_s: float | None
+    keepalive_s: float
+    min_ping_interval_s: float
+
+
+def server_options(limits: GrpcLimits) -> list[tuple[str, int]]:
+    """grpc core's channel arguments for a server facing untrusted clients: a handshake
+    deadline (a silent TCP peer), metadata, stream and connection bounds, idle connections
+    closed, dead peers found by pings, and clients that ping too often sent away."""
+    ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+    limit = limits.max_bytes + 2**20  # room for the message's own fields; check_size is exact
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_metadata_size", limits.max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", limits.max_metadata_bytes),
+        ("grpc.server_handshake_timeout_ms", ms(limits.handshake_timeout_s)),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+        ("grpc.max_connection_idle_ms", ms(limits.idle_timeout_s)),
+        ("grpc.keepalive_time_ms", ms(limits.keepalive_s)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(limits.min_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+    if limits.max_connection_age_s is not None:
+        options.append(("grpc.max_connection_age_ms", ms(limits.max_connection_age_s)))
+        options.append(("grpc.max_connection_age_grace_ms", 30_000))
+    return options
+
+
+async def start_grpc_server(dataplane: DataPlane, host: str, port: int, limits: GrpcLimits) -> Any:
     """A started grpc.aio server for KServe v2 on ``host:port`` (SO_REUSEPORT, so every
-    ingress replica on the node shares the port)."""
+    ingress replica on the node shares the port). Inference past the data plane's in-flight
+    bound is refused with UNAVAILABLE (``DataPlane.admission``); grpc's own RPC cap, a little
+    higher so health RPCs still pass, answers RESOURCE_EXHAUSTED."""
     from mpsserve.protocol import grpc_service_pb2_grpc
 
-    limit = max_bytes + 2**20  # room for the message's own fields; check_size is exact
     server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 1),
-        ]
+        options=server_options(limits), maximum_concurrent_rpcs=limits.max_concurrent_rpcs
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         _Servicer(GrpcAdapter(dataplane)), server

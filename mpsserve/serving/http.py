@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
-from mpsserve.dataplane import DataPlane, request_id_for
+from mpsserve.dataplane import DataPlane, client_request_id, request_id_for
 from mpsserve.errors import InvalidInput, MpsServeError, to_status
 from mpsserve.protocol import kserve, tfserving
 from mpsserve.types import InferRequest, InferResponse
@@ -26,9 +28,34 @@ JSON_BYTES_PER_ELEMENT = 20  # rough size of one number written as JSON
 REQUEST_ID = "X-Request-ID"
 
 
-async def _error_response(_request: Request, exc: Exception) -> Response:
-    status, _, message = to_status(exc)
-    return Response(kserve.encode_error(message), status, media_type="application/json")
+def _error_headers(exc: BaseException, retry_after_s: int) -> dict[str, str]:
+    """Headers of an error answer: a Retry-After on transient refusals (shed load)."""
+    if getattr(exc, "retry_after", False):
+        return {"Retry-After": str(retry_after_s)}
+    return {}
+
+
+def _error_handler(retry_after_s: int) -> Callable[[Request, Exception], Awaitable[Response]]:
+    async def handle(_request: Request, exc: Exception) -> Response:
+        status, _, message = to_status(exc)
+        headers = _error_headers(exc, retry_after_s)
+        body = kserve.encode_error(message)
+        return Response(body, status, headers=headers, media_type="application/json")
+
+    return handle
+
+
+async def _framework_error(_request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route, wrong method) in the ``{"error": ...}`` body
+    every other error has."""
+    if isinstance(exc, RequestValidationError):
+        status, message = 400, "the request does not match the route's parameters"
+    else:
+        status = getattr(exc, "status_code", 500)
+        message = str(getattr(exc, "detail", "error"))
+    headers = getattr(exc, "headers", None)
+    body = kserve.encode_error(message)
+    return Response(body, status, headers=headers, media_type="application/json")
 
 
 def _parse_header_length(raw: str | None) -> int | None:
@@ -69,7 +96,7 @@ def _json_output_bytes(result: InferResponse, request: InferRequest) -> int:
 
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -79,8 +106,8 @@ class InferRoute:
     and no framework layer runs: measured, FastAPI's stack and its body joins were over half
     of the ingress's CPU for a 2000-row request."""
 
-    def __init__(self, app: Any, dataplane: DataPlane) -> None:
-        self.app, self.dataplane = app, dataplane
+    def __init__(self, app: Any, dataplane: DataPlane, retry_after_s: int = 1) -> None:
+        self.app, self.dataplane, self.retry_after_s = app, dataplane, retry_after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = INFER_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
@@ -88,18 +115,20 @@ class InferRoute:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        request_id = headers.get(REQUEST_ID.lower())
+        request_id = client_request_id(headers.get(REQUEST_ID.lower()))
         try:
-            payload, response_headers, request_id = await self._infer(
-                match.group(1), match.group(2), headers, receive, request_id
-            )
+            with self.dataplane.admission(match.group(1), "http", request_id):
+                payload, response_headers, request_id = await self._infer(
+                    match.group(1), match.group(2), headers, receive, request_id
+                )
             status = 200
         except Exception as exc:
             status, _, message = to_status(exc)
-            payload, response_headers = (
-                kserve.encode_error(message),
-                {"Content-Type": "application/json"},
-            )
+            payload = kserve.encode_error(message)
+            response_headers = {
+                "Content-Type": "application/json",
+                **_error_headers(exc, self.retry_after_s),
+            }
         if request_id:
             response_headers[REQUEST_ID] = request_id
         response_headers["Content-Length"] = str(len(payload))
@@ -123,11 +152,7 @@ class InferRoute:
         dataplane, started = self.dataplane, time.perf_counter()
         try:
             dataplane.backend(name)  # unknown model: 404 before reading the body
-            declared = headers.get("content-length", "")
-            if declared.isdigit():
-                dataplane.check_size(int(declared))
-            body = await _read_body(receive, int(declared) if declared.isdigit() else None)
-            dataplane.check_size(len(body))
+            body = await read_body(receive, headers.get("content-length"), dataplane)
             header_length = _parse_header_length(headers.get(kserve.HEADER_LENGTH.lower()))
             decoded = await _offload(  # binary tensors are views: only JSON is worth a thread
                 len(body) if header_length is None else header_length,
@@ -148,40 +173,51 @@ class InferRoute:
         return payload, response_headers, request_id
 
 
-async def _read_body(receive: Receive, size: int | None) -> bytearray:
-    """The request body in one writable buffer, allocated once when its size is declared."""
-    body = bytearray(size or 0)
+async def read_body(
+    receive: Receive, content_length: str | None, dataplane: DataPlane
+) -> bytearray:
+    """The request body in one writable buffer, refused (413) as soon as it is known to be
+    over the limit: at a declared Content-Length, else at the chunk that crosses it (chunked
+    uploads). Chunks are kept as they arrive and joined once, so memory follows the bytes
+    received, never a size a client merely claims (measured before: 40 connections claiming
+    60 MB each and sending 20 KB cost 2.3 GB)."""
+    declared = int(content_length) if content_length and content_length.isdigit() else None
+    if declared is not None:
+        dataplane.check_size(declared)
+    chunks: list[bytes] = []
     filled = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise InvalidInput("the client closed the connection before sending the body")
         chunk = message.get("body", b"")
-        if size is not None and filled + len(chunk) <= size:
-            body[filled : filled + len(chunk)] = chunk
-        else:
-            body[filled:] = chunk
         filled += len(chunk)
+        dataplane.check_size(filled)
+        chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    if size is not None and filled != size:
-        raise InvalidInput(f"request body is {filled} bytes; Content-Length said {size}")
-    return body
+    if declared is not None and filled != declared:
+        raise InvalidInput(f"request body is {filled} bytes; Content-Length said {declared}")
+    return bytearray().join(chunks)
 
 
 def _ready_response(ready: bool) -> Response:
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
-def create_http_app(dataplane: DataPlane) -> Any:
-    """The REST ASGI app: v2 inference on the fast route, everything else through FastAPI."""
-    return InferRoute(_framework_app(dataplane), dataplane)
+def create_http_app(dataplane: DataPlane, retry_after_s: int = 1, api_docs: bool = False) -> Any:
+    """The REST ASGI app: v2 inference on the fast route, everything else through FastAPI
+    (whose /openapi.json, /docs and /redoc exist only with ``api_docs``)."""
+    return InferRoute(_framework_app(dataplane, retry_after_s, api_docs), dataplane, retry_after_s)
 
 
-def _framework_app(dataplane: DataPlane) -> FastAPI:
-    app = FastAPI(title="mpsserve", docs_url=None, redoc_url=None)
-    app.add_exception_handler(MpsServeError, _error_response)
-    app.add_exception_handler(Exception, _error_response)
+def _framework_app(dataplane: DataPlane, retry_after_s: int, api_docs: bool) -> FastAPI:
+    pages: dict[str, Any] = {} if api_docs else {"openapi_url": None, "docs_url": None}
+    app = FastAPI(title="mpsserve", redoc_url="/redoc" if api_docs else None, **pages)
+    app.add_exception_handler(MpsServeError, _error_handler(retry_after_s))
+    app.add_exception_handler(Exception, _error_handler(retry_after_s))
+    app.add_exception_handler(HTTPException, _framework_error)
+    app.add_exception_handler(RequestValidationError, _framework_error)
 
     @app.get("/v2/health/live")
     async def live() -> Response:
@@ -226,24 +262,32 @@ def _add_tfserving_routes(app: FastAPI, dataplane: DataPlane) -> None:
     @app.post("/v1/models/{name}:predict")
     @app.post("/v1/models/{name}/versions/{version}:predict")
     async def tfs_predict(name: str, request: Request, version: str | None = None) -> Response:
-        started = time.perf_counter()
         request_id = request_id_for(request.headers.get(REQUEST_ID), None)
-        try:
-            dtypes = await dataplane.input_dtypes(name)
-            body = await request.body()
-            dataplane.check_size(len(body))
-            decoded, rows = await _offload(
-                len(body),
-                tfserving.decode_predict,
-                body,
-                model=name,
-                version=version,
-                dtypes=dtypes,
-            )
-        except MpsServeError as exc:
-            dataplane.rejected(name, "tfserving", request_id, exc, started)
-            raise
-        result = await dataplane.infer(decoded, "tfserving", request_id)
-        size = _json_output_bytes(result, decoded)  # every TF-Serving output is JSON
-        payload = await _offload(size, tfserving.encode_predict, result, rows)
-        return Response(payload, media_type="application/json", headers={REQUEST_ID: request_id})
+        with dataplane.admission(name, "tfserving", request_id):
+            return await _tfs_predict(dataplane, name, version, request, request_id)
+
+
+async def _tfs_predict(
+    dataplane: DataPlane, name: str, version: str | None, request: Request, request_id: str
+) -> Response:
+    """One TF-Serving predict: the body read as it arrives, bounded like every route's."""
+    started = time.perf_counter()
+    try:
+        dataplane.backend(name)  # unknown model: 404 before reading the body
+        body = await read_body(request.receive, request.headers.get("content-length"), dataplane)
+        dtypes = await dataplane.input_dtypes(name)
+        decoded, rows = await _offload(
+            len(body),
+            tfserving.decode_predict,
+            body,
+            model=name,
+            version=version,
+            dtypes=dtypes,
+        )
+    except MpsServeError as exc:
+        dataplane.rejected(name, "tfserving", request_id, exc, started)
+        raise
+    result = await dataplane.infer(decoded, "tfserving", request_id)
+    size = _json_output_bytes(result, decoded)  # every TF-Serving output is JSON
+    payload = await _offload(size, tfserving.encode_predict, result, rows)
+    return Response(payload, media_type="application/json", headers={REQUEST_ID: request_id})

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import math
 import os
+import resource
 import socket
 import threading
 import time
@@ -28,7 +29,8 @@ from ray.serve.handle import DeploymentHandle
 from mpsserve.config import IngressConfig
 from mpsserve.dataplane import DataPlane
 from mpsserve.serving.directory import Registration
-from mpsserve.serving.grpc import start_grpc_server
+from mpsserve.serving.grpc import GrpcLimits, start_grpc_server
+from mpsserve.serving.guard import GuardLimits, guarded_protocol
 from mpsserve.serving.http import create_http_app
 from mpsserve.serving.logs import configure_replica_logging
 from mpsserve.serving.replica_server import new_event_loop
@@ -37,6 +39,38 @@ from mpsserve.serving.transport import KeyWatcher, TransportSpec
 
 logger = logging.getLogger(__name__)
 POLL_S = 1.0
+#: Share of the file limit connections may take (the rest: Ray, logs, replica sockets).
+CONNECTION_FD_SHARE = 0.8
+#: Share of the file limit open beyond which the health check fails (cannot accept).
+UNHEALTHY_FD_SHARE = 0.95
+#: How long the ingress's event loop may take to run a no-op before the health check fails.
+LOOP_STALL_S = 2.0
+
+
+def raise_file_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (a no-op when equal); the
+    soft limit now in force. Every connection costs a file descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the file limit from %d to %d: %s", soft, hard, exc)
+    return soft
+
+
+def connection_caps(config: IngressConfig, file_limit: int) -> tuple[int, int]:
+    """(HTTP, gRPC) connection caps: the configured ones, lowered so that both together stay
+    within CONNECTION_FD_SHARE of the file limit (gRPC gets at most a quarter of it)."""
+    budget = int(file_limit * CONNECTION_FD_SHARE)
+    grpc_cap = max(1, min(config.limits.max_grpc_connections, budget // 4))
+    http_cap = max(1, min(config.limits.max_connections, budget - grpc_cap))
+    return http_cap, grpc_cap
+
+
+def open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
@@ -85,7 +119,10 @@ class Front:
             {name: ReplicaBackend(name, self.router) for name in models},
             max_request_bytes=self.max_bytes,
             request_timeout_s=config.request_timeout_s,
+            max_in_flight=config.limits.max_in_flight_requests,
         )
+        self.file_limit = raise_file_limit()
+        self.http_cap, self.grpc_cap = connection_caps(config, self.file_limit)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self.loop.run_forever, name="ingress", daemon=True)
         self._poller = threading.Thread(target=self._poll, name="directory-poll", daemon=True)
@@ -97,16 +134,17 @@ class Front:
         """Bind both ports and serve; raises here (so Serve retries the replica) on failure."""
         import uvicorn
 
-        sock = reuse_port_socket(self.config.host, self.config.http_port)
+        limits = self.config.limits
+        self._sock = sock = reuse_port_socket(self.config.host, self.config.http_port)
         http_config = uvicorn.Config(
-            create_http_app(self.dataplane),
+            create_http_app(self.dataplane, limits.retry_after_s, self.config.api_docs),
             lifespan="off",
             log_config=None,  # uvicorn's dictConfig would close Serve's log handlers
             log_level="warning",
             access_log=False,
-            http="httptools",
+            http=guarded_protocol(self._guard_limits()),
             loop="none",
-            timeout_keep_alive=75,
+            timeout_keep_alive=math.ceil(limits.keepalive_timeout_s),
             # requests in flight at a redeploy may take up to their deadline to finish
             timeout_graceful_shutdown=math.ceil(self.config.request_timeout_s),
         )
@@ -119,17 +157,51 @@ class Front:
 
         async def serve() -> None:
             self._grpc = await start_grpc_server(
-                self.dataplane, self.config.host, self.config.grpc_port, self.max_bytes
+                self.dataplane, self.config.host, self.config.grpc_port, self._grpc_limits()
             )
             self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
 
         asyncio.run_coroutine_threadsafe(serve(), self.loop).result(timeout=30)
         logger.info(
-            "ingress serving HTTP on %s:%d and gRPC on %s:%d",
+            "ingress serving HTTP on %s:%d and gRPC on %s:%d; at most %d HTTP and %d gRPC "
+            "connections (file limit %d), %d requests in flight",
             self.config.host,
             self.config.http_port,
             self.config.host,
             self.config.grpc_port,
+            self.http_cap,
+            self.grpc_cap,
+            self.file_limit,
+            limits.max_in_flight_requests,
+        )
+
+    def _guard_limits(self) -> GuardLimits:
+        limits = self.config.limits
+        return GuardLimits(
+            header_timeout_s=limits.header_timeout_s,
+            body_idle_timeout_s=limits.body_idle_timeout_s,
+            max_header_bytes=limits.max_header_kb * 1024,
+            max_headers=limits.max_headers,
+            max_connections=self.http_cap,
+            max_body_bytes=self.max_bytes,
+            retry_after_s=limits.retry_after_s,
+        )
+
+    def _grpc_limits(self) -> GrpcLimits:
+        limits = self.config.limits
+        return GrpcLimits(
+            max_bytes=self.max_bytes,
+            max_metadata_bytes=limits.max_header_kb * 1024,
+            handshake_timeout_s=limits.header_timeout_s,
+            max_connections=self.grpc_cap,
+            max_concurrent_streams=limits.grpc_max_concurrent_streams,
+            # inference is refused past max_in_flight by the data plane; the margin keeps
+            # health and metadata RPCs answered meanwhile
+            max_concurrent_rpcs=limits.max_in_flight_requests + 64,
+            idle_timeout_s=limits.grpc_idle_timeout_s,
+            max_connection_age_s=limits.grpc_max_connection_age_s,
+            keepalive_s=limits.grpc_keepalive_s,
+            min_ping_interval_s=limits.grpc_min_ping_interval_s,
         )
 
     def _poll(self) -> None:
@@ -145,14 +217,18 @@ class Front:
                 failing = True
             self._stopping.wait(POLL_S)
 
-    def on_loop(self, read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def on_loop(self, read: Callable[[], dict[str, Any]], timeout_s: float = 5.0) -> dict[str, Any]:
         """Run ``read`` on the ingress's loop, which owns the router's and the data plane's
         state (another thread iterating them while requests change them would race)."""
 
         async def call() -> dict[str, Any]:
             return read()
 
-        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(timeout=5)
+        future = asyncio.run_coroutine_threadsafe(call(), self.loop)
+        try:
+            return future.result(timeout=timeout_s)
+        finally:
+            future.cancel()
 
     def _entry(self) -> dict[str, Any]:
         """This ingress in the directory (the heartbeat thread asks)."""
@@ -175,6 +251,24 @@ class Front:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not getattr(self._http, "should_exit", False)
+
+    def health_problem(self) -> str | None:
+        """Why this ingress cannot take connections now, or None. Serve replaces a replica
+        whose check fails, so this is red only for what a new replica would fix: servers
+        stopped, the event loop stuck (nothing is accepted or answered), file descriptors
+        nearly exhausted (accept fails). Shedding load is working as designed: not red."""
+        if not self.alive:
+            return "the ingress's HTTP/gRPC servers stopped"
+        if self._sock.fileno() < 0:
+            return "the HTTP listening socket is closed"
+        used = open_files()
+        if used > self.file_limit * UNHEALTHY_FD_SHARE:
+            return f"{used} of {self.file_limit} file descriptors are open"
+        try:
+            self.on_loop(dict, timeout_s=LOOP_STALL_S)
+        except TimeoutError:
+            return f"the event loop did not run a no-op within {LOOP_STALL_S:g}s"
+        return None
 
     def describe(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -244,8 +338,9 @@ class Ingress:
         self._front.start()
 
     def check_health(self) -> None:
-        if not self._front.alive:
-            raise RuntimeError("the ingress's HTTP/gRPC servers stopped")
+        problem = self._front.health_problem()
+        if problem is not None:
+            raise RuntimeError(problem)
 
     def describe(self) -> dict[str, Any]:
         """What this ingress routes to (``wait_routable`` reads it)."""

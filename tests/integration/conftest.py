@@ -38,6 +38,14 @@ def service_config(tf_store: Path) -> dict[str, object]:
             "host": "127.0.0.1",
             "max_request_mb": 16,
             "cpus_per_replica": 0.5,
+            # short timeouts and a low in-flight bound, so the abuse tests
+            # (test_ingress_limits.py) see them act within seconds
+            "limits": {
+                "header_timeout_s": 2,
+                "body_idle_timeout_s": 2,
+                "max_in_flight_requests": 48,
+                "grpc_idle_timeout_s": 5,
+            },
         },
         "transport": {"bind_host": "127.0.0.1"},  # data ports on loopback only
     }
