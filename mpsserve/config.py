@@ -7,6 +7,7 @@ A bad file fails at load with the dotted path of the bad field and what was expe
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,11 +17,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from mpsserve.errors import ConfigError
+from mpsserve.tokens import read_token_env, read_token_file
 
 #: MPS accepts at most this many client processes per GPU on Volta and later.
 MPS_MAX_CLIENTS_PER_GPU = 48
@@ -213,8 +216,119 @@ class IngressLimits(_Strict):
     )
 
 
+#: Validation context key: check that the files (and environment variables) the config
+#: names exist and are readable here. Off where a config is loaded for another machine
+#: (``mpsserve serve-config``, ``deploy``, the app builder on an arbitrary cluster node).
+CHECK_FILES = "check_files"
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+
+
+def _checking_files(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get(CHECK_FILES))
+
+
+def _readable(path: str | None, info: ValidationInfo) -> str | None:
+    """``path`` when it can be opened for reading here (only under CHECK_FILES)."""
+    if path is None or not _checking_files(info):
+        return path
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    return path
+
+
+def _as_value_error(read: Callable[[str], object], source: str) -> None:
+    """Run ``read``; its ConfigError as the ValueError pydantic reports with the field path."""
+    try:
+        read(source)
+    except ConfigError as exc:
+        raise ValueError(exc.message) from None
+
+
+class IngressAuth(_Strict):
+    """Bearer tokens on both public ports: HTTP ``Authorization: Bearer TOKEN``, gRPC
+    ``authorization`` metadata ``Bearer TOKEN``. Checked before a request's body is read;
+    a request without an accepted token gets 401 (gRPC UNAUTHENTICATED). Tokens come from a
+    file or an environment variable named here, never from this YAML. Format (both): one token
+    per line, 16+ characters of ``A-Za-z0-9-._~+/=``, optionally followed by
+    ``not_after=2027-01-31T00:00:00Z`` (refused from that instant); ``#`` starts a comment.
+    Several lines are accepted at once, which is how a token is rotated without downtime."""
+
+    token_file: str | None = Field(
+        None,
+        description="File of accepted tokens (a mounted Secret). Re-read when it changes "
+        "(checked at most every reload_interval_s), so adding or removing a line takes "
+        "effect without a restart; a file that cannot be read or parsed keeps the last good "
+        "set (logged). Relative paths resolve from the config file.",
+    )
+    token_env: str | None = Field(
+        None,
+        pattern=_ENV_NAME,
+        description="Name of an environment variable holding accepted tokens (the file's "
+        "format, lines separated by newlines), read once when the ingress starts: rotating "
+        "it needs a restart. Set in the environment of the Ray nodes running the ingress.",
+    )
+    exempt_health: bool = Field(
+        True,
+        description="Health probes pass without a token: GET /v2/health/live, "
+        "/v2/health/ready, /-/healthz and gRPC ServerLive/ServerReady, so a kubelet or load "
+        "balancer needs none. They tell only whether the server is up and ready.",
+    )
+    reload_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often, at most, the token file's status is checked for a change "
+        "(a stat() on the request path; the file is read only when it changed).",
+    )
+
+    @field_validator("token_file")
+    @classmethod
+    def _token_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and _checking_files(info):
+            _as_value_error(read_token_file, value)  # says which line is malformed
+        return value
+
+    @field_validator("token_env")
+    @classmethod
+    def _token_env(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and _checking_files(info):
+            _as_value_error(read_token_env, value)
+        return value
+
+    @model_validator(mode="after")
+    def _some_source(self) -> IngressAuth:
+        if self.token_file is None and self.token_env is None:
+            raise ValueError("give token_file, token_env or both (auth: null turns auth off)")
+        return self
+
+
+class IngressTls(_Strict):
+    """TLS on both public ports (HTTPS and gRPC over TLS 1.2+), from PEM files (a mounted
+    Secret); with ``client_ca_file``, mutual TLS. Files are checked at config load and
+    parsed when the ingress starts; a changed certificate takes effect when ingress
+    replicas restart (a redeploy)."""
+
+    cert_file: str = Field(
+        description="PEM certificate chain the ingress presents, its own certificate first."
+    )
+    key_file: str = Field(description="PEM private key of cert_file, unencrypted.")
+    client_ca_file: str | None = Field(
+        None,
+        description="Mutual TLS: PEM bundle of the CAs whose client certificates are "
+        "accepted; a client without such a certificate fails the handshake (HTTP and gRPC, "
+        "health probes included). Null: clients present none.",
+    )
+
+    @field_validator("cert_file", "key_file", "client_ca_file")
+    @classmethod
+    def _files(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _readable(value, info)
+
+
 class IngressConfig(_Strict):
-    """The HTTP (and later gRPC) front door."""
+    """The HTTP and gRPC front door."""
 
     host: str = Field("0.0.0.0", description="Address the HTTP proxy binds.")
     http_port: int = Field(8000, ge=1, le=65535, description="KServe v2 / TF-Serving REST port.")
@@ -269,6 +383,16 @@ class IngressConfig(_Strict):
         "every route to anyone who asks and are no part of the inference API.",
     )
     limits: IngressLimits = Field(default_factory=IngressLimits)
+    auth: IngressAuth | None = Field(
+        None,
+        description="Bearer-token authentication on both ports; null (the default): none, "
+        "any client that reaches the ports may infer.",
+    )
+    tls: IngressTls | None = Field(
+        None,
+        description="TLS (and optionally mutual TLS) on both ports; null (the default): "
+        "plain HTTP and insecure gRPC.",
+    )
 
 
 class TransportConfig(_Strict):
@@ -453,17 +577,19 @@ def _describe(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: object, source: str = "<dict>") -> ServiceConfig:
-    """Validate already-parsed YAML/JSON data; raise ConfigError naming each bad field."""
+def parse_config(data: object, source: str = "<dict>", check_files: bool = True) -> ServiceConfig:
+    """Validate already-parsed YAML/JSON data; raise ConfigError naming each bad field.
+    ``check_files``: the token, certificate and key files must be readable here (False
+    where the config is only passed on to the machines that run it)."""
     try:
-        return ServiceConfig.model_validate(data)
+        return ServiceConfig.model_validate(data, context={CHECK_FILES: check_files})
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from exc
 
 
-def load_config(path: str | Path) -> ServiceConfig:
-    """Read and validate a YAML config file; relative store and custom op library paths
-    resolve from the file."""
+def load_config(path: str | Path, check_files: bool = True) -> ServiceConfig:
+    """Read and validate a YAML config file; relative store, custom op library, token and
+    certificate paths resolve from the file."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -471,11 +597,30 @@ def load_config(path: str | Path) -> ServiceConfig:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
-    return parse_config(_resolve_stores(data, path.parent), str(path))
+    return parse_config(_resolve_stores(data, path.parent), str(path), check_files)
+
+
+#: The ingress's file fields: (section, field), resolved from the config file like stores.
+_INGRESS_FILES = (
+    ("auth", "token_file"),
+    ("tls", "cert_file"),
+    ("tls", "key_file"),
+    ("tls", "client_ca_file"),
+)
+
+
+def _resolve_ingress_files(data: dict[str, object], base: Path) -> None:
+    ingress = data.get("ingress")
+    for section, name in _INGRESS_FILES:
+        part = ingress.get(section) if isinstance(ingress, dict) else None
+        if isinstance(part, dict) and isinstance(part.get(name), str):
+            part[name] = _absolute_store(part[name], base)
 
 
 def _resolve_stores(data: object, base: Path) -> object:
-    """Make relative local store and library paths absolute, so replicas on any cwd find them."""
+    """Make relative local paths absolute, so replicas on any cwd find them."""
+    if isinstance(data, dict):
+        _resolve_ingress_files(data, base)
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
         return data
     for model in data["models"]:

@@ -28,6 +28,7 @@ class GrpcCode(enum.IntEnum):
     FAILED_PRECONDITION = 9
     INTERNAL = 13
     UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
 
 
 class MpsServeError(Exception):
@@ -80,6 +81,14 @@ class Overloaded(MpsServeError):
     http_status = 503
     grpc_code = GrpcCode.UNAVAILABLE
     retry_after = True
+
+
+class Unauthenticated(MpsServeError):
+    """The request carries no bearer token, or one the ingress does not accept (unknown,
+    revoked or past its ``not_after``). HTTP answers carry ``WWW-Authenticate: Bearer``."""
+
+    http_status = 401
+    grpc_code = GrpcCode.UNAUTHENTICATED
 
 
 class ModelNotFound(MpsServeError):

@@ -133,7 +133,7 @@ def deployed_config(app_name: str) -> ServiceConfig | None:
     if not deployed:
         return None
     return service_config_from_serve(
-        {"applications": [deployed]}, f"the deployed application {app_name!r}"
+        {"applications": [deployed]}, f"the deployed application {app_name!r}", check_files=False
     )
 
 

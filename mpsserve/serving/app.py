@@ -145,10 +145,12 @@ def app_builder(args: dict[str, Any]) -> Application:
     ``cluster_cpus`` default to what the Ray cluster has when the app is built."""
     if ("config" in args) == ("config_file" in args):
         raise ConfigError("the application's args need exactly one of 'config', 'config_file'")
+    # Built on any node of the cluster: the token and certificate files are checked by the
+    # ingress replicas, where they are used.
     if "config_file" in args:
-        config = load_config(args["config_file"])
+        config = load_config(args["config_file"], check_files=False)
     else:
-        config = parse_config(args["config"], "the application's args")
+        config = parse_config(args["config"], "the application's args", check_files=False)
     gpus, cpus = args.get("cluster_gpus"), args.get("cluster_cpus")
     if gpus is None or cpus is None:
         import ray
@@ -195,8 +197,11 @@ def serve_config(config: ServiceConfig) -> dict[str, Any]:
     return {**serve_options(config), "applications": [application_schema(config)]}
 
 
-def service_config_from_serve(data: dict[str, Any], source: str) -> ServiceConfig:
-    """The mpsserve service config inside a Serve config file (its mpsserve application)."""
+def service_config_from_serve(
+    data: dict[str, Any], source: str, check_files: bool = True
+) -> ServiceConfig:
+    """The mpsserve service config inside a Serve config file (its mpsserve application);
+    ``check_files`` as for ``parse_config``."""
     apps = [a for a in data.get("applications") or [] if a.get("import_path") == APP_BUILDER]
     if len(apps) != 1:
         raise ConfigError(
@@ -206,7 +211,7 @@ def service_config_from_serve(data: dict[str, Any], source: str) -> ServiceConfi
     app = apps[0]
     args = app.get("args") or {}
     if "config_file" in args:
-        return load_config(args["config_file"])
+        return load_config(args["config_file"], check_files)
     body = dict(args.get("config") or {})
     policies = {
         d["name"].removeprefix("model-"): d["user_config"]["version_policy"]
@@ -217,7 +222,7 @@ def service_config_from_serve(data: dict[str, Any], source: str) -> ServiceConfi
         {**m, "version_policy": policies[m["name"]]} if m.get("name") in policies else m
         for m in body.get("models") or []
     ]
-    return parse_config(body, source)
+    return parse_config(body, source, check_files)
 
 
 def deploy(

@@ -11,7 +11,7 @@ CLI) must not collide with it.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,21 +158,36 @@ def server_options(limits: GrpcLimits) -> list[tuple[str, int]]:
     return options
 
 
-async def start_grpc_server(dataplane: DataPlane, host: str, port: int, limits: GrpcLimits) -> Any:
+async def start_grpc_server(
+    dataplane: DataPlane,
+    host: str,
+    port: int,
+    limits: GrpcLimits,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> Any:
     """A started grpc.aio server for KServe v2 on ``host:port`` (SO_REUSEPORT, so every
     ingress replica on the node shares the port). Inference past the data plane's in-flight
     bound is refused with UNAVAILABLE (``DataPlane.admission``); grpc's own RPC cap, a little
-    higher so health RPCs still pass, answers RESOURCE_EXHAUSTED."""
+    higher so health RPCs still pass, answers RESOURCE_EXHAUSTED. ``credentials``: TLS
+    (``auth.grpc_server_credentials``), else an insecure port; ``interceptors``: the token
+    check when ``ingress.auth`` is on (none otherwise: nothing runs per call)."""
     from mpsserve.protocol import grpc_service_pb2_grpc
 
     server = grpc.aio.server(
-        options=server_options(limits), maximum_concurrent_rpcs=limits.max_concurrent_rpcs
+        options=server_options(limits),
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+        interceptors=list(interceptors) or None,
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         _Servicer(GrpcAdapter(dataplane)), server
     )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if server.add_insecure_port(address) == 0:
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
+    if bound == 0:
         raise OSError(f"gRPC cannot bind {address}")
     await server.start()
     return server

@@ -14,7 +14,9 @@ file descriptors. This subclass adds, per connection:
   routes themselves refuse at ``max_request_mb`` with their own accounting);
 - a connection cap: over it a new connection is answered 503 + Retry-After and closed;
 - a connection whose response went out before its body was read is closed, so the rest of
-  a refused 1 GiB upload is not received.
+  a refused 1 GiB upload is not received;
+- with ``ingress.auth``, the bearer token checked as soon as the headers are complete: a
+  request without an accepted one gets 401 before any route runs or any body is read.
 
 Refusals are written straight to the transport (no app runs) with the JSON error body every
 other error has; statuses and messages come from the error tree (``errors.to_status``).
@@ -26,7 +28,7 @@ import asyncio
 import http
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -40,6 +42,9 @@ from mpsserve.errors import (
     to_status,
 )
 from mpsserve.protocol.kserve import encode_error
+
+if TYPE_CHECKING:
+    from mpsserve.serving.auth import Authenticator
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +68,17 @@ class GuardLimits:
     retry_after_s: int
 
 
-def guarded_protocol(limits: GuardLimits) -> type[GuardedHttpProtocol]:
-    """A protocol class for ``uvicorn.Config(http=...)`` bound to ``limits``."""
-    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": limits})
+def guarded_protocol(
+    limits: GuardLimits, auth: Authenticator | None = None
+) -> type[GuardedHttpProtocol]:
+    """A protocol class for ``uvicorn.Config(http=...)`` bound to ``limits`` (and to
+    ``auth``: None, no token is asked for)."""
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": limits, "auth": auth})
 
 
-def refusal(exc: MpsServeError, retry_after_s: int | None = None) -> bytes:
+def refusal(
+    exc: MpsServeError, retry_after_s: int | None = None, challenge: str | None = None
+) -> bytes:
     """A complete HTTP/1.1 response refusing the request, closing the connection."""
     status, _, message = to_status(exc)
     body = encode_error(message)
@@ -80,11 +90,14 @@ def refusal(exc: MpsServeError, retry_after_s: int | None = None) -> bytes:
     ]
     if retry_after_s is not None:
         lines.append(f"retry-after: {retry_after_s}")
+    if challenge is not None:
+        lines.append(f"www-authenticate: {challenge}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
     limits: ClassVar[GuardLimits]
+    auth: ClassVar[Authenticator | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -153,9 +166,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._parsed_bytes > self.limits.max_header_bytes:
             self._refuse(self._headers_too_large())
             return
+        if self.auth is not None and not self._authenticated(self.auth):
+            return
         self._phase = "body"
         self._arm(self.limits.body_idle_timeout_s, self._body_timeout)
         super().on_headers_complete()
+
+    def _authenticated(self, auth: Authenticator) -> bool:
+        """Whether the request carries an accepted token; if not it is refused here, so no
+        route runs and its body is dropped unread (the connection closes after the 401)."""
+        exc = auth.check_http(self.url.split(b"?", 1)[0], self.headers)
+        if exc is None:
+            return True
+        self._refuse(exc, challenge=auth.challenge(exc))
+        return False
 
     def on_body(self, body: bytes) -> None:
         if self._phase == "closed":
@@ -211,15 +235,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._timer = None
 
     def _refuse(
-        self, exc: MpsServeError, retry_after_s: int | None = None, linger: bool = True
+        self,
+        exc: MpsServeError,
+        retry_after_s: int | None = None,
+        linger: bool = True,
+        challenge: str | None = None,
     ) -> None:
         """Answer ``exc`` (unless a response has begun) and close the connection."""
         self._disarm()
         self._phase = "closed"
         if self.transport.is_closing():
             return
-        if self.cycle is None or not self.cycle.response_started:
-            self.transport.write(refusal(exc, retry_after_s))
+        if self._may_answer():
+            self.transport.write(refusal(exc, retry_after_s, challenge))
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.disconnected = True  # the route's own answer, if any, goes nowhere
             self.cycle.message_event.set()
@@ -227,6 +255,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._linger_close()
         else:  # nothing more is expected: the file descriptor goes back at once
             self.transport.close()
+
+    def _may_answer(self) -> bool:
+        """No response of this request has begun. ``cycle`` is still the previous request's
+        on a keep-alive connection until the headers are complete; its answer was sent."""
+        cycle = self.cycle
+        return cycle is None or cycle.response_complete or not cycle.response_started
 
     def _linger_close(self) -> None:
         """Close after a short drain: closing a socket with unread bytes in it sends a

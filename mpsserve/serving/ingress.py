@@ -26,8 +26,9 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from mpsserve.config import IngressConfig
+from mpsserve.config import CHECK_FILES, IngressConfig
 from mpsserve.dataplane import DataPlane
+from mpsserve.serving import auth as _auth
 from mpsserve.serving.directory import Registration
 from mpsserve.serving.grpc import GrpcLimits, start_grpc_server
 from mpsserve.serving.guard import GuardLimits, guarded_protocol
@@ -123,6 +124,7 @@ class Front:
         )
         self.file_limit = raise_file_limit()
         self.http_cap, self.grpc_cap = connection_caps(config, self.file_limit)
+        self.auth = self._authenticator()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self.loop.run_forever, name="ingress", daemon=True)
         self._poller = threading.Thread(target=self._poll, name="directory-poll", daemon=True)
@@ -142,12 +144,15 @@ class Front:
             log_config=None,  # uvicorn's dictConfig would close Serve's log handlers
             log_level="warning",
             access_log=False,
-            http=guarded_protocol(self._guard_limits()),
+            http=guarded_protocol(self._guard_limits(), self.auth),
             loop="none",
             timeout_keep_alive=math.ceil(limits.keepalive_timeout_s),
             # requests in flight at a redeploy may take up to their deadline to finish
             timeout_graceful_shutdown=math.ceil(self.config.request_timeout_s),
         )
+        if self.config.tls is not None:  # our context (TLS 1.2+, mTLS), not uvicorn's
+            http_config.load()
+            http_config.ssl = _auth.server_ssl_context(self.config.tls)
         self._http = uvicorn.Server(http_config)
         self._thread.start()
         self._poller.start()
@@ -155,9 +160,16 @@ class Front:
         self._registration = Registration(self.directory, self._entry)
         self._registration.start()
 
+        tls = self.config.tls
+
         async def serve() -> None:
             self._grpc = await start_grpc_server(
-                self.dataplane, self.config.host, self.config.grpc_port, self._grpc_limits()
+                self.dataplane,
+                self.config.host,
+                self.config.grpc_port,
+                self._grpc_limits(),
+                credentials=_auth.grpc_server_credentials(tls) if tls else None,
+                interceptors=[_auth.AuthInterceptor(self.auth)] if self.auth else [],
             )
             self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
 
@@ -174,6 +186,13 @@ class Front:
             self.file_limit,
             limits.max_in_flight_requests,
         )
+        logger.info("public ports: %s", _auth.describe(self.config.auth, self.config.tls))
+
+    def _authenticator(self) -> _auth.Authenticator | None:
+        """The token check, or None when ``ingress.auth`` is off (nothing then runs)."""
+        if self.config.auth is None:
+            return None
+        return _auth.Authenticator.of(self.config.auth, _auth.refused_now(self.dataplane.rejected))
 
     def _guard_limits(self) -> GuardLimits:
         limits = self.config.limits
@@ -334,7 +353,9 @@ class Ingress:
         ``transport``: the data ports' key and bounds (``serving.transport``)."""
         configure_replica_logging()
         spec = transport or TransportSpec(serve.get_replica_context().app_name)
-        self._front = Front(IngressConfig.model_validate(ingress), models, directory, spec)
+        # the token, certificate and key files must be readable where the ingress runs
+        config = IngressConfig.model_validate(ingress, context={CHECK_FILES: True})
+        self._front = Front(config, models, directory, spec)
         self._front.start()
 
     def check_health(self) -> None:
