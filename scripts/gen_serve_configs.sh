@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-NAMES=(local-cpu gpu-mps gpu-mps-host gpu-no-mps multi-model)
+NAMES=(local-cpu gpu-mps gpu-mps-host gpu-no-mps multi-model gpu-mps-k8s)
 shopt -s nullglob
 MANIFESTS=(deployments/k8s/*.yaml)
 

@@ -20,16 +20,23 @@ import pytest
 import yaml
 
 from mpsserve.cli import main
-from mpsserve.config import load_config
+from mpsserve.config import ServiceConfig
+from mpsserve.config import load_config as load_service
 from mpsserve.serving.app import APP_BUILDER, check_cpus, model_options, service_config_from_serve
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ["local-cpu", "gpu-mps", "gpu-mps-host", "gpu-no-mps", "multi-model"]
+SERVICES = ["local-cpu", "gpu-mps", "gpu-mps-host", "gpu-no-mps", "multi-model", "gpu-mps-k8s"]
 MANIFESTS = sorted((ROOT / "deployments" / "k8s").glob("rayservice-*.yaml"))
 BLOCK = re.compile(
     r"^(?P<indent> *)# BEGIN serve config: (?P<src>\S+).*?\n(?P<body>.*?)^(?P=indent)# END",
     re.M | re.S,
 )
+
+
+def load_config(path: Path) -> ServiceConfig:
+    """A service YAML as the generator reads it: the token and certificate files it names
+    (mounted Secrets on the cluster) are not looked for here."""
+    return load_service(path, check_files=False)
 
 
 def serve_file(name: str) -> Path:
@@ -71,7 +78,7 @@ def test_serve_config_validates_and_holds_its_service(name: str) -> None:
     (app,) = schema.applications
     assert app.import_path == APP_BUILDER
     assert set(app.args) == {"config"}  # inline: nothing to find on the cluster's disks
-    back = service_config_from_serve(data, name)
+    back = service_config_from_serve(data, name, check_files=False)
     assert back == load_config(ROOT / "deployments" / f"{name}.yaml")
 
 
@@ -228,13 +235,19 @@ def test_rayservice_structure(path: Path) -> None:
     }
     # Serve's proxy is off, so not KubeRay's probe of it (/-/healthz) but the ingress's own.
     probe = container["readinessProbe"]["httpGet"]
-    assert probe == {"path": "/v2/health/ready", "port": "serve"}
+    assert probe == {"path": "/v2/health/ready", "port": "serve", "scheme": "HTTPS"}
     assert f'"{probe["path"]}"' in (ROOT / "mpsserve" / "serving" / "http.py").read_text()
     env = {e["name"]: e["value"] for e in container["env"]}
     mps = load_config(ROOT / "deployments" / "gpu-mps.yaml").mps
     assert env["CUDA_MPS_PIPE_DIRECTORY"] == mps.pipe_dir
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "/models" in mounts  # deployments/gpu-mps.yaml's store
+    (block,) = BLOCK.finditer(path.read_text())
+    ingress = load_config(ROOT / "deployments" / Path(block["src"]).name).ingress
+    assert ingress.auth is not None and ingress.tls is not None  # the secure setup
+    assert ingress.auth.exempt_health  # the probe above carries no token
+    for name in (ingress.auth.token_file, ingress.tls.cert_file, ingress.tls.key_file):
+        assert str(Path(str(name)).parent) in mounts, name
     assert docs["Service"]["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
 
 
