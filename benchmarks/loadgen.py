@@ -2,6 +2,8 @@
 
     python -m benchmarks.loadgen --url http://127.0.0.1:8000 --concurrency 8,16,32 --label mps
     python -m benchmarks.loadgen --grpc 127.0.0.1:9000 --concurrency 8,16,32 --label mps
+    python -m benchmarks.loadgen --url https://127.0.0.1:8000 --token-file TOKENS --ca-file CA.pem \\
+        [--cert-file CLIENT.pem --key-file CLIENT.key]   # ingress.auth / ingress.tls on
 
 ``--processes`` client processes (multiprocessing spawn) each run an asyncio loop; a step of
 concurrency C gives process i ``C // P`` workers (plus one for the first ``C % P``). A worker
@@ -50,6 +52,7 @@ import resource
 import shlex
 import signal
 import socket
+import ssl
 import statistics
 import sys
 import threading
@@ -116,6 +119,31 @@ class ClientConfig:
     table_rows: int
     requests: int
     timeout_s: float
+    token: str | None = None  # sent as "Authorization: Bearer ..." (ingress.auth)
+    ca_file: str | None = None  # TLS: the CA of the server's certificate (ingress.tls)
+    cert_file: str | None = None  # mutual TLS: this client's certificate and key
+    key_file: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The HTTPS client context, for an https:// URL."""
+        if not self.target.startswith("https://"):
+            return None
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+def read_token(path: str) -> str:
+    """The first token of a token file (the server's format: comments and not_after allowed)."""
+    for line in Path(path).read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if fields:
+            return fields[0]
+    raise SystemExit(f"{path} holds no token")
 
 
 @dataclass(frozen=True)
@@ -205,15 +233,18 @@ class HttpTarget:
         self.rows = config.rows
         self.timeout_s = config.timeout_s
         self.session: Any = None
+        self.ssl = config.ssl_context()
+        self.auth = {"Authorization": f"Bearer {config.token}"} if config.token else {}
 
     def prepare(self, request: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
-        return http_body(request)
+        body, headers = http_body(request)
+        return body, {**headers, **self.auth}
 
     async def open(self) -> None:
         import aiohttp
 
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
+            connector=aiohttp.TCPConnector(limit=0, ssl=self.ssl if self.ssl else True),
             timeout=aiohttp.ClientTimeout(total=self.timeout_s),
         )
 
@@ -247,6 +278,17 @@ class GrpcTarget:
         self.timeout_s = config.timeout_s
         self.channel: Any = None
         self.stub: Any = None
+        self.config = config
+
+    def credentials(self) -> Any:
+        """TLS channel credentials when a CA or client certificate is given, else None."""
+        config = self.config
+        if not (config.ca_file or config.cert_file):
+            return None
+        read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+        return self.grpc.ssl_channel_credentials(
+            read(config.ca_file), read(config.key_file), read(config.cert_file)
+        )
 
     def prepare(self, request: dict[str, np.ndarray]) -> Any:
         message = self.pb.ModelInferRequest(model_name=self.model)
@@ -260,12 +302,18 @@ class GrpcTarget:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
-        self.channel = self.grpc.aio.insecure_channel(self.address, options=options)
+        credentials = self.credentials()
+        if credentials is None:
+            self.channel = self.grpc.aio.insecure_channel(self.address, options=options)
+        else:
+            self.channel = self.grpc.aio.secure_channel(self.address, credentials, options=options)
         self.stub = self.pb_grpc.GRPCInferenceServiceStub(self.channel)
 
     async def send(self, body: Any) -> str | None:
         try:
-            reply = await self.stub.ModelInfer(body, timeout=self.timeout_s)
+            reply = await self.stub.ModelInfer(
+                body, timeout=self.timeout_s, metadata=self.config.metadata()
+            )
         except self.grpc.aio.AioRpcError as exc:
             return f"gRPC {exc.code().name}: {exc.details()}"
         if not reply.raw_output_contents:
@@ -809,6 +857,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="regex on /proc/<pid>/cmdline of the server processes (CPU accounting)",
     )
     p.add_argument("--timeout-s", type=positive(float), default=60.0, help="per request")
+    p.add_argument("--token-file", help="ingress.auth: send the first token of this file")
+    p.add_argument("--ca-file", help="ingress.tls: the CA of the server's certificate")
+    p.add_argument("--cert-file", help="mutual TLS: this client's certificate (PEM)")
+    p.add_argument("--key-file", help="mutual TLS: this client's key (PEM)")
     args = p.parse_args(argv)
     if args.warmup_s < 0:
         p.error("--warmup-s must be >= 0")
@@ -829,6 +881,10 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         table_rows=args.table_rows,
         requests=args.requests,
         timeout_s=args.timeout_s,
+        token=read_token(args.token_file) if args.token_file else None,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
     )
 
 

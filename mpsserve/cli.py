@@ -191,26 +191,21 @@ def _write_request(config: ServiceConfig, model: str, rows: int) -> Path:
     return path
 
 
-def _try_it(config: ServiceConfig, base: str, request: Path, model: str) -> str:
-    """The curl command of the banner, with the flags auth and TLS need."""
-    flags = ["-s", "-H 'Content-Type: application/json'"]
+def _curl_flags(config: ServiceConfig) -> tuple[str, str]:
+    """The banner's curl flags for auth and TLS, and a note on what to put in them."""
     auth, tls = config.ingress.auth, config.ingress.tls
+    flags, notes = [], []
     if auth is not None:
         flags.append('-H "Authorization: Bearer $TOKEN"')
+        notes.append(f"TOKEN: a token of {auth.token_file or '$' + str(auth.token_env)}")
     if tls is not None:
         flags.append("--cacert CA.pem")
+        notes.append("CA.pem: the CA of the server's certificate")
         if tls.client_ca_file is not None:
             flags.append("--cert client.pem --key client.key")
-    line = f"  curl {' '.join(flags)} --data @{request} \\\n    {base}/v2/models/{model}/infer"
-    notes = []
-    if auth is not None:
-        source = auth.token_file or f"${auth.token_env}"
-        notes.append(f"  (TOKEN: a token of {source}")
-    if tls is not None:
-        notes.append(
-            ("," if notes else "  (") + " CA.pem: the CA that signed the server's certificate"
-        )
-    return line + ("\n" + "".join(notes) + ")" if notes else "")
+            notes.append(f"client.pem: a certificate signed by {tls.client_ca_file}")
+    note = f"  ({'; '.join(notes)})\n" if notes else ""
+    return "".join(f" {flag}" for flag in flags), note
 
 
 def _print_endpoints(config: ServiceConfig, request: Path, rows: int, dashboard: str) -> None:
@@ -220,6 +215,7 @@ def _print_endpoints(config: ServiceConfig, request: Path, rows: int, dashboard:
 
     port, model = config.ingress.http_port, config.models[0].name
     scheme = "https" if config.ingress.tls else "http"
+    flags, note = _curl_flags(config)
     base = f"{scheme}://127.0.0.1:{port}"
     show = (
         "import json,sys; o=json.load(sys.stdin)['outputs'][0]; "
@@ -238,7 +234,8 @@ def _print_endpoints(config: ServiceConfig, request: Path, rows: int, dashboard:
         f"  Ray address:      {ray.get_runtime_context().gcs_address}"
         f"  (mpsserve deploy --address ... applies a changed config)\n\n"
         f"Try it: a {rows}-row request written from the model's signature to {request}:\n"
-        f'{_try_it(config, base, request, model)} | python3 -c "{show}"\n\n'
+        f"  curl -s -H 'Content-Type: application/json'{flags} --data @{request} \\\n"
+        f'    {base}/v2/models/{model}/infer | python3 -c "{show}"\n{note}\n'
         f"Ctrl-C stops the service and the local Ray.\n{'=' * 78}",
         flush=True,
     )

@@ -134,6 +134,7 @@ class Service:
         (cwd / "service.yaml").write_text(yaml.safe_dump(config))
         self.http_port = int(config["ingress"]["http_port"])
         self.address = ""
+        self.banner = ""  # what it printed up to "Ctrl-C stops"
         self.output = ""
         self.returncode: int | None = None  # once stopped: 0 is a clean Ctrl-C
         self._proc: subprocess.Popen[str] | None = None
@@ -156,6 +157,7 @@ class Service:
         except BaseException:
             self.__exit__(None, None, None)
             raise
+        self.banner = banner
         found = re.search(r"Ray address:\s+(\S+)", banner)
         self.address = found.group(1) if found else ""
         return self

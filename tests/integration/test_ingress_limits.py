@@ -35,12 +35,12 @@ GOOD_BODY = encode_json_request(make_request(SMALL, rows=8, seed=3))
 RSS_BUDGET_MB = 200  # growth of any ingress process allowed during one abuse case
 
 
-def ingress_pids() -> list[int]:
+def ingress_pids(port: int = HTTP_PORT) -> list[int]:
     """Processes listening on the HTTP port (the ingress replicas, SO_REUSEPORT)."""
     inodes = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        if fields[1].endswith(f":{HTTP_PORT:04X}") and fields[3] == "0A":
+        if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
             inodes.add(f"socket:[{fields[9]}]")
     pids = []
     for proc in Path("/proc").iterdir():
