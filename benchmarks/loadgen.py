@@ -2,8 +2,8 @@
 
     python -m benchmarks.loadgen --url http://127.0.0.1:8000 --concurrency 8,16,32 --label mps
     python -m benchmarks.loadgen --grpc 127.0.0.1:9000 --concurrency 8,16,32 --label mps
-    python -m benchmarks.loadgen --url https://127.0.0.1:8000 --token-file TOKENS --ca-file CA.pem \\
-        [--cert-file CLIENT.pem --key-file CLIENT.key]   # ingress.auth / ingress.tls on
+    python -m benchmarks.loadgen --url https://127.0.0.1:8000 --token-file TOKENS --ca-file CA.pem
+        [--cert-file CLIENT.pem --key-file CLIENT.key]   # with ingress.auth / ingress.tls on
 
 ``--processes`` client processes (multiprocessing spawn) each run an asyncio loop; a step of
 concurrency C gives process i ``C // P`` workers (plus one for the first ``C % P``). A worker
