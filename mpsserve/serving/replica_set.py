@@ -3,8 +3,8 @@
 Serve's controller owns the replica set: it starts, health-checks, drains and replaces
 replicas, and pushes the running ones (with the metadata each published through
 ``ModelReplica.record_replica_metadata``: data-port host and port, pid, node) over its long
-poll to every deployment handle's request router. ``PublishingRouter`` is the model
-deployments' request router class (``RequestRouterConfig``): Serve's own power-of-two policy
+poll to every deployment handle's request router. ``request_router.PublishingRouter`` is the
+model deployments' request router class (``RequestRouterConfig``): Serve's own power-of-two policy
 for the calls that do go through a handle (``broadcast`` for ``mpsserve status``, tools),
 and, each time Serve updates its replica set, a copy of that set handed to this process's
 listeners. The ingress subscribes (``subscribe``) and routes its frames itself over that
@@ -35,7 +35,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.handle import DeploymentHandle
 from ray.serve.request_router import RunningReplica
 
@@ -44,7 +43,7 @@ logger = logging.getLogger(__name__)
 #: What a listener gets: one entry per running replica, ``key`` (Serve's replica id) and the
 #: replica's published metadata (``model``, ``host``, ``port``, ``pid``, ``node``).
 Listener = Callable[[list[dict[str, Any]]], None]
-ROUTER_CLASS = "mpsserve.serving.replica_set:PublishingRouter"
+ROUTER_CLASS = "mpsserve.serving.request_router.PublishingRouter"
 
 _lock = threading.Lock()
 _listeners: dict[tuple[str, str], list[Listener]] = {}
@@ -70,15 +69,6 @@ def publish(deployment: tuple[str, str], fresh: list[dict[str, Any]]) -> None:
             listener(fresh)
         except Exception:  # a listener's bug must not stop Serve's router
             logger.exception("a replica-set listener failed")
-
-
-class PublishingRouter(PowerOfTwoChoicesRequestRouter):
-    """Serve's power-of-two router that also publishes every replica-set update."""
-
-    def update_replicas(self, replicas: list[RunningReplica]) -> None:
-        super().update_replicas(replicas)
-        deployment = (self._deployment_id.app_name, self._deployment_id.name)
-        publish(deployment, entries(replicas))
 
 
 def subscribe(handle: DeploymentHandle, listener: Listener) -> None:
