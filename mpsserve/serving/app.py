@@ -48,7 +48,9 @@ def model_options(
         # frames of all ingresses together (replica_server).
         "max_ongoing_requests": placement.max_ongoing_requests,
         # Serve's policy for handle calls, and the replica set's feed to the ingresses.
-        "request_router_config": RequestRouterConfig(request_router_class=ROUTER_CLASS),
+        "request_router_config": RequestRouterConfig(
+            request_router_class=ROUTER_CLASS  # type: ignore[arg-type]  # a path is accepted
+        ),
         "health_check_period_s": placement.health_check_period_s,
         "health_check_timeout_s": placement.health_check_timeout_s,
     }
