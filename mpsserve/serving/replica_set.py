@@ -14,11 +14,15 @@ that could disagree with Serve's (a replica Serve stops leaves the set in one pu
 Why not ``handle.choose_replica()`` per request: it reserves a slot on the replica actor
 (global, enforced by the actor's semaphore), but that is a ``reserve_slot`` and a
 ``release_slot`` actor call per request plus Serve's router loop on another thread; measured
-with ``benchmarks/replica_choice.py`` on a 2-core CPU machine (4 replicas):
+with ``python -m benchmarks.replica_choice`` (4 replicas, median of 3 rounds, 2026-12-01, a
+2-core CPU machine shared with other test runs, load ~5: absolute figures are high, the
+ratios are the point):
 
-    choose_replica(), reserving (pow-2)         ~1600 us per request
-    choose_replica(), pick only (_reserve=False)  ~290 us
-    replica set from Serve + LeastLoaded.pick        ~2 us
+    choose_replica(), reserving (pow-2)            11650 us per request
+    choose_replica(), pick only (_reserve=False)    1250 us
+    replica set from Serve + LeastLoaded (_pick)     5.8 us
+
+A custom request router class run through ``choose_replica`` pays the same calls and hops.
 
 The in-flight bound across ingresses is kept where the frames meet instead: the replica's
 data port (``replica_server``) answers a frame past ``max_ongoing_requests`` with
