@@ -1,9 +1,11 @@
 """``mpsserve status``: one screen for an operator, read from the running cluster.
 
-Applications and deployments come from Ray Serve; the replicas and ingresses from the
-directory (where each registers); each model replica answers a ``metadata`` frame on its
-data port (served version, GPU, MPS attach state, its node's MPS daemon as the guardian saw
-it); traffic is each ingress's last 60 seconds.
+Everything comes from Ray Serve: applications and deployments from ``serve.status()``; every
+running model replica answers ``metadata`` and every ingress ``entry`` through Serve's
+``broadcast`` (an actor call to each replica Serve runs: served version, GPU, MPS attach
+state, its node's MPS daemon as the guardian saw it, its in-flight peak; for an ingress where
+it listens and its last 60 seconds of traffic). A replica that does not answer shows as a row
+with its error.
 
 Versions: replicas of one model that answer with different versions are a split. A split is
 normal for a moment (a new version reaches each replica at its own next poll), so it is a
@@ -18,10 +20,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from mpsserve.protocol.handshake import Keyring
-from mpsserve.serving import transport
-from mpsserve.serving.router import call_replica
-
+MODEL_PREFIX = "model-"  # the model deployments' names (``serving.app``)
 #: A GPU fault's hit clients still there after this make the report unhealthy.
 LINGER_S = 30.0
 
@@ -52,12 +51,15 @@ def gather(app_name: str, timeout_s: float = 5.0) -> dict[str, Any]:
         report["verdict"] = f"PROBLEM: no application {app_name!r} is deployed"
         report["ok"] = False
         return report
-    directory = serve.get_deployment_handle("directory", app_name=app_name)
-    entries = directory.endpoints.remote().result(timeout_s=timeout_s * 2)
-    report["ingresses"] = [e for e in entries if e.get("kind") == "ingress"]
-    keys = transport.load(app_name)  # the data ports answer only holders of the app's key
+    deployments = applications[app_name]["deployments"]
+    report["ingresses"] = [
+        e for e in _broadcast(app_name, "ingress", "entry", timeout_s) if "error" not in e
+    ]
     report["replicas"] = [
-        _replica(e, keys, timeout_s) for e in entries if e.get("kind", "model") == "model"
+        _replica(answer, name.removeprefix(MODEL_PREFIX))
+        for name in sorted(deployments)
+        if name.startswith(MODEL_PREFIX)
+        for answer in _broadcast(app_name, name, "metadata", timeout_s)
     ]
     report["traffic"] = _traffic(report["ingresses"])
     report["mps_nodes"] = _nodes(report["replicas"])
@@ -72,15 +74,29 @@ STORE_FIELDS = ("policy", "swaps", "failed", "serving_since", "converge_within_s
 DEFAULT_CONVERGE_S = 120.0
 
 
-def _replica(entry: dict[str, Any], keys: Keyring, timeout_s: float) -> dict[str, Any]:
-    row = {k: entry.get(k) for k in ("model", "node", "host", "port", "pid")}
+def _broadcast(app_name: str, deployment: str, method: str, timeout_s: float) -> list[Any]:
+    """``method``'s answer from every running replica of ``deployment``; a replica that does
+    not answer in time is ``{"error": ...}`` (what the screen is for)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name=app_name)
     try:
-        metadata = call_replica(entry["host"], entry["port"], {"op": "metadata"}, keys, timeout_s)
-        metadata = metadata["metadata"]
-    except Exception as exc:  # a replica that does not answer is what the screen is for
-        return {**row, "error": f"{type(exc).__name__}: {exc}"}
+        answers = handle.broadcast(method).results(timeout_s=timeout_s, return_exceptions=True)
+    except TimeoutError as exc:
+        return [{"error": f"no answer from {deployment} within {timeout_s:g}s: {exc}"}]
+    return [
+        {"error": f"{type(a).__name__}: {str(a)[:300]}"} if isinstance(a, BaseException) else a
+        for a in answers
+    ]
+
+
+def _replica(metadata: dict[str, Any], model: str) -> dict[str, Any]:
+    row = {"model": model, **{k: metadata.get(k) for k in ("node", "host", "data_port", "pid")}}
+    if "error" in metadata:
+        return {**row, "pid": 0, "error": metadata["error"]}
     return {
         **row,
+        "in_flight": metadata.get("in_flight"),
         "versions": metadata.get("versions", []),
         "device": metadata.get("device"),
         "gpus": metadata.get("gpus", []),
@@ -206,7 +222,7 @@ def _verdict(report: dict[str, Any]) -> tuple[bool, str]:
     version_problems, notes = _version_findings(report.get("models") or {})
     problems = _health_problems(report) + version_problems
     if len(report["ingresses"]) == 1:
-        notes.insert(0, "1 ingress registered: a single point of failure")
+        notes.insert(0, "1 ingress answers: a single point of failure")
     notes += _graph_notes(report["replicas"])
     tail = "".join(f"; {note}" for note in notes)
     if problems:
@@ -244,7 +260,7 @@ def _health_problems(report: dict[str, Any]) -> list[str]:
                     "exited; the MPS server takes no new client until they do"
                 )
     if not report["ingresses"]:
-        problems.append("no ingress is registered")
+        problems.append("no ingress answers")
     return problems
 
 

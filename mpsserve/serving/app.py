@@ -7,19 +7,19 @@ from collections.abc import Callable
 from typing import Any
 
 from ray.serve import Application, Deployment
+from ray.serve.config import RequestRouterConfig
 
 from mpsserve.config import ModelConfig, MpsConfig, ServiceConfig, load_config, parse_config
 from mpsserve.errors import ConfigError, DeadlineExceeded, ModelLoadError, ModelNotReady
 from mpsserve.mps.hook import replica_runtime_env
-from mpsserve.serving import directory as _directory
 from mpsserve.serving import ingress as _ingress
 from mpsserve.serving import model as _model
 from mpsserve.serving import transport as _transport
+from mpsserve.serving.replica_set import ROUTER_CLASS
 
 # serve.deployment turns the classes into Deployments; their stubs do not say so.
 ModelReplica: Deployment = _model.ModelReplica  # type: ignore[assignment]
 Ingress: Deployment = _ingress.Ingress  # type: ignore[assignment]
-Directory: Deployment = _directory.Directory  # type: ignore[assignment]
 
 
 #: glibc malloc settings for every replica process. Each request allocates ~1 MB buffers
@@ -44,7 +44,13 @@ def model_options(
     unless ``mps.mode`` is off), or CPU replicas when the cluster has no GPU."""
     placement = model.placement
     common = {
+        # Serve's own bound (handle calls); the data port enforces the same number for the
+        # frames of all ingresses together (replica_server).
         "max_ongoing_requests": placement.max_ongoing_requests,
+        # Serve's policy for handle calls, and the replica set's feed to the ingresses.
+        "request_router_config": RequestRouterConfig(
+            request_router_class=ROUTER_CLASS  # type: ignore[arg-type]  # a path is accepted
+        ),
         "health_check_period_s": placement.health_check_period_s,
         "health_check_timeout_s": placement.health_check_timeout_s,
     }
@@ -96,22 +102,21 @@ def check_cpus(config: ServiceConfig, options: dict[str, dict[str, Any]], cpus: 
 
 
 def build_app(config: ServiceConfig, cluster_gpus: int, cluster_cpus: float) -> Application:
-    """One model deployment per model and the ingress, which finds the model replicas'
-    data ports through the directory."""
+    """One model deployment per model and the ingress, which learns the model replicas'
+    data ports from Serve's replica set of each (``serving.replica_set``)."""
     check_mps_mode(config, cluster_gpus)
     options = {m.name: model_options(m, cluster_gpus, config.mps) for m in config.models}
     check_cpus(config, options, cluster_cpus)
     _transport.rotate(config.ray.app_name)  # each build a new data-port key (see transport)
     transport = _transport.TransportSpec.of(config)
-    directory = Directory.bind()
-    models = [
-        ModelReplica.options(
+    models = {
+        m.name: ModelReplica.options(
             name=f"model-{m.name}",
             user_config={"version_policy": m.version_policy.model_dump(mode="json")},
             **options[m.name],
-        ).bind(m.model_dump(mode="json", exclude={"version_policy"}), directory, transport)
+        ).bind(m.model_dump(mode="json", exclude={"version_policy"}), transport)
         for m in config.models
-    ]
+    }
     ingress = Ingress.options(
         num_replicas=config.ingress.replicas,
         # Time for requests in flight to finish when Serve replaces an ingress replica.
@@ -122,11 +127,7 @@ def build_app(config: ServiceConfig, cluster_gpus: int, cluster_cpus: float) -> 
         },
     )
     limits = {m.name: m.placement.max_ongoing_requests for m in config.models}
-    # The model deployments are not arguments of the ingress (it reaches their replicas
-    # through the directory); binding them to it keeps them in the application.
-    return ingress.bind(
-        directory, limits, config.ingress.model_dump(mode="json"), models, transport
-    )
+    return ingress.bind(limits, config.ingress.model_dump(mode="json"), models, transport)
 
 
 def serve_options(config: ServiceConfig) -> dict[str, Any]:
@@ -266,16 +267,20 @@ def deploy(
 
 
 def wait_routable(config: ServiceConfig, timeout_s: float = 60.0) -> None:
-    """Wait until an ingress routes to a replica of every model: replicas register their
-    data ports once loaded and ingresses read the directory every second, so a just-RUNNING
-    application can take a moment more to take requests."""
+    """Wait until every ingress routes to a replica of every model: Serve pushes the
+    replica set to each ingress over its long poll, so a just-RUNNING application can take
+    a moment more to take requests."""
     from ray import serve
 
     handle = serve.get_deployment_handle("ingress", app_name=config.ray.app_name)
     wanted = {m.name for m in config.models}
     deadline = time.monotonic() + max(timeout_s, 1.0)
     while True:
-        routed = {e["model"] for e in handle.describe.remote().result()["endpoints"]}
+        views = handle.broadcast("describe").results(timeout_s=10, return_exceptions=True)
+        routed = set.intersection(
+            *[{e["model"] for e in v["endpoints"]} if isinstance(v, dict) else set() for v in views]
+            or [set()]
+        )
         if wanted <= routed:
             return
         if time.monotonic() > deadline:

@@ -6,12 +6,19 @@ v2 gRPC) on one event loop, on a thread of its own; both bind their ports with S
 so every ingress replica on a node shares the node's ports and the kernel spreads connections
 over them. Ray Serve's proxies are off (``proxy_location: Disabled``): a request crosses one
 Python process (this one) between the client and the GPU replica, and no pickling or object
-store is involved. A poller thread reads the directory every second.
+store is involved. Which model replicas exist, and where their data ports are, comes from
+Serve's long poll of each model deployment's replica set (``serving.replica_set``).
+
+Threads of an ingress replica process: Serve's replica event loop (health checks,
+``describe``), the ingress loop (``ingress``: uvicorn, grpc.aio, the router), Serve's router
+loop for the model deployments' handles (it receives the replica-set pushes), the transport
+key reloader (``transport-keys``), and grpc.aio's own threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -29,7 +36,7 @@ from ray.serve.handle import DeploymentHandle
 from mpsserve.config import CHECK_FILES, IngressConfig
 from mpsserve.dataplane import DataPlane
 from mpsserve.serving import auth as _auth
-from mpsserve.serving.directory import Registration
+from mpsserve.serving import replica_set
 from mpsserve.serving.grpc import GrpcLimits, start_grpc_server
 from mpsserve.serving.guard import GuardLimits, guarded_protocol
 from mpsserve.serving.http import create_http_app
@@ -39,7 +46,6 @@ from mpsserve.serving.router import AttemptPolicy, ReplicaBackend, Router
 from mpsserve.serving.transport import KeyWatcher, TransportSpec
 
 logger = logging.getLogger(__name__)
-POLL_S = 1.0
 #: Share of the file limit connections may take (the rest: Ray, logs, replica sockets).
 CONNECTION_FD_SHARE = 0.8
 #: Share of the file limit open beyond which the health check fails (cannot accept).
@@ -93,19 +99,19 @@ class Front:
         self,
         config: IngressConfig,
         models: dict[str, int],
-        directory: DeploymentHandle,
+        handles: dict[str, DeploymentHandle],
         transport: TransportSpec,
     ) -> None:
-        self.config, self.directory = config, directory
+        self.config, self.handles = config, handles
         self.keys = KeyWatcher(transport.keys_name)
         self.loop = new_event_loop()
         self.max_bytes = int(config.max_request_mb * 2**20)
         self.router = Router(
             dict(models),
             # While Serve replaces replicas (an MPS daemon restart replaces them all) a request
-            # waits for one up to its own deadline, less a directory poll, so that it fails
-            # with "no replica is reachable" rather than a bare timeout.
-            wait_for_replica_s=max(config.request_timeout_s - POLL_S, 0.0),
+            # waits for one up to its own deadline, less a second, so that it fails with
+            # "no replica is reachable" rather than a bare timeout.
+            wait_for_replica_s=max(config.request_timeout_s - 1.0, 0.0),
             set_aside_s=config.replica_set_aside_s,
             attempts=AttemptPolicy(
                 min_s=config.attempt_timeout_min_s,
@@ -127,7 +133,9 @@ class Front:
         self.auth = self._authenticator()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self.loop.run_forever, name="ingress", daemon=True)
-        self._poller = threading.Thread(target=self._poll, name="directory-poll", daemon=True)
+        self._listeners = {
+            model: functools.partial(self._replicas_changed, model) for model in handles
+        }
         self._http: Any = None
         self._grpc: Any = None
         self._node_ip = ray.util.get_node_ip_address()
@@ -155,10 +163,9 @@ class Front:
             http_config.ssl = _auth.server_ssl_context(self.config.tls)
         self._http = uvicorn.Server(http_config)
         self._thread.start()
-        self._poller.start()
         self.keys.start()
-        self._registration = Registration(self.directory, self._entry)
-        self._registration.start()
+        for model, handle in self.handles.items():
+            replica_set.subscribe(handle, self._listeners[model])
 
         tls = self.config.tls
 
@@ -223,18 +230,11 @@ class Front:
             min_ping_interval_s=limits.grpc_min_ping_interval_s,
         )
 
-    def _poll(self) -> None:
-        failing = False
-        while not self._stopping.is_set():
-            try:
-                entries = self.directory.endpoints.remote().result(timeout_s=10)
-                self.loop.call_soon_threadsafe(self.router.update, entries)
-                failing = False
-            except Exception as exc:  # the directory restarts: keep the last list
-                if not failing:
-                    logger.warning("cannot read the directory: %s", exc)
-                failing = True
-            self._stopping.wait(POLL_S)
+    def _replicas_changed(self, model: str, entries: list[dict[str, Any]]) -> None:
+        """Serve pushed ``model``'s running replicas (on its router thread): hand them to
+        the router on the ingress loop, which owns it."""
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.router.update, model, entries)
 
     def on_loop(self, read: Callable[[], dict[str, Any]], timeout_s: float = 5.0) -> dict[str, Any]:
         """Run ``read`` on the ingress's loop, which owns the router's and the data plane's
@@ -249,8 +249,8 @@ class Front:
         finally:
             future.cancel()
 
-    def _entry(self) -> dict[str, Any]:
-        """This ingress in the directory (the heartbeat thread asks)."""
+    def entry(self) -> dict[str, Any]:
+        """Where this ingress listens and its recent figures (``mpsserve status``)."""
         return self.on_loop(self._entry_now)
 
     def _entry_now(self) -> dict[str, Any]:
@@ -310,14 +310,15 @@ class Front:
                 model: round(self.router.attempt_timeout_s(model), 4)
                 for model in self.router.max_in_flight
             },
+            "full_answers": dict(self.router.full_answers),
         }
 
     def stop(self) -> None:
-        """Leave the directory, close the listeners, let requests in flight finish."""
+        """Close the listeners, let requests in flight finish."""
         self._stopping.set()
         self.keys.stop()
-        if hasattr(self, "_registration"):
-            self._registration.withdraw()
+        for model, handle in self.handles.items():
+            replica_set.unsubscribe(handle, self._listeners[model])
 
         async def shutdown() -> None:
             if self._http is not None:
@@ -342,20 +343,19 @@ class Front:
 class Ingress:
     def __init__(
         self,
-        directory: DeploymentHandle,
         models: dict[str, int],
         ingress: dict[str, Any],
-        deployments: list[DeploymentHandle] | None = None,
+        deployments: dict[str, DeploymentHandle],
         transport: TransportSpec | None = None,
     ) -> None:
         """``models``: each model's name and the requests one of its replicas takes at a
-        time; ``deployments``: the model deployments' handles (only to keep them bound);
-        ``transport``: the data ports' key and bounds (``serving.transport``)."""
+        time; ``deployments``: each model's deployment handle (its replica set is what the
+        ingress routes over); ``transport``: the data ports' key and bounds."""
         configure_replica_logging()
         spec = transport or TransportSpec(serve.get_replica_context().app_name)
         # the token, certificate and key files must be readable where the ingress runs
         config = IngressConfig.model_validate(ingress, context={CHECK_FILES: True})
-        self._front = Front(config, models, directory, spec)
+        self._front = Front(config, models, deployments, spec)
         self._front.start()
 
     def check_health(self) -> None:
@@ -366,6 +366,10 @@ class Ingress:
     def describe(self) -> dict[str, Any]:
         """What this ingress routes to (``wait_routable`` reads it)."""
         return self._front.on_loop(self._front.describe)
+
+    def entry(self) -> dict[str, Any]:
+        """This ingress for ``mpsserve status`` (Serve's ``broadcast`` asks every one)."""
+        return self._front.entry()
 
     def __del__(self) -> None:
         self._front.stop()

@@ -1,8 +1,20 @@
 """The model deployment: each replica is one process holding one ``Servable``.
 
-Ray Serve places the replica (a fractional GPU under MPS), health-checks it and replaces it;
-requests reach it on its own data port (``ReplicaServer``), which it registers in the
-``Directory`` once the model is loaded.
+Ray Serve places the replica (a fractional GPU under MPS), health-checks it, drains and
+replaces it; requests reach it on its own data port (``ReplicaServer``), whose address it
+publishes through Serve (``record_replica_metadata``): Serve hands it to every ingress with
+the replica set (``serving.replica_set``), so no list of our own exists.
+
+Order, as Serve's replica runs it: the constructor (the data port opens here, answering
+``ModelNotReady`` until the model is loaded), ``record_replica_metadata`` (captured once),
+``reconfigure`` (the first load), then the replica joins the running set and the ingresses
+start sending.
+
+Threads of a model replica process: Serve's replica event loop (health checks, handle
+calls), the data port's event loop (``replica-server``) and its inference pool
+(``infer-*``, ``settings.replica_threads``), the transport key reloader
+(``transport-keys``), the store watcher and the MPS guardian / fault watcher (``Servable``,
+``ReplicaMps``).
 """
 
 from __future__ import annotations
@@ -16,7 +28,6 @@ from typing import Any
 
 import ray
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from mpsserve import metrics
 from mpsserve.config import ModelConfig, VersionPolicy
@@ -26,7 +37,6 @@ from mpsserve.mps.faults import GpuFault
 from mpsserve.mps.guardian import ReplicaMps
 from mpsserve.protocol import frame
 from mpsserve.servable import Servable
-from mpsserve.serving.directory import Registration
 from mpsserve.serving.logs import configure_replica_logging
 from mpsserve.serving.replica_server import ReplicaServer
 from mpsserve.serving.transport import KeyWatcher, TransportSpec
@@ -41,12 +51,7 @@ class ModelReplica:
     constructor (the first load happens there) and again whenever only the policy changes,
     without restarting the replica."""
 
-    def __init__(
-        self,
-        model: dict[str, Any],
-        directory: DeploymentHandle | None = None,
-        transport: TransportSpec | None = None,
-    ) -> None:
+    def __init__(self, model: dict[str, Any], transport: TransportSpec | None = None) -> None:
         config = ModelConfig.model_validate(model)
         configure_replica_logging()
         hook.worker_setup()  # the daemon and this process's limits, before any CUDA call
@@ -60,11 +65,10 @@ class ModelReplica:
         self._leaving = threading.Lock()
         self._mps.watch_faults(self._peer_fault)
         self._mps.start_guardian()
-        self._directory = directory
         self._transport = transport or TransportSpec(serve.get_replica_context().app_name)
         self._stall_s = config.placement.inference_stall_s
-        self._server: ReplicaServer | None = None
-        self._registration: Registration | None = None
+        self._server = self._open_data_port(config.placement.max_ongoing_requests)
+        self._servable.drain = self._drain
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self._servable.set_policy(VersionPolicy.model_validate(user_config["version_policy"]))
@@ -72,40 +76,41 @@ class ModelReplica:
             self._servable.load()
             self._mps.verify()
             self._servable.start_watching()
-        self._open_data_port()
 
-    def _open_data_port(self) -> None:
-        if self._server is not None or self._directory is None:
-            return
-        bind, host = self._transport.hosts()
+    def _open_data_port(self, max_in_flight: int) -> ReplicaServer:
+        """The data port, bounded at the deployment's ``max_ongoing_requests`` for all
+        ingresses together (``ReplicaServer``)."""
+        bind, self._host = self._transport.hosts()
         keys = KeyWatcher(self._transport.keys_name)
         keys.start()
-        self._server = ReplicaServer(
+        server = ReplicaServer(
             self.handle_frame,
             threads=settings().replica_threads,
             keys=keys.get,
             host=bind,
             limits=self._transport.limits,
+            max_in_flight=max_in_flight,
         )
-        port = self._server.start()
-        self._servable.drain = self._drain
-        entry = {
-            "key": f"{host}:{port}:{os.getpid()}",
+        port = server.start()
+        logger.info("model %s: data port %d open", self._servable.config.name, port)
+        return server
+
+    def record_replica_metadata(self) -> dict[str, Any]:
+        """Where this replica's data port is; Serve captures it once, after the constructor,
+        and hands it to every handle's router with the replica set."""
+        return {
             "model": self._servable.config.name,
-            "host": host,
-            "port": port,
+            "host": self._host,
+            "port": self._server.port,
             "pid": os.getpid(),
             "node": socket.gethostname(),
         }
-        self._registration = Registration(self._directory, lambda: entry)
-        self._registration.start()
-        logger.info("model %s: data port %d open", entry["model"], port)
 
     def _drain(self) -> None:
         """Before a swap's heavy work: let the requests running here finish (bounded). Their
         answers say ``busy``, so the ingresses send the next ones to other replicas."""
         deadline = time.monotonic() + DRAIN_BEFORE_SWAP_S
-        while self._server is not None and self._server.in_flight:
+        while self._server.in_flight:
             if time.monotonic() > deadline:
                 return
             time.sleep(0.005)
@@ -129,12 +134,13 @@ class ModelReplica:
         )
 
     def _exit(self, why: str) -> None:
-        """Leave the directory, let the requests here get their ``unavailable`` answers (the
-        ingresses retry them elsewhere), and end the process; Ray Serve replaces it."""
+        """Refuse new frames (``ReplicaUnavailable``: the ingresses set this replica aside and
+        retry elsewhere at once), let the requests here get their answers, and end the
+        process; Ray Serve sees the actor die, drops it from the replica set it pushes to
+        the ingresses, and replaces it."""
         if not self._leaving.acquire(blocking=False):
             return
-        if self._registration is not None:
-            self._registration.withdraw()
+        self._server.refuse(f"the replica is exiting: {why[:200]}")
         self._drain()
         logger.error("model %s: exiting for a new process: %s", self._servable.config.name, why)
         logging.shutdown()
@@ -178,29 +184,39 @@ class ModelReplica:
             return exc
 
     def metadata(self) -> dict[str, Any]:
-        data_port = self._server.port if self._server is not None else None
+        """What ``mpsserve status`` shows (it asks every replica through Serve's
+        ``broadcast``); also the ``metadata`` frame."""
+        server = self._server
         return {
             **self._servable.metadata(),
             "mps": {**self._mps.describe(), "node": self._mps.node_state()},
             "pid": os.getpid(),
+            "node": socket.gethostname(),
+            "host": self._host,
             "gpus": [str(g) for g in ray.get_gpu_ids()],
-            "data_port": data_port,
+            "data_port": server.port,
+            "in_flight": {
+                "now": server.in_flight,
+                "peak": server.peak_in_flight,
+                "limit": server.max_in_flight,
+                "overloaded": server.overloaded,
+            },
         }
 
     def ready(self) -> bool:
         return self._servable.ready
 
     def check_health(self) -> None:
-        """Ray Serve replaces a replica whose health check raises (three times in a row);
-        leave the directory first so the ingresses stop sending to it. A stalled inference
-        thread fails the check but keeps the entry: the ingresses already route around a
-        replica that does not answer, and one that recovers before Serve acts serves on."""
+        """Ray Serve replaces a replica whose health check raises; refuse new frames first
+        so the ingresses stop sending to it at once (Serve's long poll drops it from their
+        replica set when Serve acts). A stalled inference thread fails the check but keeps
+        serving: the ingresses already route around a replica that does not answer, and
+        one that recovers before Serve acts serves on."""
         problem = self._servable.problem() or self._mps.problem()
-        if problem is None and self._server is not None and not self._server.alive:
+        if problem is None and not self._server.alive:
             problem = "its data port stopped"
         if problem is not None:
-            if self._registration is not None:
-                self._registration.withdraw()
+            self._server.refuse(problem)
             raise RuntimeError(f"model {self._servable.config.name!r}: {problem}")
         stalled = self._stalled()
         if stalled is not None:
@@ -211,7 +227,7 @@ class ModelReplica:
         """An inference call running past ``inference_stall_s`` (a hung runtime or GPU).
         Only handler calls count: a version loading or warming runs on the store watcher's
         thread, and requests queued for a thread are load, not a stall."""
-        running_s = self._server.longest_running_s() if self._server is not None else 0.0
+        running_s = self._server.longest_running_s()
         if running_s <= self._stall_s:
             return None
         return (
@@ -220,16 +236,16 @@ class ModelReplica:
         )
 
     def __del__(self) -> None:
-        """Serve's graceful shutdown: leave the directory, let the ingresses notice, finish
-        what is in flight, close."""
-        if self._registration is not None:
-            self._registration.withdraw()
-            time.sleep(DRAIN_AFTER_WITHDRAW_S)
-        if self._server is not None:
-            self._server.stop()
+        """Serve's graceful shutdown: Serve took this replica out of the set it pushes to
+        the ingresses before calling this; frames already on their way get
+        ``ReplicaUnavailable`` (retried elsewhere), those running finish, then the port
+        closes."""
+        server = getattr(self, "_server", None)  # None when the constructor failed
+        if server is not None:
+            server.refuse("the replica is shutting down")
+            server.stop()
         self._servable.stop()
 
 
-DRAIN_AFTER_WITHDRAW_S = 1.5  # > the ingresses' directory poll period
 DRAIN_BEFORE_SWAP_S = 0.5  # most a swap waits for the requests in flight here
 EXIT_DEVICE_FAULT = 3  # the exit status of a replica that ends itself after a device fault

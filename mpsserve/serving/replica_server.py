@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from mpsserve.errors import PayloadTooLarge
+from mpsserve.errors import Overloaded, PayloadTooLarge, ReplicaUnavailable
 from mpsserve.protocol import frame, handshake
 from mpsserve.protocol.handshake import Keyring
 from mpsserve.serving.transport import FIRST_BODY_CHUNK, WireLimits
@@ -191,9 +191,14 @@ class ReplicaServer:
         keys: Callable[[], Keyring],
         host: str,
         limits: WireLimits | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         self.handler, self.host, self.keys = handler, host, keys
         self.limits = limits or WireLimits()
+        self.max_in_flight = max_in_flight
+        self.peak_in_flight = 0
+        self.overloaded = 0  # frames answered "full" since start
+        self._leaving: str | None = None  # why new frames are refused, once leaving
         self.connections: set[_Connection] = set()
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="infer")
         self._loop = new_event_loop()
@@ -238,9 +243,29 @@ class ReplicaServer:
         peer = transport.get_extra_info("peername") if transport is not None else None
         self._refusals.note(reason, peer)
 
+    def refuse(self, why: str) -> None:
+        """Answer every frame from now on with ``ReplicaUnavailable`` (the ingress retries
+        it on another replica and sets this one aside)."""
+        self._leaving = why
+
+    def _refusal(self) -> list[frame.Buffer] | None:
+        """The answer to a frame that must not run now (leaving, or full), else None.
+        Runs on the loop, so the check and the count that follows are one step."""
+        if self._leaving is not None:
+            return frame.encode(frame.error_header(ReplicaUnavailable(self._leaving)))
+        if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
+            self.overloaded += 1
+            error = Overloaded(f"the replica has {self.in_flight} requests in flight")
+            return frame.encode({**frame.error_header(error), "full": True})
+        return None
+
     async def run(self, header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
         """Run the handler off the loop; a handler crash becomes an error frame."""
+        refusal = self._refusal()
+        if refusal is not None:
+            return refusal
         self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         received = time.perf_counter()
         header["_received"] = received
         try:

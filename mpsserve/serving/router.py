@@ -1,9 +1,10 @@
 """The ingress's view of the model replicas: their data ports, how busy each is, and the
 call that sends one frame to the least busy one.
 
-Endpoints come from the ``Directory`` (each replica registers its data port once its model
-is loaded and keeps the entry fresh). Each request goes to the replica with the fewest
-requests in flight from this ingress, over a pooled connection (authenticated once, when it
+Endpoints come from Ray Serve: the replica set Serve keeps for each model deployment, with
+the data-port address each replica published (``serving.replica_set``). Each request goes to
+the replica with the fewest requests in flight from this ingress (``LeastLoaded``), over a
+pooled connection (authenticated once, when it
 opens: ``protocol.handshake``; retired before the replica's idle timeout would close it). A
 replica that cannot be reached (it died, Serve is replacing it) is set aside and the request
 goes to another one, so a replica replacement or a redeploy costs no request: inference is
@@ -36,8 +37,16 @@ a second): for ``BUSY_S`` it gets requests only when no other replica has room, 
 request tells whether it is still busy; a swap costs a few slow requests per ingress, not a
 second of every request sent to that replica.
 A replica set aside comes back when a stalled attempt to it answers, or after
-``set_aside_s``; the directory drops one whose heartbeat stops, and Serve's health check
-(``ModelReplica.check_health``, ``health_check_timeout_s``) replaces it.
+``set_aside_s``; Serve's health check (``ModelReplica.check_health``,
+``health_check_timeout_s``) replaces one that stays broken, and its long poll drops it from
+this router's set.
+
+The in-flight bound that holds across ingresses is the replica's: its data port answers a
+frame past its ``max_ongoing_requests`` with ``full`` at once. Such a replica is *full*, not
+broken: for ``FULL_S`` it gets no request from this ingress (one of this ingress's own
+attempts to it ending frees it sooner), and the request goes to another replica with room or
+waits for one; it is not counted as tried, so it may take the request once it has room.
+The per-ingress limit (``max_in_flight``) stays as the first, local filter.
 """
 
 from __future__ import annotations
@@ -74,6 +83,7 @@ _FAILURES = (
 )
 WINDOW = 256  # answered exchanges per model behind the P99
 BUSY_S = 1.0  # how long a replica that answered "busy" gets no request another one could take
+FULL_S = 0.02  # how long a replica that answered "full" gets no request from this ingress
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,7 @@ class Endpoint:
     idle: list[tuple[Connection, float]] = field(default_factory=list)  # (pooled, since)
     set_aside_until: float = 0.0
     busy_until: float = 0.0  # it said it is swapping versions: others first until then
+    full_until: float = 0.0  # it said it is at its in-flight bound: none until then
     stalls: int = 0  # attempts to it that outlived their timeout, since it joined
 
     @classmethod
@@ -153,6 +164,22 @@ class Endpoint:
                 return reader, writer
             writer.close()
         return None
+
+
+class LeastLoaded:
+    """The routing policy: among replicas not tried, usable, below ``limit`` requests from
+    this ingress and not full, the one with the fewest in flight (ties at random); one
+    swapping versions only when no other qualifies."""
+
+    def pick(self, endpoints: list[Endpoint], limit: int, now: float) -> Endpoint | None:
+        free = [
+            e for e in endpoints if e.usable(now) and e.in_flight < limit and e.full_until <= now
+        ]
+        free = [e for e in free if e.busy_until <= now] or free
+        if not free:
+            return None
+        least = min(e.in_flight for e in free)
+        return random.choice([e for e in free if e.in_flight == least])
 
 
 @dataclass
@@ -200,16 +227,19 @@ class Router:
         self.limits = limits or WireLimits()
         self.attempts = attempts or AttemptPolicy()
         self.latency: dict[str, LatencyWindow] = collections.defaultdict(LatencyWindow)
+        self.policy = LeastLoaded()
+        self.full_answers: collections.Counter[str] = collections.Counter()
         self._endpoints: dict[str, Endpoint] = {}
         self._changed = asyncio.Event()
         self._lingering: set[asyncio.Future[Any]] = set()  # losers left to run on
 
-    # -- the directory's view ---------------------------------------------------------------
+    # -- Serve's replica set ------------------------------------------------------------------
 
-    def update(self, entries: list[dict[str, Any]]) -> None:
-        """Replace the known endpoints with the directory's list (keeps live counters)."""
-        fresh = {e["key"]: e for e in entries if e.get("kind", "model") == "model"}
-        for key in list(self._endpoints):
+    def update(self, model: str, entries: list[dict[str, Any]]) -> None:
+        """Replace ``model``'s endpoints with Serve's running replicas of it (keeps live
+        counters of those that stay)."""
+        fresh = {e["key"]: {**e, "model": model} for e in entries}
+        for key in [k for k, e in self._endpoints.items() if e.model == model]:
             if key not in fresh:
                 gone = self._endpoints.pop(key)
                 gone.close_idle()
@@ -340,6 +370,9 @@ class Router:
     ) -> tuple[dict[str, Any], bytes] | None:
         """An ended attempt's answer; None when its replica failed (set aside)."""
         exc = task.exception()
+        if exc is None and task.result()[0].get("full"):
+            self._full(request, attempt.endpoint)
+            return None
         if exc is None and task.result()[0].get("retry"):  # the replica broke, not the request
             exc = ReplicaUnavailable(str(task.result()[0].get("message")))
         elif exc is None:
@@ -363,6 +396,12 @@ class Router:
         )
         return None
 
+    def _full(self, request: _Request, endpoint: Endpoint) -> None:
+        """The replica is at its bound (other ingresses' requests): not broken, not tried."""
+        endpoint.full_until = time.monotonic() + FULL_S
+        request.tried.discard(endpoint.key)
+        self.full_answers[request.model] += 1
+
     def _finished(self, model: str, attempt: _Attempt, task: asyncio.Future[Any]) -> None:
         """Every attempt's end (won, lost, failed or cancelled): its slot is free again, and
         a replica set aside for stalling that answered after all is back in rotation."""
@@ -370,7 +409,8 @@ class Router:
         endpoint.in_flight -= 1
         self._wake()
         answered = not task.cancelled() and task.exception() is None
-        if answered:
+        if answered and not task.result()[0].get("full"):
+            endpoint.full_until = 0.0  # one of ours ended there: it has room again
             busy = bool(task.result()[0].get("busy"))
             endpoint.busy_until = time.monotonic() + BUSY_S if busy else 0.0
         if attempt.stalled and answered and endpoint.set_aside_until > time.monotonic():
@@ -401,20 +441,12 @@ class Router:
         self._lingering.discard(task)
 
     def _pick(self, model: str, tried: set[str]) -> Endpoint | None:
-        """Takes the least busy usable replica of ``model`` not tried yet that has room; one
-        swapping versions only when no other has room."""
+        """Takes the replica of ``model`` not tried yet that the policy picks, if any."""
         limit, now = self.max_in_flight.get(model, 8), time.monotonic()
-        free = [
-            e
-            for e in self.endpoints(model)
-            if e.key not in tried and e.usable(now) and e.in_flight < limit
-        ]
-        free = [e for e in free if e.busy_until <= now] or free
-        if not free:
-            return None
-        least = min(e.in_flight for e in free)
-        endpoint = random.choice([e for e in free if e.in_flight == least])
-        endpoint.in_flight += 1
+        untried = [e for e in self.endpoints(model) if e.key not in tried]
+        endpoint = self.policy.pick(untried, limit, now)
+        if endpoint is not None:
+            endpoint.in_flight += 1
         return endpoint
 
     async def _acquire(self, model: str, tried: set[str], last: BaseException | None) -> Endpoint:
@@ -432,8 +464,14 @@ class Router:
                 )
             changed = self._changed
             with contextlib.suppress(TimeoutError):  # a release or a new list frees one
-                await asyncio.wait_for(changed.wait(), 0.5)
+                await asyncio.wait_for(changed.wait(), self._until_room(model, now))
         return endpoint
+
+    def _until_room(self, model: str, now: float) -> float:
+        """How long to wait for a change before looking again: until the first full
+        replica may take requests again, at most half a second."""
+        ends = [e.full_until - now for e in self.endpoints(model) if e.full_until > now]
+        return max(min([0.5, *ends]), 0.001)
 
     async def _exchange(
         self, endpoint: Endpoint, parts: list[frame.Buffer]

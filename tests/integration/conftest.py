@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,9 +10,12 @@ import pytest
 
 from mpsserve.config import parse_config
 
-HTTP_PORT = 28000  # outside Ray's worker port range (10002-19999)
-GRPC_PORT = 29000
-METRICS_PORT = 29100  # Ray's Prometheus endpoint for the session's node
+#: Shifts the session's ports, so two checkouts can run the tier on one machine at once
+#: (the ingress binds with SO_REUSEPORT: two sessions on one port would share traffic).
+PORT_OFFSET = int(os.environ.get("MPSSERVE_TEST_PORT_OFFSET", "0"))
+HTTP_PORT = 28000 + PORT_OFFSET  # outside Ray's worker port range (10002-19999)
+GRPC_PORT = 29000 + PORT_OFFSET
+METRICS_PORT = 29100 + PORT_OFFSET  # Ray's Prometheus endpoint for the session's node
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

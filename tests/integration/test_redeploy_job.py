@@ -48,8 +48,8 @@ RAY_PORTS = {
 }
 DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"
 INFER = f"http://127.0.0.1:{HTTP_PORT}/v2/models/rec/infer"
-#: After the job ends, the ingress may route for up to its directory poll (1 s) to a replica
-#: of the old config that is still draining.
+#: After the job ends, an ingress may route to a replica of the old config that is still
+#: draining until Serve's long poll tells it the replica left (well under a second).
 SETTLE_S = 2.0
 
 

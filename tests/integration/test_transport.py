@@ -25,12 +25,12 @@ HANDSHAKE_S = 2.0  # transport.handshake_timeout_s's default, which the session'
 
 
 def replica_entry() -> dict[str, Any]:
+    """The model replica's data port, as it published it to Serve."""
     from ray import serve
 
-    directory = serve.get_deployment_handle("directory", app_name="mpsserve")
-    entries = directory.endpoints.remote().result(timeout_s=10)
-    [entry] = [e for e in entries if e.get("kind", "model") == "model"]
-    return dict(entry)
+    handle = serve.get_deployment_handle("model-rec", app_name="mpsserve")
+    [metadata] = handle.broadcast("metadata").results(timeout_s=10)
+    return {"host": metadata["host"], "port": metadata["data_port"], "pid": metadata["pid"]}
 
 
 def rss_bytes(pid: int) -> int:

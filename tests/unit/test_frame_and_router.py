@@ -132,7 +132,7 @@ def test_backend_spreads_requests_and_retries_on_a_dead_replica(
 
     async def scenario() -> tuple[int, list[np.ndarray]]:
         router = Router({"rec": 4}, keys=KEYS.get, wait_for_replica_s=1.0, set_aside_s=30)
-        router.update([entry(s.port) for s in servers] + [entry(dead_port, "dead")])
+        router.update("rec", [entry(s.port) for s in servers] + [entry(dead_port, "dead")])
         backend = ReplicaBackend("rec", router)
         x = np.arange(6, dtype=np.float32)
         request = InferRequest(model="rec", inputs={"x": x})
@@ -151,7 +151,7 @@ def test_backend_spreads_requests_and_retries_on_a_dead_replica(
 def test_no_replica_at_all_is_a_503_after_the_wait() -> None:
     async def scenario() -> None:
         router = Router({"rec": 4}, keys=KEYS.get, wait_for_replica_s=0.3)
-        router.update([])
+        router.update("rec", [])
         await ReplicaBackend("rec", router).infer(
             InferRequest(model="rec", inputs={"x": np.zeros(1, np.float32)})
         )
@@ -168,13 +168,13 @@ def test_requests_wait_for_a_free_replica_and_for_new_ones(
 
     async def scenario() -> list[str]:
         router = Router({"rec": 1}, keys=KEYS.get, wait_for_replica_s=5)
-        router.update([])
+        router.update("rec", [])
         backend = ReplicaBackend("rec", router)
         request = InferRequest(model="rec", inputs={"x": np.ones(3, np.float32)})
         pending = [asyncio.ensure_future(backend.infer(request)) for _ in range(3)]
         await asyncio.sleep(0.2)
         assert not any(p.done() for p in pending)
-        router.update([entry(servers[0].port)])
+        router.update("rec", [entry(servers[0].port)])
         return [r.version for r in await asyncio.gather(*pending)]
 
     assert asyncio.run(scenario()) == ["1", "1", "1"]
@@ -261,11 +261,11 @@ def test_a_silent_replica_is_routed_around_set_aside_and_back_when_it_answers(
     async def scenario() -> None:
         policy = AttemptPolicy(min_s=0.2, request_timeout_s=10)
         router = Router({"rec": 4}, keys=KEYS.get, set_aside_s=30, attempts=policy)
-        router.update([entry(frozen.port, "frozen")])  # the request lands on it
+        router.update("rec", [entry(frozen.port, "frozen")])  # the request lands on it
         started = time.monotonic()
         pending = asyncio.ensure_future(router.call("rec", frame.encode({"op": "infer"})))
         await until(lambda: frozen.server.in_flight == 1)
-        router.update([entry(frozen.port, "frozen"), entry(good.port, "good")])
+        router.update("rec", [entry(frozen.port, "frozen"), entry(good.port, "good")])
         header, _ = await pending
         took = time.monotonic() - started
         assert header["port"] == good.port and 0.2 <= took < 1.5  # deadline: 10 s
@@ -317,7 +317,7 @@ def test_when_every_replica_is_slow_the_timeout_grows_instead_of_retrying() -> N
         router = Router(
             {"rec": 4}, keys=KEYS.get, attempts=AttemptPolicy(min_s=0.05, request_timeout_s=10)
         )
-        router.update([entry(port, "slow")])
+        router.update("rec", [entry(port, "slow")])
         for _ in range(4):
             await router.call("rec", frame.encode({"op": "infer"}))
         return router.endpoints("rec")[0].stalls, router.attempt_timeout_s("rec")
@@ -339,7 +339,7 @@ def test_attempts_are_bounded_and_none_starts_past_the_deadline(hung: list[Hung]
         bounded = Router(
             {"rec": 4}, keys=KEYS.get, attempts=AttemptPolicy(min_s=0.1, max_attempts=2)
         )
-        bounded.update([entry(h.port) for h in hung])
+        bounded.update("rec", [entry(h.port) for h in hung])
         await call(bounded, 1.0)  # 10 attempt timeouts, but at most 2 attempts
         assert sum(h.server.in_flight for h in hung) == 2
         assert all(e.in_flight == 0 for e in bounded.endpoints())  # closed at the deadline
@@ -352,7 +352,7 @@ def test_attempts_are_bounded_and_none_starts_past_the_deadline(hung: list[Hung]
         late = Router(
             {"rec": 4}, keys=KEYS.get, attempts=AttemptPolicy(min_s=2, request_timeout_s=1)
         )
-        late.update([entry(h.port) for h in hung])
+        late.update("rec", [entry(h.port) for h in hung])
         await call(late, 1.5)
         assert sum(h.server.in_flight for h in hung) == 1
 
@@ -411,11 +411,11 @@ def test_a_replica_swapping_versions_gets_requests_only_when_no_other_has_room()
 
     async def scenario() -> None:
         router = Router({"rec": 4}, keys=KEYS.get)
-        router.update([entry(swapping.port, "swapping")])
+        router.update("rec", [entry(swapping.port, "swapping")])
         backend = ReplicaBackend("rec", router)
         request = InferRequest(model="rec", inputs={"x": np.ones(1, np.float32)})
         await backend.infer(request)  # alone: it serves, and says it is busy
-        router.update([entry(swapping.port, "swapping"), entry(calm.port, "calm")])
+        router.update("rec", [entry(swapping.port, "swapping"), entry(calm.port, "calm")])
         for _ in range(20):
             await backend.infer(request)
         assert counts == {"swapping": 1, "calm": 20}
@@ -450,7 +450,7 @@ def test_a_replica_with_a_device_fault_is_set_aside_and_the_request_served_elsew
 
     async def scenario() -> list[str]:
         router = Router({"rec": 4}, keys=KEYS.get, wait_for_replica_s=1.0, set_aside_s=30)
-        router.update([entry(servers[0].port, "broken"), entry(servers[1].port, "healthy")])
+        router.update("rec", [entry(servers[0].port, "broken"), entry(servers[1].port, "healthy")])
         backend = ReplicaBackend("rec", router)
         request = InferRequest(model="rec", inputs={"x": np.ones(1, np.float32)})
         results = await asyncio.gather(*(backend.infer(request) for _ in range(20)))
@@ -463,3 +463,68 @@ def test_a_replica_with_a_device_fault_is_set_aside_and_the_request_served_elsew
     finally:
         for server in servers:
             server.stop(grace_s=1)
+
+
+def test_the_data_port_bounds_in_flight_across_ingresses() -> None:
+    """Three routers (three ingresses), each allowed 4 in flight to the one replica whose
+    bound is 2: the port answers the excess ``full``, the routers wait and retry, every
+    request is served and the replica never held more than 2."""
+
+    def slow(header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
+        time.sleep(0.01)
+        return frame.encode({"ok": True, "version": "1"})
+
+    server = ReplicaServer(slow, threads=2, host="127.0.0.1", keys=KEYS.get, max_in_flight=2)
+    server.start()
+
+    async def scenario() -> list[str]:
+        routers = [Router({"rec": 4}, keys=KEYS.get) for _ in range(3)]
+        request = InferRequest(model="rec", inputs={"x": np.ones(1, np.float32)})
+        calls = []
+        for router in routers:
+            router.update("rec", [entry(server.port, "only")])
+            backend = ReplicaBackend("rec", router)
+            calls += [backend.infer(request) for _ in range(8)]
+        results = await asyncio.gather(*calls)
+        assert sum(sum(r.full_answers.values()) for r in routers) == server.overloaded
+        return [r.version for r in results]
+
+    try:
+        assert asyncio.run(scenario()) == ["1"] * 24
+        assert server.peak_in_flight == 2
+        assert server.overloaded > 0  # the routers together did try to exceed it
+    finally:
+        server.stop(grace_s=1)
+
+
+def test_a_leaving_replica_answers_unavailable_and_the_request_goes_elsewhere(
+    servers: list[ReplicaServer],
+) -> None:
+    """``refuse`` (device fault, failed health check, shutdown): new frames are answered
+    ``ReplicaUnavailable`` at once, so the ingress sets the replica aside and retries."""
+    servers[0].refuse("the replica is exiting: device fault")
+    with pytest.raises(ModelNotReady, match="exiting: device fault"):
+        call_replica("127.0.0.1", servers[0].port, {"op": "ping"}, KEYS.get())
+
+    async def scenario() -> None:
+        router = Router({"rec": 4}, keys=KEYS.get, set_aside_s=30)
+        router.update("rec", [entry(servers[0].port, "leaving"), entry(servers[1].port)])
+        backend = ReplicaBackend("rec", router)
+        request = InferRequest(model="rec", inputs={"x": np.ones(1, np.float32)})
+        await asyncio.gather(*(backend.infer(request) for _ in range(10)))
+        [leaving] = [e for e in router.endpoints("rec") if e.key == "leaving"]
+        assert leaving.set_aside_until > time.monotonic()
+
+    asyncio.run(scenario())
+
+
+def test_an_update_replaces_only_that_models_replicas(servers: list[ReplicaServer]) -> None:
+    async def scenario() -> None:
+        router = Router({"rec": 4, "other": 4}, keys=KEYS.get)
+        router.update("rec", [entry(servers[0].port, "a")])
+        router.update("other", [entry(servers[1].port, "b")])
+        router.update("rec", [])
+        assert [e.key for e in router.endpoints()] == ["b"]
+        assert router.endpoints("other")[0].model == "other"
+
+    asyncio.run(scenario())

@@ -166,7 +166,7 @@ def test_one_ingress_and_graphs_turned_off_are_noted() -> None:
     )
     assert seen["ok"]
     assert seen["verdict"] == (
-        "OK: 2 model replica(s) answer, MPS off; 1 ingress registered: a single point of "
+        "OK: 2 model replica(s) answer, MPS off; 1 ingress answers: a single point of "
         "failure; CUDA graphs off in 1 of 2 replica(s)"
     )
     rows = {line.split()[3]: line for line in render(seen).splitlines() if line.startswith("rec ")}

@@ -256,7 +256,9 @@ def test_the_router_authenticates_pools_and_retires_before_the_idle_timeout(
 ) -> None:
     async def run() -> None:
         router = Router({"rec": 4}, keys=lambda: RING, limits=LIMITS)
-        router.update([{"key": "r", "model": "rec", "host": "127.0.0.1", "port": replica.port}])
+        router.update(
+            "rec", [{"key": "r", "model": "rec", "host": "127.0.0.1", "port": replica.port}]
+        )
         for _ in range(3):
             await router.call("rec", frame.encode({"op": "metadata"}))
         await asyncio.sleep(LIMITS.idle_timeout_s + 0.6)  # the replica closed the pooled one
