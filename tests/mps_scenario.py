@@ -23,6 +23,8 @@ from mpsserve.mps.control import MpsControl
 from mpsserve.mps.hook import CONTROL_LOCK_FILE
 from tests.processes import Load, read_until
 
+STATUS_WAIT_S = 90.0
+
 
 @dataclass
 class Observed:
@@ -168,7 +170,14 @@ def run(
         doctor = _cli(tmp, env, "doctor")
         seen.doctor_rc = doctor.returncode
         seen.doctor_verdict = json.loads(doctor.stdout)["verdict"]
-        status = _cli(tmp, env, "status", *(["--address", address[1]] if address else []))
+        # The daemon lists a new replica as its client from the process's start; the replica
+        # serves only after its model loads: status is asked until it is OK (bounded).
+        deadline = time.monotonic() + STATUS_WAIT_S
+        while True:
+            status = _cli(tmp, env, "status", *(["--address", address[1]] if address else []))
+            if status.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         seen.status_rc = status.returncode
         report = json.loads(status.stdout) if status.stdout.strip().startswith("{") else {}
         seen.status_verdict = report.get("verdict", status.stderr[-500:])

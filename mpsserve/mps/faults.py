@@ -113,6 +113,20 @@ def forget_gone_clients(state_dir: Path) -> None:
             (state_dir / CLIENTS_DIR / name).unlink(missing_ok=True)
 
 
+def started_after(pid: int, when: float) -> bool:
+    """Whether process ``pid`` started after ``when`` (time.time()); False when unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, IndexError, StopIteration, ValueError):
+        return False
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK") > when
+
+
 @dataclass
 class Follow:
     """The guardian's account of one fault: which of the server's clients it hit, which of
@@ -134,6 +148,9 @@ class Follow:
 
     @classmethod
     def start(cls, state_dir: Path, fault: GpuFault, clients: list[int]) -> Follow:
+        """Hit: mpsserve's replicas on the fault's GPU; others: clients that noted no GPU.
+        A process started after the fault was not hit (a replacement already attached)."""
+        clients = [c for c in clients if not started_after(c, fault.at)]
         gpus = {c: client_gpu(state_dir, c) for c in clients}
         hit = sorted(c for c, gpu in gpus.items() if gpu == fault.gpu)
         others = sorted(c for c, gpu in gpus.items() if gpu is None)

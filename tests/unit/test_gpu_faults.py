@@ -50,6 +50,17 @@ def test_a_fault_hits_other_clients_of_its_server_and_gpu_that_started_before_it
     assert faults.hitting(tmp_path, 7, "0", time.time() + 1, me=12) is None  # started after
 
 
+def test_a_process_started_after_the_fault_was_not_hit(tmp_path: Path) -> None:
+    import os
+
+    assert faults.started_after(os.getpid(), time.time() - 3600)
+    assert not faults.started_after(os.getpid(), time.time())
+    assert not faults.started_after(999_999_999, 0.0)  # unknown: not excluded
+    faults.note_client(tmp_path, os.getpid(), "0")
+    follow = faults.Follow.start(tmp_path, fault(at=time.time() - 3600), [os.getpid()])
+    assert follow.clients == [] and follow.others == []
+
+
 def test_follow_counts_only_the_faulted_gpus_clients_and_clears_when_they_left(
     tmp_path: Path,
 ) -> None:
