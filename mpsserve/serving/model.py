@@ -227,6 +227,7 @@ class ModelReplica:
         replica set when Serve acts). A stalled inference thread fails the check but keeps
         serving: the ingresses already route around a replica that does not answer, and
         one that recovers before Serve acts serves on."""
+        metrics.flush_counts()  # frames counted since the last one, when traffic stopped
         problem = self._servable.problem() or self._mps.problem()
         if problem is None and not self._server.alive:
             problem = "its data port stopped"
@@ -259,6 +260,7 @@ class ModelReplica:
         if server is not None:
             server.refuse("the replica is shutting down")
             server.stop()
+        metrics.flush_counts()
         self._servable.stop()
 
 

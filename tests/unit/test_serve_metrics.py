@@ -54,6 +54,7 @@ def test_routes_are_a_bounded_set() -> None:
 def test_a_frame_counts_once_as_a_request_or_as_an_error(recorder: Recorder) -> None:
     metrics.observe_serve_request(TAGS.route("infer"), 0.004)
     metrics.observe_serve_request(TAGS.route("infer"), -1.0, InvalidInput("bad"))
+    metrics.flush_counts()
     want = {"deployment": "model-rec", "replica": "abc123", "application": "mpsserve"}
     assert recorder.of("serve_deployment_request_counter") == [(1, {**want, "route": "/infer"})]
     assert recorder.of("serve_deployment_error_counter") == [
@@ -81,6 +82,7 @@ def test_handle_frame_records_every_outcome(recorder: Recorder) -> None:
     assert error.get("ok") is False
     with pytest.raises(RuntimeError):
         _handle(RuntimeError("a bug"), {"op": "metadata", "_received": 1.0})
+    metrics.flush_counts()
     assert len(recorder.of("serve_deployment_request_counter")) == 1
     errors = [tags for _, tags in recorder.of("serve_deployment_error_counter")]
     assert [(t["route"], t["exception_type"]) for t in errors] == [
@@ -88,3 +90,27 @@ def test_handle_frame_records_every_outcome(recorder: Recorder) -> None:
         ("/metadata", "RuntimeError"),
     ]
     assert len(recorder.of("serve_deployment_processing_latency_ms")) == 3
+
+
+def test_counts_are_summed_between_flushes(recorder: Recorder) -> None:
+    metrics.flush_counts()  # the clock starts: the next frames wait for COUNTS_FLUSH_S
+    for _ in range(3):
+        metrics.observe_serve_request(TAGS.route("infer"), 0.001)
+    metrics.observe_serve_request(TAGS.route("metadata"), 0.001)
+    assert recorder.of("serve_deployment_request_counter") == []
+    assert len(recorder.of("serve_deployment_processing_latency_ms")) == 4  # never held
+    metrics.flush_counts()
+    assert sorted(
+        (tags["route"], value) for value, tags in recorder.of("serve_deployment_request_counter")
+    ) == [("/infer", 3), ("/metadata", 1)]
+    metrics.flush_counts()  # nothing new: nothing recorded (Ray refuses +0)
+    assert len(recorder.of("serve_deployment_request_counter")) == 2
+
+
+def test_a_frame_after_the_period_flushes(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics.flush_counts()
+    monkeypatch.setattr(metrics, "COUNTS_FLUSH_S", 0.0)
+    metrics.observe_serve_request(TAGS.route("infer"), 0.001)
+    assert [value for value, _ in recorder.of("serve_deployment_request_counter")] == [1]
