@@ -14,6 +14,10 @@ midpoints (use quantiles or bucket ratios, not ``_sum``, for latency). Every ser
 Ray's labels (``SessionName``, ``NodeAddress``, ``WorkerId``, ``Component``, ``Version``): one
 series per process, so queries aggregate with ``sum by`` / ``max by``.
 
+Beside them, a model replica records the frames it serves in Ray Serve's own request metrics
+(``SERVE_*``, Serve's names and labels), which Serve cannot see on the data port and which the
+Ray dashboard's Serve views read.
+
 Ray's metric objects can only be made in a connected Ray driver or worker, so they are made on
 first use, never at import. Nothing here raises into the request path: where Ray's metrics are
 unavailable (no Ray, a failing recorder) a value is dropped and the first failure is logged.
