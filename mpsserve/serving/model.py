@@ -67,6 +67,7 @@ class ModelReplica:
         self._mps.start_guardian()
         self._transport = transport or TransportSpec(serve.get_replica_context().app_name)
         self._stall_s = config.placement.inference_stall_s
+        self._serve_tags = metrics.ServeTags.of_replica()
         self._server = self._open_data_port(config.placement.max_ongoing_requests)
         self._servable.drain = self._drain
 
@@ -147,28 +148,42 @@ class ModelReplica:
         os._exit(EXIT_DEVICE_FAULT)
 
     def handle_frame(self, header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
-        """One request from the ingress (runs on the data port's thread pool)."""
-        started = time.perf_counter()
+        """One request from the ingress (runs on the data port's thread pool), counted in
+        Serve's own request metrics for this deployment and replica (``metrics.SERVE_*``):
+        Serve's handle path never sees it, and the Ray dashboard's Serve views read those."""
+        op = header.get("op")
+        error: BaseException | None = None
         try:
-            op = header.get("op")
-            if op == "infer":
-                inputs = frame.tensors(header, body)
-                version, outputs = self._servable.infer(
-                    inputs, header.get("outputs"), header.get("version")
-                )
-                metrics.observe_inference(
-                    self._servable.config.name,
-                    version,
-                    queue_seconds=started - header["_received"],
-                    inference_seconds=time.perf_counter() - started,
-                )
-                answer = {"ok": True, "version": version, "busy": self._servable.busy}
-                return frame.encode(answer, outputs)
-            if op == "metadata":
-                return frame.encode({"ok": True, "metadata": self.metadata()})
-            raise frame.FrameError(f"unknown operation {op!r}")
+            return self._answer(op, header, body)
         except (MpsServeError, frame.FrameError) as exc:
+            error = exc
             return frame.encode(frame.error_header(exc))
+        except BaseException as exc:  # the data port answers it; counted here all the same
+            error = exc
+            raise
+        finally:
+            received = header.get("_received", 0.0)
+            seconds = time.perf_counter() - received if received else 0.0
+            metrics.observe_serve_request(self._serve_tags.route(op), seconds, error)
+
+    def _answer(self, op: object, header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
+        if op == "infer":
+            started = time.perf_counter()
+            inputs = frame.tensors(header, body)
+            version, outputs = self._servable.infer(
+                inputs, header.get("outputs"), header.get("version")
+            )
+            metrics.observe_inference(
+                self._servable.config.name,
+                version,
+                queue_seconds=started - header["_received"],
+                inference_seconds=time.perf_counter() - started,
+            )
+            answer = {"ok": True, "version": version, "busy": self._servable.busy}
+            return frame.encode(answer, outputs)
+        if op == "metadata":
+            return frame.encode({"ok": True, "metadata": self.metadata()})
+        raise frame.FrameError(f"unknown operation {op!r}")
 
     def infer(
         self,
@@ -212,6 +227,7 @@ class ModelReplica:
         replica set when Serve acts). A stalled inference thread fails the check but keeps
         serving: the ingresses already route around a replica that does not answer, and
         one that recovers before Serve acts serves on."""
+        metrics.flush_counts()  # frames counted since the last one, when traffic stopped
         problem = self._servable.problem() or self._mps.problem()
         if problem is None and not self._server.alive:
             problem = "its data port stopped"
@@ -244,6 +260,7 @@ class ModelReplica:
         if server is not None:
             server.refuse("the replica is shutting down")
             server.stop()
+        metrics.flush_counts()
         self._servable.stop()
 
 
