@@ -20,6 +20,7 @@ from mpsserve.protocol.kserve import encode_json_request
 from mpsserve.serving import transport
 from mpsserve.serving.router import call_replica
 from tests.conftest import SMALL
+from tests.sockets import closed_after
 
 HANDSHAKE_S = 2.0  # transport.handshake_timeout_s's default, which the session's app uses
 
@@ -42,19 +43,6 @@ def connect(entry: dict[str, Any]) -> socket.socket:
     sock = socket.create_connection((entry["host"], entry["port"]), timeout=10)
     assert len(sock.recv(handshake.CHALLENGE.size, socket.MSG_WAITALL)) == handshake.CHALLENGE.size
     return sock
-
-
-def until_closed(sock: socket.socket, timeout_s: float = 10) -> bytes:
-    """Everything the replica sent before closing (fails if it stays open)."""
-    sock.settimeout(timeout_s)
-    received = b""
-    with sock:
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except ConnectionResetError:
-            pass
-    return received
 
 
 def infer_ok(base_url: str) -> bool:
@@ -86,7 +74,7 @@ def test_a_peer_without_the_key_gets_no_inference_and_no_metadata(base_url: str)
     bare.sendall(metadata)  # a frame where the proof belongs
     forged = connect(entry)
     forged.sendall(handshake.ANSWER.pack(handshake.ANSWER_MAGIC, b"\0" * 8, b"\0" * 32) + metadata)
-    assert until_closed(bare) == b"" and until_closed(forged) == b""
+    assert closed_after(bare, 10)[0] == b"" and closed_after(forged, 10)[0] == b""
     stranger = Keyring.generate()
     try:
         call_replica(entry["host"], entry["port"], {"op": "metadata"}, stranger)
@@ -109,7 +97,7 @@ def test_claimed_sizes_do_not_grow_the_replica(base_url: str) -> None:
     assert infer_ok(base_url)
     grown = rss_bytes(entry["pid"]) - before
     assert grown < 16 * 2**20, f"the replica grew {grown / 2**20:.0f} MiB"
-    assert all(until_closed(sock) == b"" for sock in liars)
+    assert all(closed_after(sock, 10)[0] == b"" for sock in liars)
     assert time.monotonic() - started < HANDSHAKE_S + 3
     assert infer_ok(base_url)
 

@@ -22,6 +22,7 @@ from mpsserve.serving.replica_server import ReplicaServer
 from mpsserve.serving.router import ReplicaBackend, Router, call_replica
 from mpsserve.serving.transport import KeyWatcher, WireLimits
 from mpsserve.types import InferRequest
+from tests.sockets import closed_after
 
 LIMITS = WireLimits(
     max_header_bytes=1024,
@@ -80,20 +81,6 @@ def authenticated(port: int, ring: Keyring = RING) -> socket.socket:
     sock.sendall(handshake.answer(ring, read_exactly(sock, handshake.CHALLENGE.size)))
     assert read_exactly(sock, len(handshake.ACCEPTED)) == handshake.ACCEPTED
     return sock
-
-
-def closed_after(sock: socket.socket, timeout_s: float) -> tuple[bytes, float]:
-    """What the peer received until the replica closed the connection, and how long it took
-    (fails if it stays open past ``timeout_s``)."""
-    sock.settimeout(timeout_s)
-    started, received = time.monotonic(), b""
-    with sock:
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except ConnectionResetError:
-            pass
-    return received, time.monotonic() - started
 
 
 def metadata_frame() -> bytes:
