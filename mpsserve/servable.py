@@ -52,7 +52,7 @@ from mpsserve.errors import (
     ReplicaUnavailable,
 )
 from mpsserve.features import prepare_inputs, synthetic_inputs, synthetic_like
-from mpsserve.mps.control import file_lock
+from mpsserve.locks import file_lock
 from mpsserve.runtime import REQUIRED_FILES, ModelRuntime, RuntimeOptions, injected, load_runtime
 from mpsserve.settings import settings
 from mpsserve.store import ModelStore

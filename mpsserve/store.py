@@ -25,7 +25,7 @@ import fsspec
 
 from mpsserve.config import VersionPolicy
 from mpsserve.errors import ModelLoadError, ModelNotReady
-from mpsserve.mps.control import file_lock
+from mpsserve.locks import file_lock
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ before, else a restart), and writes the node's MPS state (daemon pid, restarts, 
 their clients) to a JSON file for replicas, ``doctor`` and operators. A restart is counted
 when the daemon's pid changes, whoever started the new one. A busy daemon (DaemonBusy) is
 neither down nor restarted: the round keeps the last view of the servers and says it is busy.
-The leader also runs the node's metrics sampler (mpsserve/sampler.py), and follows GPU faults
+The leader also runs the node's metrics sampler (mpsserve/mps/sampler.py), and follows GPU faults
 (mpsserve/mps/faults.py): which clients of the faulted server were hit, and when the last one
 left, so the server takes new clients again. Every replica's guardian thread, leader or not,
 also looks for fault records naming its own server twice a second (``on_round``).
@@ -26,27 +26,23 @@ and counts the busy check.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mpsserve.errors import MpsError
 from mpsserve.mps import faults, hook
 from mpsserve.mps.control import DaemonBusy, DaemonNotRunning, MpsControl
+from mpsserve.mps.sampler import NodeSampler
+from mpsserve.mps.state import NodeState, read_state, write_state
 from mpsserve.settings import Settings
 
-if TYPE_CHECKING:
-    from mpsserve.sampler import NodeSampler
-
 logger = logging.getLogger(__name__)
-STATE_FILE = hook.STATE_FILE
 LEADER_LOCK = "guardian.lock"
 #: A state file older than this many guardian intervals is stale: replicas ask the daemon.
 STALE_INTERVALS = 3
@@ -55,44 +51,6 @@ ROUND_S = 0.5
 #: A client hit by a GPU fault still there after this is named in a warning (it holds the
 #: server's recovery back).
 LINGER_WARN_S = 30.0
-
-
-@dataclass
-class NodeState:
-    """What the guardian last saw on this node."""
-
-    node: str = field(default_factory=socket.gethostname)
-    up: bool = False
-    daemon_pid: int | None = None
-    restarts: int = 0
-    servers: dict[str, list[int]] = field(default_factory=dict)  # server pid -> client pids
-    checked_at: float = 0.0
-    guardian_pid: int = field(default_factory=os.getpid)
-    last_error: str | None = None
-    #: The last daemon seen answering (kept while it is down): a new pid is a restart.
-    known_daemon_pid: int | None = None
-    #: This round the daemon did not take commands in time (``servers`` is the last view).
-    busy: bool = False
-    busy_rounds: int = 0
-    #: GPU faults reported on this node (mpsserve/mps/faults.py), and the latest few followed.
-    gpu_faults: int = 0
-    faults: list[dict[str, Any]] = field(default_factory=list)
-
-
-def read_state(state_dir: Path) -> NodeState | None:
-    try:
-        data = json.loads((state_dir / STATE_FILE).read_text())
-        return NodeState(**data)
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def write_state(state_dir: Path, state: NodeState) -> None:
-    """Atomically (rename), so readers never see half a file."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    partial = state_dir / f".{STATE_FILE}.{os.getpid()}"
-    partial.write_text(json.dumps(asdict(state), indent=2))
-    partial.replace(state_dir / STATE_FILE)
 
 
 class Guardian(threading.Thread):
@@ -148,8 +106,6 @@ class Guardian(threading.Thread):
     def _start_sampler(self) -> None:
         """The node's metrics (MPS state, GPU load) come from its one leader."""
         if self.sampler is None:
-            from mpsserve.sampler import NodeSampler  # imports this module
-
             self.sampler = NodeSampler(self.state_dir)
             self.sampler.start()
 

@@ -29,6 +29,7 @@ from mpsserve.errors import MpsError
 from mpsserve.gpu import inventory
 from mpsserve.mps.control import MpsControl
 from mpsserve.mps.faults import CLIENTS_DIR, FAULTS_DIR
+from mpsserve.mps.state import STATE_FILE  # forgotten with the daemon it describes
 from mpsserve.settings import Settings, settings, to_env
 
 logger = logging.getLogger(__name__)
@@ -41,9 +42,6 @@ LOCK_FILE = "daemon.lock"
 CONTROL_LOCK_FILE = "control.lock"
 STARTED_FILE = "daemon.started"
 PINNED_LIMIT_VAR = "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"
-#: The guardian's state file (mpsserve/mps/guardian.py), forgotten with the daemon it describes.
-STATE_FILE = "guardian.json"
-
 #: Why this process could not set MPS up (read by the replica to report it), if it could not.
 setup_error: str | None = None
 

@@ -139,8 +139,8 @@ class ModelRuntime(ABC):
     def __init__(self, signature: Signature, device: str) -> None:
         self.signature = signature
         self.device = device
-        #: Ops of the model with no GPU kernel for their dtypes (``mpsserve.audit.CpuOp``
-        #: as dicts: op, node, function, dtypes, reason); empty where a runtime cannot tell.
+        #: Ops of the model with no GPU kernel for their dtypes (``tf_kernels.CpuOp`` as
+        #: dicts: op, node, function, dtypes, reason); empty where a runtime cannot tell.
         self.cpu_ops: list[dict[str, Any]] = []
 
     @classmethod

@@ -19,7 +19,8 @@ from mpsserve.config import MpsConfig, Placement
 from mpsserve.errors import MpsError
 from mpsserve.mps import hook
 from mpsserve.mps.control import BUSY, PID_FILE, DaemonBusy, DaemonNotRunning, MpsControl
-from mpsserve.mps.guardian import Guardian, ReplicaMps, read_state, write_state
+from mpsserve.mps.guardian import Guardian, ReplicaMps
+from mpsserve.mps.state import read_state, write_state
 from mpsserve.settings import settings, to_env
 from tests.mps import STANDIN, daemon, standin_client, standin_control
 

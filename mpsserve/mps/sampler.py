@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mpsserve import gpu, metrics
-from mpsserve.mps.guardian import NodeState, read_state
+from mpsserve.mps.state import NodeState, read_state
 
 logger = logging.getLogger(__name__)
 
