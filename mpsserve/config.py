@@ -511,6 +511,30 @@ class MpsConfig(_Strict):
         return value
 
 
+class ReplicaMpsConfig(_Strict):
+    """What one GPU replica needs of MPS: the service's ``mps`` section and its model's share
+    of a GPU (for the derived pinned-memory limit). The app builder hands it to each replica
+    as JSON in ``MPSSERVE_MPS_CONFIG`` (``mpsserve.mps.hook.replica_runtime_env``), and the
+    replica validates it with this model, so the MPS knobs are declared here once. Without
+    one (a CPU replica, a process Serve did not start) MPS is off."""
+
+    mps: MpsConfig = Field(
+        default_factory=lambda: MpsConfig(mode="off"), description="The service's mps section."
+    )
+    replicas_per_gpu: int = Field(
+        1, ge=1, le=MPS_MAX_CLIENTS_PER_GPU, description="The model's placement.replicas_per_gpu."
+    )
+    gpu_share: float = Field(1.0, gt=0, le=1, description="The model's placement.gpu_share.")
+
+    @classmethod
+    def from_json(cls, text: str) -> ReplicaMpsConfig:
+        """Parse and validate ``MPSSERVE_MPS_CONFIG`` (empty: MPS off); ConfigError if bad."""
+        try:
+            return cls.model_validate_json(text or "{}")
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, "MPSSERVE_MPS_CONFIG")) from exc
+
+
 class RayConfig(_Strict):
     """Where Ray runs; ``address: null`` starts a local cluster for ``mpsserve serve``."""
 

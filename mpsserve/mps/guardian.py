@@ -35,12 +35,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mpsserve.config import MpsConfig
 from mpsserve.errors import MpsError
 from mpsserve.mps import faults, hook
 from mpsserve.mps.control import DaemonBusy, DaemonNotRunning, MpsControl
 from mpsserve.mps.sampler import NodeSampler
 from mpsserve.mps.state import NodeState, read_state, write_state
-from mpsserve.settings import Settings
 
 logger = logging.getLogger(__name__)
 LEADER_LOCK = "guardian.lock"
@@ -280,27 +280,27 @@ def find_attachment(control: MpsControl, pid: int) -> Attachment:
 class ReplicaMps:
     """One GPU replica's view of MPS: attach after load, then health."""
 
-    def __init__(self, s: Settings, pid: int | None = None, gpu: str | None = None) -> None:
-        self.mode = s.mps_mode
-        self.state_dir = Path(s.mps_state_dir)
+    def __init__(self, mps: MpsConfig, pid: int | None = None, gpu: str | None = None) -> None:
+        self.mode = mps.mode
+        self.state_dir = Path(mps.state_dir)
         self.pid = pid or os.getpid()
         self.gpu = gpu  # as Ray names it on the node; None: no GPU
         #: Before this process's first CUDA call: a GPU fault after it may have hit this process.
         self.started_at = time.time()
         self._hit: faults.GpuFault | None = None
-        self.control = hook.control_from(s)
+        self.control = hook.control_for(mps)
         self.server: int | None = None
         self.detail = "MPS off" if self.mode == "off" else "not checked yet"
-        self.stale_after_s = STALE_INTERVALS * s.mps_guardian_interval_s
+        self.stale_after_s = STALE_INTERVALS * mps.guardian_interval_s
         self.unverified = False  # the daemon was busy when asked after load: ask again
         self.busy_checks = 0  # health checks that found the daemon busy (no verdict)
         self.guardian: Guardian | None = None
         if self.mode != "off":
             self.guardian = Guardian(
                 self.control,
-                Path(s.mps_state_dir),
-                s.mps_guardian_interval_s,
-                restart=s.mps_daemon != "external",
+                self.state_dir,
+                mps.guardian_interval_s,
+                restart=mps.daemon != "external",
             )
 
     def start_guardian(self) -> None:
