@@ -53,6 +53,7 @@ from mpsserve.errors import (
 )
 from mpsserve.features import prepare_inputs, synthetic_inputs, synthetic_like
 from mpsserve.locks import file_lock
+from mpsserve.periodic import Periodic
 from mpsserve.runtime import REQUIRED_FILES, ModelRuntime, RuntimeOptions, injected, load_runtime
 from mpsserve.settings import settings
 from mpsserve.store import ModelStore
@@ -153,8 +154,10 @@ class Servable:
         self.serving_since: float | None = None  # time.time() of the last swap
         self.last_poll: float | None = None
         self._poll_lock = threading.Lock()
-        self._wake, self._stopping = threading.Event(), threading.Event()
-        self._watcher: threading.Thread | None = None
+        #: Polls the store every poll_interval_s once started; a new policy wakes it.
+        self._watcher = Periodic(
+            f"store-watch {config.name}", config.poll_interval_s, self.poll, immediately=False
+        )
 
     @property
     def version(self) -> int | None:
@@ -346,26 +349,14 @@ class Servable:
             self.policy = policy
             for version in policy.specific or ():  # pinning is an operator's call: try again
                 self.failed.pop(version, None)
-            self._wake.set()
+            self._watcher.wake()
 
     def start_watching(self) -> None:
-        if self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch, name="store-watch", daemon=True)
+        if not self._watcher.is_alive() and not self._watcher.stopping:
             self._watcher.start()
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-
-    def _watch(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.wait(self.config.poll_interval_s)
-            self._wake.clear()
-            if not self._stopping.is_set():
-                try:
-                    self.poll()
-                except Exception:  # keep watching whatever one poll hit
-                    logger.exception("model %s: store poll failed", self.config.name)
+        self._watcher.stop()
 
     # -- requests -------------------------------------------------------------------------
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -41,6 +40,7 @@ from mpsserve.mps import faults, hook
 from mpsserve.mps.control import DaemonBusy, DaemonNotRunning, MpsControl
 from mpsserve.mps.sampler import NodeSampler
 from mpsserve.mps.state import NodeState, read_state, write_state
+from mpsserve.periodic import Periodic
 
 logger = logging.getLogger(__name__)
 LEADER_LOCK = "guardian.lock"
@@ -53,41 +53,43 @@ ROUND_S = 0.5
 LINGER_WARN_S = 30.0
 
 
-class Guardian(threading.Thread):
-    """Keeps the node's control daemon up; one active per node (leader lock)."""
+class Guardian(Periodic):
+    """Keeps the node's control daemon up; one active per node (leader lock).
+
+    One ``Periodic`` round every ``ROUND_S`` (at most ``interval_s``): ``on_round`` each
+    round, leader or not, and the daemon's check when ``interval_s`` has passed since the
+    last one, if this thread leads."""
 
     def __init__(
         self, control: MpsControl, state_dir: Path, interval_s: float, restart: bool = True
     ) -> None:
-        super().__init__(name="mps-guardian", daemon=True)
-        self.control, self.state_dir, self.interval_s = control, state_dir, interval_s
+        super().__init__(
+            "mps-guardian", min(ROUND_S, interval_s), self._round_of_checks, on_exit=self._release
+        )
+        self.control, self.state_dir, self.check_interval_s = control, state_dir, interval_s
         self.restart = restart  # False: the daemon is external; watch and report only
-        self._stopping = threading.Event()
+        self._next_check = 0.0
         self._lock_handle: Any = None
         self.sampler: NodeSampler | None = None  # the node's metrics sampler, started by the leader
         #: Run by this thread every ROUND_S, leader or not (a replica's own watch).
         self.on_round: Callable[[], None] = lambda: None
 
-    def stop(self) -> None:
-        self._stopping.set()
-
-    def run(self) -> None:
-        next_check = 0.0
+    def _round_of_checks(self) -> None:
         try:
-            while not self._stopping.is_set():
-                if time.monotonic() >= next_check:
-                    next_check = time.monotonic() + self.interval_s
-                    if self._lead():
-                        self.check()
-                        self._start_sampler()
-                self.on_round()
-                self._stopping.wait(min(ROUND_S, self.interval_s))
+            if time.monotonic() >= self._next_check:
+                self._next_check = time.monotonic() + self.check_interval_s
+                if self._lead():
+                    self.check()
+                    self._start_sampler()
         finally:
-            if self.sampler is not None:
-                self.sampler.stop()
-            if self._lock_handle is not None:
-                self._lock_handle.close()  # frees the node's guardian lock for another
-                self._lock_handle = None
+            self.on_round()  # a failed check must not keep a replica from its faults
+
+    def _release(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
+        if self._lock_handle is not None:
+            self._lock_handle.close()  # frees the node's guardian lock for another
+            self._lock_handle = None
 
     def _lead(self) -> bool:
         if self._lock_handle is not None:
