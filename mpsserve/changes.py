@@ -12,17 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from mpsserve.config import ModelConfig, ServiceConfig, VersionPolicy
+from mpsserve.config import ModelConfig, ServiceConfig
 from mpsserve.errors import MpsServeError
 
 SECTIONS = ("ingress", "mps", "ray", "transport")
-
-
-def policy_text(policy: VersionPolicy) -> str:
-    """``latest 1`` or ``specific [1, 2]``."""
-    if policy.specific is not None:
-        return f"specific {policy.specific}"
-    return f"latest {policy.latest}"
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -61,9 +54,7 @@ def _model_changes(old: ModelConfig, new: ModelConfig, cluster_gpus: int | None)
         if before != after:
             changes.append(f"replicas {before} -> {after}")
     if old.version_policy != new.version_policy:
-        changes.append(
-            f"version_policy {policy_text(old.version_policy)} -> {policy_text(new.version_policy)}"
-        )
+        changes.append(f"version_policy {old.version_policy.text()} -> {new.version_policy.text()}")
     exclude = {"version_policy"}
     changes += _field_changes(
         old.model_dump(mode="json", exclude=exclude), new.model_dump(mode="json", exclude=exclude)

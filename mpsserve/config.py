@@ -7,7 +7,7 @@ A bad file fails at load with the dotted path of the bad field and what was expe
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -39,13 +39,37 @@ class VersionPolicy(_Strict):
     """Which versions of a model serve (TF Serving's policies); only `latest` is wired so far."""
 
     latest: int | None = Field(1, ge=1, description="Serve the newest N complete versions.")
-    specific: list[int] | None = Field(None, description="Serve exactly these versions (pins).")
+    specific: list[int] | None = Field(
+        None, min_length=1, description="Serve exactly these versions (pins)."
+    )
 
     @model_validator(mode="after")
     def _one_policy(self) -> VersionPolicy:
         if self.specific is not None and self.latest not in (None, 1):
             raise ValueError("give either 'latest' or 'specific', not both")
         return self
+
+    def text(self) -> str:
+        """``latest 1`` or ``specific [1, 2]``: how logs, errors and redeploys name it."""
+        if self.specific is not None:
+            return f"specific {self.specific}"
+        return f"latest {self.latest or 1}"
+
+    def selected(self, complete: Sequence[int]) -> list[int]:
+        """The versions this policy serves of the ``complete`` ones, ascending: the pinned
+        ones (those not complete yet left out), else the newest ``latest``."""
+        if self.specific is not None:
+            return sorted(set(self.specific) & set(complete))
+        return sorted(complete)[-(self.latest or 1) :]
+
+    def candidates(self, complete: Sequence[int]) -> list[int]:
+        """Every version worth serving, best first, for a process that serves one at a time
+        and takes the first that loads: the pinned ones, highest first, else every complete
+        version, newest first (older ones in case the newest fails), so that whatever a
+        process loaded before, the outcome is the same in every process."""
+        if self.specific is not None:
+            return sorted(set(self.specific) & set(complete), reverse=True)
+        return sorted(complete, reverse=True)
 
 
 class Placement(_Strict):

@@ -184,12 +184,7 @@ class Servable:
             return self.store_error
         if self.failed:
             return "; ".join(f"version {v}: {f.reason}" for v, f in sorted(self.failed.items()))
-        return f"no complete version in {self.config.store} matches {self._policy_text()}"
-
-    def _policy_text(self) -> str:
-        if self.policy.specific:
-            return f"specific {self.policy.specific}"
-        return f"latest {self.policy.latest or 1}"
+        return f"no complete version in {self.config.store} matches {self.policy.text()}"
 
     # -- loading and swapping ---------------------------------------------------------------
 
@@ -212,7 +207,7 @@ class Servable:
                 logger.error("model %s: cannot read the store: %s", self.config.name, exc.message)
                 return
             self.store_error, self.skipped = None, dict(scan.skipped)
-            for version in self._candidates(scan.complete):
+            for version in self.policy.candidates(scan.complete):
                 if version == self.version:
                     break
                 fingerprint = self._fingerprint(version)
@@ -224,16 +219,6 @@ class Servable:
             for gone in set(self.failed) - set(scan.complete) - set(scan.skipped):
                 del self.failed[gone]  # deleted from the store: forget it
             self._prune(scan.complete)
-
-    def _candidates(self, complete: list[int]) -> list[int]:
-        """Every version worth serving, best first; the first that loads (or is already
-        served) wins. Pinned: the pinned versions, highest first. Otherwise the newest
-        complete version, then older ones in case it fails: whatever a process loaded
-        before, the outcome is the same in every process (``latest`` is how many a policy
-        would keep; one version serves at a time)."""
-        if self.policy.specific:
-            return sorted((v for v in complete if v in self.policy.specific), reverse=True)
-        return sorted(complete, reverse=True)
 
     def _fingerprint(self, version: int) -> str | None:
         try:
@@ -448,7 +433,7 @@ class Servable:
     def store_status(self) -> dict[str, Any]:
         return {
             "uri": self.config.store,
-            "policy": self._policy_text(),
+            "policy": self.policy.text(),
             "serving": self.version,
             "serving_since": self.serving_since,
             "converge_within_s": self.converge_within_s,
