@@ -53,6 +53,7 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check mpsserve tests benchmarks
 	$(VENV)/bin/ruff format --check mpsserve tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports  # [tool.importlinter] in pyproject.toml: layers, no cycles
 
 clean:
 	rm -rf $(VENV) .mpsserve

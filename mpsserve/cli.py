@@ -8,26 +8,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from mpsserve.config import ServiceConfig, load_config
-from mpsserve.errors import MpsServeError
-from mpsserve.settings import settings
+from mpsserve.deploy import (
+    deploy,
+    deploy_to,
+    load_service,
+    run_command,
+    start_ray,
+    use_cluster_token,
+)
 
 logger = logging.getLogger("mpsserve")
 DEFAULT_CONFIG = "deployments/local.yaml"
 REQUEST_DIR = Path(".mpsserve")
-
-
-class Cluster(NamedTuple):
-    gpus: int
-    cpus: float
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,55 +125,6 @@ def cmd_audit_ops(args: argparse.Namespace) -> int:
     return 1 if report.falls_back else 0
 
 
-def _use_cluster_token() -> None:
-    """Ray 2.60's `ray start` turns on token auth, but a client only sends the token when
-    RAY_AUTH_MODE=token; join such a cluster as `ray` itself would, if the user set no mode."""
-    has_token = Path.home().joinpath(".ray", "auth_token").exists() or any(
-        os.environ.get(name) for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-    )
-    if has_token and "RAY_AUTH_MODE" not in os.environ:
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
-def _start_ray(config: ServiceConfig, address: str | None, local: bool) -> tuple[Cluster, str]:
-    """Join or start Ray and Serve; returns the cluster's resources and the dashboard URL."""
-    joining = not (local and address is None)
-    if joining:
-        _use_cluster_token()  # before Ray is imported: it reads the mode once, at import
-    import ray
-    from ray import serve
-
-    if not joining:  # "local": a new cluster of our own, never one found on the machine
-        context = ray.init(
-            address="local",
-            num_cpus=config.ray.num_cpus,
-            num_gpus=config.ray.num_gpus,
-            include_dashboard=config.ray.dashboard,
-            logging_level=logging.WARNING,
-        )
-    else:
-        context = ray.init(address=address or "auto", logging_level=logging.WARNING)
-    from mpsserve.serving.app import serve_options
-
-    serve.start(**serve_options(config))
-    dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "(off)"
-    resources = ray.cluster_resources()
-    return Cluster(int(resources.get("GPU", 0)), float(resources.get("CPU", 0))), dashboard
-
-
-def _deploy(config: ServiceConfig, cluster: Cluster) -> None:
-    from mpsserve.serving.app import deploy
-
-    gpus = cluster.gpus
-    placement = (
-        "CPU replicas (no GPU in the cluster, so no MPS)"
-        if gpus == 0
-        else f"{gpus} GPU(s), MPS mode {config.mps.mode}"
-    )
-    print(f"deploying {[m.name for m in config.models]} on {placement} ...", flush=True)
-    deploy(config, gpus, cluster.cpus, progress=lambda line: print(line, flush=True))
-
-
 def _write_request(config: ServiceConfig, model: str, rows: int) -> Path:
     """A JSON request of ``rows`` rows built from the served model's signature."""
     from ray import serve
@@ -255,8 +206,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     try:
-        cluster, dashboard = _start_ray(config, config.ray.address, local=True)
-        _deploy(config, cluster)
+        cluster, dashboard = start_ray(config, config.ray.address, local=True)
+        deploy_to(config, cluster)
         request = _write_request(config, config.models[0].name, args.rows)
         _print_endpoints(config, request, args.rows, dashboard)
         _wait_for_signal()
@@ -277,23 +228,6 @@ def _stop_mps(config: ServiceConfig) -> None:
         print(f"stopped the MPS control daemon on {config.mps.pipe_dir}", flush=True)
 
 
-def _load_service(path: str) -> ServiceConfig:
-    """A service YAML, or a Serve config file holding the mpsserve application. Token and
-    certificate files are not looked for here: they are needed where the ingress runs,
-    which checks them when it starts."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        data = None  # load_config says what is wrong with it
-    if isinstance(data, dict) and "applications" in data:
-        from mpsserve.serving.app import service_config_from_serve
-
-        return service_config_from_serve(data, path, check_files=False)
-    return load_config(path, check_files=False)
-
-
 def cmd_serve_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -306,8 +240,8 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load_service(args.config)
-    _use_cluster_token()
+    config = load_service(args.config)
+    use_cluster_token()
     import ray
 
     from mpsserve.status import gather, render
@@ -319,13 +253,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from mpsserve.redeploy import print_changes
-
-    config = _load_service(args.config)
-    cluster, _ = _start_ray(config, args.address or config.ray.address, local=False)
-    print_changes(config, cluster.gpus)
-    _deploy(config, cluster)
-    print(f"deployed application {config.ray.app_name!r}; HTTP on port {config.ingress.http_port}")
+    deploy(args.config, args.address)
     return 0
 
 
@@ -342,15 +270,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=settings().log_level, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return COMMANDS[args.command](args)
-    except MpsServeError as exc:
-        print(f"mpsserve {args.command}: {exc.message}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:  # Ray Serve reports a failed deployment this way
-        print(f"mpsserve {args.command}: {exc}", file=sys.stderr)
-        return 1
+    return run_command(args.command, lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ A bad file fails at load with the dotted path of the bad field and what was expe
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -39,13 +39,37 @@ class VersionPolicy(_Strict):
     """Which versions of a model serve (TF Serving's policies); only `latest` is wired so far."""
 
     latest: int | None = Field(1, ge=1, description="Serve the newest N complete versions.")
-    specific: list[int] | None = Field(None, description="Serve exactly these versions (pins).")
+    specific: list[int] | None = Field(
+        None, min_length=1, description="Serve exactly these versions (pins)."
+    )
 
     @model_validator(mode="after")
     def _one_policy(self) -> VersionPolicy:
         if self.specific is not None and self.latest not in (None, 1):
             raise ValueError("give either 'latest' or 'specific', not both")
         return self
+
+    def text(self) -> str:
+        """``latest 1`` or ``specific [1, 2]``: how logs, errors and redeploys name it."""
+        if self.specific is not None:
+            return f"specific {self.specific}"
+        return f"latest {self.latest or 1}"
+
+    def selected(self, complete: Sequence[int]) -> list[int]:
+        """The versions this policy serves of the ``complete`` ones, ascending: the pinned
+        ones (those not complete yet left out), else the newest ``latest``."""
+        if self.specific is not None:
+            return sorted(set(self.specific) & set(complete))
+        return sorted(complete)[-(self.latest or 1) :]
+
+    def candidates(self, complete: Sequence[int]) -> list[int]:
+        """Every version worth serving, best first, for a process that serves one at a time
+        and takes the first that loads: the pinned ones, highest first, else every complete
+        version, newest first (older ones in case the newest fails), so that whatever a
+        process loaded before, the outcome is the same in every process."""
+        if self.specific is not None:
+            return sorted(set(self.specific) & set(complete), reverse=True)
+        return sorted(complete, reverse=True)
 
 
 class Placement(_Strict):
@@ -509,6 +533,30 @@ class MpsConfig(_Strict):
         if isinstance(value, bool):
             return "on" if value else "off"
         return value
+
+
+class ReplicaMpsConfig(_Strict):
+    """What one GPU replica needs of MPS: the service's ``mps`` section and its model's share
+    of a GPU (for the derived pinned-memory limit). The app builder hands it to each replica
+    as JSON in ``MPSSERVE_MPS_CONFIG`` (``mpsserve.mps.hook.replica_runtime_env``), and the
+    replica validates it with this model, so the MPS knobs are declared here once. Without
+    one (a CPU replica, a process Serve did not start) MPS is off."""
+
+    mps: MpsConfig = Field(
+        default_factory=lambda: MpsConfig(mode="off"), description="The service's mps section."
+    )
+    replicas_per_gpu: int = Field(
+        1, ge=1, le=MPS_MAX_CLIENTS_PER_GPU, description="The model's placement.replicas_per_gpu."
+    )
+    gpu_share: float = Field(1.0, gt=0, le=1, description="The model's placement.gpu_share.")
+
+    @classmethod
+    def from_json(cls, text: str) -> ReplicaMpsConfig:
+        """Parse and validate ``MPSSERVE_MPS_CONFIG`` (empty: MPS off); ConfigError if bad."""
+        try:
+            return cls.model_validate_json(text or "{}")
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, "MPSSERVE_MPS_CONFIG")) from exc
 
 
 class RayConfig(_Strict):

@@ -149,6 +149,32 @@ class InferenceError(MpsServeError):
 
 GENERIC_INTERNAL_MESSAGE = "internal error; see the server log"
 
+#: An error that crossed a wire by its HTTP status (a replica's frame) becomes the most
+#: general class of that status again; any other status is an InferenceError (500). Its
+#: gRPC code then follows from the class, as ``to_status`` reads it.
+BY_HTTP_STATUS: dict[int, type[MpsServeError]] = {
+    cls.http_status: cls
+    for cls in (
+        InvalidInput,
+        Unauthenticated,
+        ModelNotFound,
+        RequestTimeout,
+        PayloadTooLarge,
+        HeadersTooLarge,
+        InferenceError,
+        ModelNotReady,
+        DeadlineExceeded,
+    )
+}
+
+
+def from_status(status: int, message: str, retry_elsewhere: bool = False) -> MpsServeError:
+    """The error ``to_status`` turned into ``status`` and ``message`` on the other side;
+    ``retry_elsewhere``: the replica broke, not the request (ReplicaUnavailable)."""
+    if retry_elsewhere:
+        return ReplicaUnavailable(message)
+    return BY_HTTP_STATUS.get(status, InferenceError)(message)
+
 
 def to_status(exc: BaseException) -> tuple[int, GrpcCode, str]:
     """Map any exception to (HTTP status, gRPC code, client-safe message).

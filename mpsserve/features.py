@@ -12,7 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from mpsserve.errors import InvalidInput, PayloadTooLarge
-from mpsserve.runtime.base import LENGTHS_SUFFIX, VALUES_SUFFIX, Signature, TensorSpec
+from mpsserve.runtime.base import Signature, TensorSpec
+from mpsserve.types import LENGTHS_SUFFIX, VALUES_SUFFIX
 
 
 def prepare_inputs(

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from mpsserve.periodic import Periodic
+
 logger = logging.getLogger(__name__)
 
 #: What Ray's exporter puts before every custom metric name.
@@ -246,8 +248,8 @@ class RayBackend:
         self._made: dict[str, Any] = {}
         self._gauges: dict[_Series, tuple[Any, float, dict[str, str]]] = {}  # latest values
         self._lock = threading.Lock()
-        self._refresher: threading.Thread | None = None
-        self._stopping = threading.Event()
+        self._refresher: Periodic | None = None
+        self._closed = False
         self._told_no_ray = False
 
     def record(self, spec: MetricSpec, value: float, tags: dict[str, str]) -> None:
@@ -266,7 +268,9 @@ class RayBackend:
 
     def close(self) -> None:
         """Stop setting gauges again (tests)."""
-        self._stopping.set()
+        self._closed = True
+        if self._refresher is not None:
+            self._refresher.stop()
 
     def _metric(self, spec: MetricSpec) -> Any:
         made = self._made.get(spec.name)
@@ -287,24 +291,18 @@ class RayBackend:
             logger.info("Ray is not initialized in this process; metrics are not recorded")
 
     def _start_refresher(self) -> None:
-        if self._refresher is None:
-            self._refresher = threading.Thread(
-                target=self._refresh, name="mpsserve-gauge-refresh", daemon=True
+        if self._refresher is None and not self._closed:
+            period = self._refresh_s or _refresh_period_s()
+            self._refresher = Periodic(
+                "mpsserve-gauge-refresh", period, self._refresh, immediately=False
             )
             self._refresher.start()
 
     def _refresh(self) -> None:
-        period = self._refresh_s or _refresh_period_s()
-        while not self._stopping.wait(period):
-            if not self._connected():  # after ray.shutdown() in a driver
-                continue
-            try:
-                with self._lock:
-                    for metric, value, tags in self._gauges.values():
-                        metric.set(value, tags=tags)
-            except Exception:
-                logger.warning("setting gauges again failed; stopping", exc_info=True)
-                return
+        if self._connected():  # not after ray.shutdown() in a driver
+            with self._lock:
+                for metric, value, tags in self._gauges.values():
+                    metric.set(value, tags=tags)
 
 
 def _refresh_period_s() -> float:

@@ -52,7 +52,8 @@ from mpsserve.errors import (
     ReplicaUnavailable,
 )
 from mpsserve.features import prepare_inputs, synthetic_inputs, synthetic_like
-from mpsserve.mps.control import file_lock
+from mpsserve.locks import file_lock
+from mpsserve.periodic import Periodic
 from mpsserve.runtime import REQUIRED_FILES, ModelRuntime, RuntimeOptions, injected, load_runtime
 from mpsserve.settings import settings
 from mpsserve.store import ModelStore
@@ -153,8 +154,10 @@ class Servable:
         self.serving_since: float | None = None  # time.time() of the last swap
         self.last_poll: float | None = None
         self._poll_lock = threading.Lock()
-        self._wake, self._stopping = threading.Event(), threading.Event()
-        self._watcher: threading.Thread | None = None
+        #: Polls the store every poll_interval_s once started; a new policy wakes it.
+        self._watcher = Periodic(
+            f"store-watch {config.name}", config.poll_interval_s, self.poll, immediately=False
+        )
 
     @property
     def version(self) -> int | None:
@@ -181,12 +184,7 @@ class Servable:
             return self.store_error
         if self.failed:
             return "; ".join(f"version {v}: {f.reason}" for v, f in sorted(self.failed.items()))
-        return f"no complete version in {self.config.store} matches {self._policy_text()}"
-
-    def _policy_text(self) -> str:
-        if self.policy.specific:
-            return f"specific {self.policy.specific}"
-        return f"latest {self.policy.latest or 1}"
+        return f"no complete version in {self.config.store} matches {self.policy.text()}"
 
     # -- loading and swapping ---------------------------------------------------------------
 
@@ -209,7 +207,7 @@ class Servable:
                 logger.error("model %s: cannot read the store: %s", self.config.name, exc.message)
                 return
             self.store_error, self.skipped = None, dict(scan.skipped)
-            for version in self._candidates(scan.complete):
+            for version in self.policy.candidates(scan.complete):
                 if version == self.version:
                     break
                 fingerprint = self._fingerprint(version)
@@ -221,16 +219,6 @@ class Servable:
             for gone in set(self.failed) - set(scan.complete) - set(scan.skipped):
                 del self.failed[gone]  # deleted from the store: forget it
             self._prune(scan.complete)
-
-    def _candidates(self, complete: list[int]) -> list[int]:
-        """Every version worth serving, best first; the first that loads (or is already
-        served) wins. Pinned: the pinned versions, highest first. Otherwise the newest
-        complete version, then older ones in case it fails: whatever a process loaded
-        before, the outcome is the same in every process (``latest`` is how many a policy
-        would keep; one version serves at a time)."""
-        if self.policy.specific:
-            return sorted((v for v in complete if v in self.policy.specific), reverse=True)
-        return sorted(complete, reverse=True)
 
     def _fingerprint(self, version: int) -> str | None:
         try:
@@ -346,26 +334,14 @@ class Servable:
             self.policy = policy
             for version in policy.specific or ():  # pinning is an operator's call: try again
                 self.failed.pop(version, None)
-            self._wake.set()
+            self._watcher.wake()
 
     def start_watching(self) -> None:
-        if self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch, name="store-watch", daemon=True)
+        if not self._watcher.is_alive() and not self._watcher.stopping:
             self._watcher.start()
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-
-    def _watch(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.wait(self.config.poll_interval_s)
-            self._wake.clear()
-            if not self._stopping.is_set():
-                try:
-                    self.poll()
-                except Exception:  # keep watching whatever one poll hit
-                    logger.exception("model %s: store poll failed", self.config.name)
+        self._watcher.stop()
 
     # -- requests -------------------------------------------------------------------------
 
@@ -457,7 +433,7 @@ class Servable:
     def store_status(self) -> dict[str, Any]:
         return {
             "uri": self.config.store,
-            "policy": self._policy_text(),
+            "policy": self.policy.text(),
             "serving": self.version,
             "serving_since": self.serving_since,
             "converge_within_s": self.converge_within_s,

@@ -1,8 +1,8 @@
 """Environment knobs, declared once. Every variable starts with ``MPSSERVE_``.
 
-Code reads ``settings()``, never ``os.environ``, so the full list of knobs is this file. The
-``mps_*`` knobs are how the app builder hands a replica its MPS setup: they travel in the
-replica's Ray runtime environment (``env_vars``), written by ``to_env``.
+Code reads ``settings()``, never ``os.environ``, so the full list of knobs is this file. Service
+config is not declared here: a replica gets its MPS config as one validated JSON value
+(``mps_config``), which travels in its Ray runtime environment (``env_vars``, by ``to_env``).
 """
 
 from __future__ import annotations
@@ -31,26 +31,13 @@ class Settings:
     #: CUDA-graph capture beside other work of the process: concurrent (thread-local capture
     #: mode, the default) or exclusive (replays and eager runs pause while a graph captures).
     graph_capture: str = "concurrent"
-    #: This replica's MPS mode: off (no MPS), auto (use it when it works), on (required).
-    mps_mode: str = "off"
-    #: Who runs the node's control daemon: managed (mpsserve) or external.
-    mps_daemon: str = "managed"
-    #: The control daemon's pipe, log and state (locks, guardian) directories.
-    mps_pipe_dir: str = "/tmp/mpsserve/mps-pipe"
-    mps_log_dir: str = "/tmp/mpsserve/mps-log"
-    mps_state_dir: str = "/tmp/mpsserve/mps-state"
-    #: The control program, the deadline for one try of a command to it, and how long a busy
-    #: daemon is asked again (mps.command_retry_s).
-    mps_control_binary: str = "nvidia-cuda-mps-control"
-    mps_command_timeout_s: float = 5.0
-    mps_command_retry_s: float = 5.0
-    #: How often the node's guardian checks the daemon.
-    mps_guardian_interval_s: float = 2.0
-    #: Replicas sharing each GPU and the share of the GPU they take (for derived limits).
-    mps_replicas_per_gpu: int = 1
-    mps_gpu_share: float = 1.0
-    #: Explicit per-replica pinned device memory limit in MB; 0 derives it from NVML.
-    mps_pinned_mem_limit_mb: int = 0
+    #: This replica's MPS setup: ``ReplicaMpsConfig`` as JSON, written by the app builder
+    #: (``mpsserve.mps.hook.replica_runtime_env``) and validated where it is read; the MPS
+    #: knobs themselves are declared once, in ``mpsserve.config.MpsConfig``. Empty: MPS off.
+    mps_config: str = ""
+    #: A service YAML whose ``mps`` section ``ray_start_hook`` applies on a ``ray start``
+    #: node (the daemon up before the raylet); empty: ``mps_config``, else nothing to do.
+    service_config: str = ""
     #: Tests only: a file whose appearance makes one replica inject the fault written in it
     #: into its next request (mpsserve/runtime/injected.py). Empty: never.
     inject_fault_file: str = ""

@@ -25,7 +25,7 @@ import fsspec
 
 from mpsserve.config import VersionPolicy
 from mpsserve.errors import ModelLoadError, ModelNotReady
-from mpsserve.mps.control import file_lock
+from mpsserve.locks import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -164,15 +164,9 @@ class ModelStore:
         return scan.complete[-1]
 
     def select(self, policy: VersionPolicy) -> list[int]:
-        """The versions a policy serves, ascending; empty when none qualifies.
-
-        ``specific`` pins exactly those versions (the incomplete ones are left out until they
-        complete); otherwise the newest ``latest`` complete versions (TF Serving's default 1).
-        """
-        complete = self.scan().complete
-        if policy.specific is not None:
-            return sorted(set(policy.specific) & set(complete))
-        return complete[-(policy.latest or 1) :]
+        """The versions a policy serves, ascending (``VersionPolicy.selected``); empty when
+        none qualifies."""
+        return policy.selected(self.scan().complete)
 
     def fetch(self, version: int) -> Path:
         """A local directory holding ``version``, ready to load; ModelLoadError otherwise.

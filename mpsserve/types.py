@@ -5,10 +5,25 @@ Wire formats decode into these and encode from them; nothing here knows HTTP, gR
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+#: A ragged feature travels as two tensors: ``<feature>_values`` (1-D, every row's values one
+#: after another) and ``<feature>_lengths`` (one entry per row). Declared here only: the
+#: signature (runtime), CUDA-graph padding and TF-Serving's row format all read these.
+VALUES_SUFFIX = "_values"
+LENGTHS_SUFFIX = "_lengths"
+
+
+def ragged_feature(name: str, names: Container[str]) -> str | None:
+    """The feature whose values tensor ``name`` is, when its lengths partner is in ``names``."""
+    if not name.endswith(VALUES_SUFFIX):
+        return None
+    feature = name.removesuffix(VALUES_SUFFIX)
+    return feature if feature + LENGTHS_SUFFIX in names else None
 
 
 @dataclass(frozen=True)

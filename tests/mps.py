@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mpsserve.config import MpsConfig, ReplicaMpsConfig
 from mpsserve.mps.control import MpsControl
 from mpsserve.mps.hook import CONTROL_LOCK_FILE
+from mpsserve.settings import settings, to_env
 
 STANDIN = Path(__file__).parent / "mps_standin" / "nvidia-cuda-mps-control"
 
@@ -59,6 +61,28 @@ def standin_client(control: MpsControl) -> Iterator[subprocess.Popen[bytes]]:
     finally:
         proc.kill()
         proc.wait()
+
+
+def replica_mps(
+    control: MpsControl, tmp: Path, mode: str, gpu_share: float = 1.0, **fields: object
+) -> MpsConfig:
+    """Make this process a replica of a service whose ``mps`` section names ``control``
+    (``fields`` override the rest): ``MPSSERVE_MPS_CONFIG`` set as the app builder sets it.
+    Returns that section."""
+    mps = MpsConfig.model_validate(
+        {
+            "mode": mode,
+            "pipe_dir": str(control.pipe_dir),
+            "log_dir": str(control.log_dir),
+            "state_dir": str(tmp / "state"),
+            "control_binary": str(STANDIN),
+            **fields,
+        }
+    )
+    replica = ReplicaMpsConfig(mps=mps, gpu_share=gpu_share)
+    os.environ.update(to_env(mps_config=replica.model_dump_json()))
+    settings.cache_clear()
+    return mps
 
 
 def mps_service_config(

@@ -22,18 +22,17 @@ says is its answer ("Unknown command" is an MpsError).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import random
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from mpsserve.errors import MpsError
+from mpsserve.locks import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +52,6 @@ _CLIENT_ONLY = (
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.05, 1.0
 #: No try gets less time than this, even at the end of the budget.
 MIN_TRY_S = 0.1
-LOCK_POLL_S = 0.01
 
 
 class DaemonNotRunning(MpsError):
@@ -311,31 +309,3 @@ def backoff_s(tries: int) -> float:
 
 def _pids(answer: str) -> list[int]:
     return [int(token) for token in answer.split() if token.isdigit()]
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, timeout_s: float | None = None) -> Iterator[None]:
-    """An exclusive lock between processes (and threads) of one node (flock; released if we
-    die). With ``timeout_s``: TimeoutError when it is not ours within that time."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        _flock(handle.fileno(), timeout_s)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _flock(fd: int, timeout_s: float | None) -> None:
-    if timeout_s is None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"lock held by another process for {timeout_s:.3g}s") from None
-            time.sleep(LOCK_POLL_S)

@@ -16,8 +16,8 @@ from mpsserve.config import MPS_MAX_CLIENTS_PER_GPU, ServiceConfig
 from mpsserve.errors import MpsError
 from mpsserve.gpu import MPS_MIN_COMPUTE_CAPABILITY, Inventory, inventory
 from mpsserve.mps.control import DaemonBusy, DaemonNotRunning, MpsControl
-from mpsserve.mps.guardian import read_state
 from mpsserve.mps.hook import control_for
+from mpsserve.mps.state import read_state
 
 Status = Literal["ok", "fail", "info"]
 

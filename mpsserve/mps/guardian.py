@@ -8,7 +8,7 @@ before, else a restart), and writes the node's MPS state (daemon pid, restarts, 
 their clients) to a JSON file for replicas, ``doctor`` and operators. A restart is counted
 when the daemon's pid changes, whoever started the new one. A busy daemon (DaemonBusy) is
 neither down nor restarted: the round keeps the last view of the servers and says it is busy.
-The leader also runs the node's metrics sampler (mpsserve/sampler.py), and follows GPU faults
+The leader also runs the node's metrics sampler (mpsserve/mps/sampler.py), and follows GPU faults
 (mpsserve/mps/faults.py): which clients of the faulted server were hit, and when the last one
 left, so the server takes new clients again. Every replica's guardian thread, leader or not,
 also looks for fault records naming its own server twice a second (``on_round``).
@@ -26,27 +26,23 @@ and counts the busy check.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
-import socket
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from mpsserve.config import MpsConfig
 from mpsserve.errors import MpsError
 from mpsserve.mps import faults, hook
 from mpsserve.mps.control import DaemonBusy, DaemonNotRunning, MpsControl
-from mpsserve.settings import Settings
-
-if TYPE_CHECKING:
-    from mpsserve.sampler import NodeSampler
+from mpsserve.mps.sampler import NodeSampler
+from mpsserve.mps.state import NodeState, read_state, write_state
+from mpsserve.periodic import Periodic
 
 logger = logging.getLogger(__name__)
-STATE_FILE = hook.STATE_FILE
 LEADER_LOCK = "guardian.lock"
 #: A state file older than this many guardian intervals is stale: replicas ask the daemon.
 STALE_INTERVALS = 3
@@ -57,79 +53,43 @@ ROUND_S = 0.5
 LINGER_WARN_S = 30.0
 
 
-@dataclass
-class NodeState:
-    """What the guardian last saw on this node."""
+class Guardian(Periodic):
+    """Keeps the node's control daemon up; one active per node (leader lock).
 
-    node: str = field(default_factory=socket.gethostname)
-    up: bool = False
-    daemon_pid: int | None = None
-    restarts: int = 0
-    servers: dict[str, list[int]] = field(default_factory=dict)  # server pid -> client pids
-    checked_at: float = 0.0
-    guardian_pid: int = field(default_factory=os.getpid)
-    last_error: str | None = None
-    #: The last daemon seen answering (kept while it is down): a new pid is a restart.
-    known_daemon_pid: int | None = None
-    #: This round the daemon did not take commands in time (``servers`` is the last view).
-    busy: bool = False
-    busy_rounds: int = 0
-    #: GPU faults reported on this node (mpsserve/mps/faults.py), and the latest few followed.
-    gpu_faults: int = 0
-    faults: list[dict[str, Any]] = field(default_factory=list)
-
-
-def read_state(state_dir: Path) -> NodeState | None:
-    try:
-        data = json.loads((state_dir / STATE_FILE).read_text())
-        return NodeState(**data)
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def write_state(state_dir: Path, state: NodeState) -> None:
-    """Atomically (rename), so readers never see half a file."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    partial = state_dir / f".{STATE_FILE}.{os.getpid()}"
-    partial.write_text(json.dumps(asdict(state), indent=2))
-    partial.replace(state_dir / STATE_FILE)
-
-
-class Guardian(threading.Thread):
-    """Keeps the node's control daemon up; one active per node (leader lock)."""
+    One ``Periodic`` round every ``ROUND_S`` (at most ``interval_s``): ``on_round`` each
+    round, leader or not, and the daemon's check when ``interval_s`` has passed since the
+    last one, if this thread leads."""
 
     def __init__(
         self, control: MpsControl, state_dir: Path, interval_s: float, restart: bool = True
     ) -> None:
-        super().__init__(name="mps-guardian", daemon=True)
-        self.control, self.state_dir, self.interval_s = control, state_dir, interval_s
+        super().__init__(
+            "mps-guardian", min(ROUND_S, interval_s), self._round_of_checks, on_exit=self._release
+        )
+        self.control, self.state_dir, self.check_interval_s = control, state_dir, interval_s
         self.restart = restart  # False: the daemon is external; watch and report only
-        self._stopping = threading.Event()
+        self._next_check = 0.0
         self._lock_handle: Any = None
         self.sampler: NodeSampler | None = None  # the node's metrics sampler, started by the leader
         #: Run by this thread every ROUND_S, leader or not (a replica's own watch).
         self.on_round: Callable[[], None] = lambda: None
 
-    def stop(self) -> None:
-        self._stopping.set()
-
-    def run(self) -> None:
-        next_check = 0.0
+    def _round_of_checks(self) -> None:
         try:
-            while not self._stopping.is_set():
-                if time.monotonic() >= next_check:
-                    next_check = time.monotonic() + self.interval_s
-                    if self._lead():
-                        self.check()
-                        self._start_sampler()
-                self.on_round()
-                self._stopping.wait(min(ROUND_S, self.interval_s))
+            if time.monotonic() >= self._next_check:
+                self._next_check = time.monotonic() + self.check_interval_s
+                if self._lead():
+                    self.check()
+                    self._start_sampler()
         finally:
-            if self.sampler is not None:
-                self.sampler.stop()
-            if self._lock_handle is not None:
-                self._lock_handle.close()  # frees the node's guardian lock for another
-                self._lock_handle = None
+            self.on_round()  # a failed check must not keep a replica from its faults
+
+    def _release(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
+        if self._lock_handle is not None:
+            self._lock_handle.close()  # frees the node's guardian lock for another
+            self._lock_handle = None
 
     def _lead(self) -> bool:
         if self._lock_handle is not None:
@@ -148,8 +108,6 @@ class Guardian(threading.Thread):
     def _start_sampler(self) -> None:
         """The node's metrics (MPS state, GPU load) come from its one leader."""
         if self.sampler is None:
-            from mpsserve.sampler import NodeSampler  # imports this module
-
             self.sampler = NodeSampler(self.state_dir)
             self.sampler.start()
 
@@ -324,27 +282,27 @@ def find_attachment(control: MpsControl, pid: int) -> Attachment:
 class ReplicaMps:
     """One GPU replica's view of MPS: attach after load, then health."""
 
-    def __init__(self, s: Settings, pid: int | None = None, gpu: str | None = None) -> None:
-        self.mode = s.mps_mode
-        self.state_dir = Path(s.mps_state_dir)
+    def __init__(self, mps: MpsConfig, pid: int | None = None, gpu: str | None = None) -> None:
+        self.mode = mps.mode
+        self.state_dir = Path(mps.state_dir)
         self.pid = pid or os.getpid()
         self.gpu = gpu  # as Ray names it on the node; None: no GPU
         #: Before this process's first CUDA call: a GPU fault after it may have hit this process.
         self.started_at = time.time()
         self._hit: faults.GpuFault | None = None
-        self.control = hook.control_from(s)
+        self.control = hook.control_for(mps)
         self.server: int | None = None
         self.detail = "MPS off" if self.mode == "off" else "not checked yet"
-        self.stale_after_s = STALE_INTERVALS * s.mps_guardian_interval_s
+        self.stale_after_s = STALE_INTERVALS * mps.guardian_interval_s
         self.unverified = False  # the daemon was busy when asked after load: ask again
         self.busy_checks = 0  # health checks that found the daemon busy (no verdict)
         self.guardian: Guardian | None = None
         if self.mode != "off":
             self.guardian = Guardian(
                 self.control,
-                Path(s.mps_state_dir),
-                s.mps_guardian_interval_s,
-                restart=s.mps_daemon != "external",
+                self.state_dir,
+                mps.guardian_interval_s,
+                restart=mps.daemon != "external",
             )
 
     def start_guardian(self) -> None:

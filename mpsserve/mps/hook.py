@@ -12,8 +12,11 @@ CUDA.
 * ``ray_start_hook`` is for ``RAY_START_HOOK=mpsserve.mps.hook.ray_start_hook`` on a
   ``ray start`` GPU node: the daemon is up before the raylet starts.
 
-Replicas get the pipe directory and limits through their runtime environment
-(``replica_runtime_env``), never from whatever the node happens to have.
+Replicas get their MPS config (``ReplicaMpsConfig``: the service's ``mps`` section and their
+share of a GPU) as one validated JSON value in their runtime environment
+(``replica_runtime_env``, ``MPSSERVE_MPS_CONFIG``), never from whatever the node happens to
+have. A ``ray start`` node's hook reads the service YAML named by ``MPSSERVE_SERVICE_CONFIG``
+(or the same ``MPSSERVE_MPS_CONFIG`` JSON).
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mpsserve.config import MpsConfig, Placement
-from mpsserve.errors import MpsError
+from mpsserve.config import MpsConfig, Placement, ReplicaMpsConfig, load_config
+from mpsserve.errors import ConfigError, MpsError
 from mpsserve.gpu import inventory
 from mpsserve.mps.control import MpsControl
 from mpsserve.mps.faults import CLIENTS_DIR, FAULTS_DIR
-from mpsserve.settings import Settings, settings, to_env
+from mpsserve.mps.state import STATE_FILE  # forgotten with the daemon it describes
+from mpsserve.settings import settings, to_env
 
 logger = logging.getLogger(__name__)
 
@@ -41,26 +45,12 @@ LOCK_FILE = "daemon.lock"
 CONTROL_LOCK_FILE = "control.lock"
 STARTED_FILE = "daemon.started"
 PINNED_LIMIT_VAR = "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"
-#: The guardian's state file (mpsserve/mps/guardian.py), forgotten with the daemon it describes.
-STATE_FILE = "guardian.json"
-
 #: Why this process could not set MPS up (read by the replica to report it), if it could not.
 setup_error: str | None = None
 
 
-def control_from(s: Settings) -> MpsControl:
-    return MpsControl(
-        pipe_dir=Path(s.mps_pipe_dir),
-        log_dir=Path(s.mps_log_dir),
-        binary=s.mps_control_binary,
-        timeout_s=s.mps_command_timeout_s,
-        retry_s=s.mps_command_retry_s,
-        lock_file=Path(s.mps_state_dir) / CONTROL_LOCK_FILE,
-    )
-
-
 def control_for(mps: MpsConfig) -> MpsControl:
-    """The control daemon a service config names (the driver's view; replicas use settings)."""
+    """The control daemon a service config names."""
     return MpsControl(
         pipe_dir=Path(mps.pipe_dir),
         log_dir=Path(mps.log_dir),
@@ -73,31 +63,27 @@ def control_for(mps: MpsConfig) -> MpsControl:
 
 def replica_runtime_env(mps: MpsConfig, placement: Placement) -> dict[str, Any]:
     """The Ray runtime environment of a GPU replica for this MPS config."""
+    replica = ReplicaMpsConfig(
+        mps=mps, replicas_per_gpu=placement.replicas_per_gpu, gpu_share=placement.gpu_share
+    )
+    config = to_env(mps_config=replica.model_dump_json())
     if mps.mode == "off":
-        return {"env_vars": {"CUDA_MPS_PIPE_DIRECTORY": NO_MPS_PIPE_DIR, **to_env(mps_mode="off")}}
+        return {"env_vars": {"CUDA_MPS_PIPE_DIRECTORY": NO_MPS_PIPE_DIR, **config}}
     percentage = mps.limits.thread_percentage(placement.replicas_per_gpu)
     env = {
         "CUDA_MPS_PIPE_DIRECTORY": mps.pipe_dir,
         "CUDA_MPS_LOG_DIRECTORY": mps.log_dir,
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": f"{percentage:g}",
-        **to_env(
-            mps_mode=mps.mode,
-            mps_daemon=mps.daemon,
-            mps_pipe_dir=mps.pipe_dir,
-            mps_log_dir=mps.log_dir,
-            mps_state_dir=mps.state_dir,
-            mps_control_binary=mps.control_binary,
-            mps_command_timeout_s=mps.command_timeout_s,
-            mps_command_retry_s=mps.command_retry_s,
-            mps_guardian_interval_s=mps.guardian_interval_s,
-            mps_replicas_per_gpu=placement.replicas_per_gpu,
-            mps_gpu_share=placement.gpu_share,
-            mps_pinned_mem_limit_mb=mps.limits.pinned_mem_limit_mb or 0,
-        ),
+        **config,
     }
     if mps.limits.pinned_mem_limit_mb:  # each replica sees one GPU, its device 0
         env[PINNED_LIMIT_VAR] = f"0={mps.limits.pinned_mem_limit_mb}M"
     return {"env_vars": env}
+
+
+def replica_config() -> ReplicaMpsConfig:
+    """This replica's MPS config, validated (``replica_runtime_env`` wrote it)."""
+    return ReplicaMpsConfig.from_json(settings().mps_config)
 
 
 def ensure_daemon(control: MpsControl, state_dir: Path) -> bool:
@@ -115,15 +101,15 @@ def record_started(control: MpsControl, state_dir: Path) -> None:
     (state_dir / STARTED_FILE).write_text(f"{control.daemon_pid() or ''}\n")
 
 
-def pinned_limit_mb(s: Settings) -> int | None:
+def pinned_limit_mb(replica: ReplicaMpsConfig) -> int | None:
     """The explicit limit, or this replica's share of the smallest GPU on the node."""
-    if s.mps_pinned_mem_limit_mb:
-        return s.mps_pinned_mem_limit_mb
+    if replica.mps.limits.pinned_mem_limit_mb:
+        return replica.mps.limits.pinned_mem_limit_mb
     gpus = inventory().gpus
     if not gpus:
         return None
     smallest = min(gpu.memory_total_mb for gpu in gpus)
-    return int(smallest * s.mps_gpu_share / s.mps_replicas_per_gpu)
+    return int(smallest * replica.gpu_share / replica.replicas_per_gpu)
 
 
 def pinned_limit_set() -> str | None:
@@ -144,38 +130,54 @@ def require_external(control: MpsControl) -> None:
 def worker_setup() -> None:
     """A GPU replica's setup before its first CUDA call; never raises (the replica reports)."""
     global setup_error
-    s = settings()
-    if s.mps_mode == "off":
+    try:
+        replica = replica_config()
+    except ConfigError as exc:  # this replica's environment is not what the app wrote
+        setup_error = exc.message
+        logger.warning("MPS is not available to this replica: %s", exc.message)
+        return
+    mps = replica.mps
+    if mps.mode == "off":
         return
     try:
-        if s.mps_daemon == "external":
-            require_external(control_from(s))
-        elif ensure_daemon(control_from(s), Path(s.mps_state_dir)):
+        if mps.daemon == "external":
+            require_external(control_for(mps))
+        elif ensure_daemon(control_for(mps), Path(mps.state_dir)):
             # Whether a daemon ran here before is the guardian's to say (a new pid: a restart).
-            logger.info("started the MPS control daemon on %s", s.mps_pipe_dir)
+            logger.info("started the MPS control daemon on %s", mps.pipe_dir)
     except MpsError as exc:
         setup_error = exc.message
         logger.warning("MPS is not available to this replica: %s", exc.message)
-    limit = pinned_limit_mb(s)
+    limit = pinned_limit_mb(replica)
     if limit and PINNED_LIMIT_VAR not in os.environ:
         # Each replica sees exactly one GPU (fractional num_gpus), its device 0.
         os.environ[PINNED_LIMIT_VAR] = f"0={limit}M"
 
 
+def node_config() -> MpsConfig:
+    """The MPS config of a ``ray start`` node: the ``mps`` section of the service YAML named
+    by ``MPSSERVE_SERVICE_CONFIG`` (the one deployed, so the directories agree), else that of
+    ``MPSSERVE_MPS_CONFIG``; neither: MPS off. A bad file or value raises ConfigError."""
+    path = settings().service_config
+    if path:
+        return load_config(path, check_files=False).mps
+    return replica_config().mps
+
+
 def ray_start_hook(ray_params: object, head: bool) -> None:
     """``RAY_START_HOOK`` for a GPU node: the daemon first, then the raylet."""
-    s = settings()
-    if s.mps_mode == "off":
+    mps = node_config()
+    if mps.mode == "off":
         return
     gpus = inventory()
     if not gpus.gpus:
         logger.info("no GPU on this node (%s); no MPS daemon started", gpus.error)
         return
-    if s.mps_daemon == "external":
+    if mps.daemon == "external":
         logger.info("MPS daemon is external (mps.daemon); not starting one")
         return
-    started = ensure_daemon(control_from(s), Path(s.mps_state_dir))
-    logger.info("MPS control daemon %s on %s", "started" if started else "found", s.mps_pipe_dir)
+    started = ensure_daemon(control_for(mps), Path(mps.state_dir))
+    logger.info("MPS control daemon %s on %s", "started" if started else "found", mps.pipe_dir)
 
 
 def stop_daemon_if_ours(mps: MpsConfig) -> bool:

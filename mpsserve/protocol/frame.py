@@ -96,18 +96,19 @@ def tensors(header: Mapping[str, Any], body: Buffer) -> dict[str, np.ndarray]:
 
 
 def error_header(exc: BaseException) -> dict[str, Any]:
-    """A failed response: the error's class travels by name, with its client-safe message."""
+    """A failed response: the error's HTTP status (``errors.to_status``), its client-safe
+    message, and whether another replica may take the request."""
     status, _, message = errors.to_status(exc)
-    name = type(exc).__name__ if isinstance(exc, errors.MpsServeError) else "InferenceError"
     retry = bool(getattr(exc, "retry_elsewhere", False))
-    return {"ok": False, "error": name, "message": message, "status": status, "retry": retry}
+    return {"ok": False, "message": message, "status": status, "retry": retry}
 
 
 def raise_for_error(header: Mapping[str, Any]) -> None:
-    """Raise the replica's error, as its own class, if the response is one."""
+    """Raise the replica's error, mapped back from its status, if the response is one."""
     if header.get("ok"):
         return
-    cls = getattr(errors, str(header.get("error")), None)
-    if not (isinstance(cls, type) and issubclass(cls, errors.MpsServeError)):
-        cls = errors.InferenceError
-    raise cls(str(header.get("message", "the replica failed")))
+    message = str(header.get("message", "the replica failed"))
+    status = header.get("status")
+    raise errors.from_status(
+        status if isinstance(status, int) else 500, message, bool(header.get("retry"))
+    )

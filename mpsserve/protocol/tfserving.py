@@ -21,10 +21,15 @@ import numpy as np
 from mpsserve.errors import InferenceError, InvalidInput
 from mpsserve.protocol.kserve import parse_json_object
 from mpsserve.text import quote
-from mpsserve.types import InferRequest, InferResponse
+from mpsserve.types import (
+    LENGTHS_SUFFIX,
+    VALUES_SUFFIX,
+    InferRequest,
+    InferResponse,
+    ragged_feature,
+)
 
 SIGNATURE = "serving_default"
-VALUES, LENGTHS = "_values", "_lengths"
 # numpy kinds that ``np.array(json_value)`` may produce and that each target kind accepts.
 _JSON_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}
 
@@ -83,7 +88,7 @@ def _decode_instances(instances: Any, dtypes: dict[str, str]) -> dict[str, np.nd
         raise InvalidInput('"instances" must be a non-empty list of rows')
     rows = _named_rows(instances, dtypes)
     ragged = [name for name in rows[0] if _is_ragged_values(name, dtypes)]
-    partners = {name.removesuffix(VALUES) + LENGTHS for name in ragged}
+    partners = {name.removesuffix(VALUES_SUFFIX) + LENGTHS_SUFFIX for name in ragged}
     inputs: dict[str, np.ndarray] = {}
     for name in rows[0]:
         if name in ragged:
@@ -117,7 +122,7 @@ def _named_rows(instances: list[Any], dtypes: dict[str, str]) -> list[dict[str, 
 
 def _is_ragged_values(name: str, dtypes: dict[str, str]) -> bool:
     """``<base>_values`` whose ``<base>_lengths`` partner is also a model input."""
-    return name.endswith(VALUES) and name.removesuffix(VALUES) + LENGTHS in dtypes
+    return ragged_feature(name, dtypes) is not None
 
 
 def _ragged(name: str, rows: list[dict[str, Any]], dtypes: dict[str, str]) -> dict[str, Any]:
@@ -129,7 +134,7 @@ def _ragged(name: str, rows: list[dict[str, Any]], dtypes: dict[str, str]) -> di
     values = _to_tensor(name, [item for value in column for item in value], dtypes[name])
     if values.ndim != 1:
         raise InvalidInput(f"input {quote(name)}: each instance must hold a flat list of values")
-    lengths_name = name.removesuffix(VALUES) + LENGTHS
+    lengths_name = name.removesuffix(VALUES_SUFFIX) + LENGTHS_SUFFIX
     lengths = np.array([len(value) for value in column], dtype=dtypes[lengths_name])
     if lengths_name in rows[0]:
         given = [row[lengths_name] for row in rows]

@@ -17,10 +17,9 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from mpsserve.errors import ModelLoadError
+from mpsserve.types import LENGTHS_SUFFIX, VALUES_SUFFIX, ragged_feature
 
 SIGNATURE_FILE = "signature.json"
-VALUES_SUFFIX = "_values"
-LENGTHS_SUFFIX = "_lengths"
 
 
 @dataclass(frozen=True)
@@ -62,12 +61,8 @@ class Signature:
     def build(cls, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> Signature:
         """Mark ragged pairs by the naming convention and freeze."""
         names = {spec.name for spec in inputs}
-        ragged = tuple(
-            spec.name.removesuffix(VALUES_SUFFIX)
-            for spec in inputs
-            if spec.name.endswith(VALUES_SUFFIX)
-            and spec.name.removesuffix(VALUES_SUFFIX) + LENGTHS_SUFFIX in names
-        )
+        found = (ragged_feature(spec.name, names) for spec in inputs)
+        ragged = tuple(feature for feature in found if feature is not None)
         members = {f + VALUES_SUFFIX for f in ragged} | {f + LENGTHS_SUFFIX for f in ragged}
         marked = tuple(replace(s, ragged=s.name in members) for s in inputs)
         return cls(inputs=marked, outputs=tuple(outputs), ragged_features=ragged)
@@ -139,8 +134,8 @@ class ModelRuntime(ABC):
     def __init__(self, signature: Signature, device: str) -> None:
         self.signature = signature
         self.device = device
-        #: Ops of the model with no GPU kernel for their dtypes (``mpsserve.audit.CpuOp``
-        #: as dicts: op, node, function, dtypes, reason); empty where a runtime cannot tell.
+        #: Ops of the model with no GPU kernel for their dtypes (``tf_kernels.CpuOp`` as
+        #: dicts: op, node, function, dtypes, reason); empty where a runtime cannot tell.
         self.cpu_ops: list[dict[str, Any]] = []
 
     @classmethod

@@ -15,11 +15,6 @@ from typing import Any
 
 import numpy as np
 
-# TensorFlow's C++ INFO lines (CPU features, CUDA probing) bury the service's own output;
-# warnings and errors still show. Set before the import, which reads it; a user's value wins.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-import tensorflow as tf
-
 from mpsserve.errors import InferenceError, InvalidInput, ModelLoadError
 from mpsserve.runtime.base import (
     ModelRuntime,
@@ -27,6 +22,12 @@ from mpsserve.runtime.base import (
     Signature,
     TensorSpec,
     read_signature_file,
+)
+from mpsserve.runtime.tf_kernels import (  # TensorFlow, imported there with our log level
+    CPU_ONLY_BUILD_NOTE,
+    audit_function,
+    gpu_kernels_registered,
+    tf,
 )
 
 logger = logging.getLogger(__name__)
@@ -80,9 +81,6 @@ def load_op_library(path: str) -> Any:
 
 
 def _audit(fn: Any) -> list[dict[str, Any]]:
-    # Imported here: mpsserve.audit builds on this module.
-    from mpsserve.audit import CPU_ONLY_BUILD_NOTE, audit_function, gpu_kernels_registered
-
     if not gpu_kernels_registered():
         logger.warning("CPU-fallback audit skipped: %s", CPU_ONLY_BUILD_NOTE)
         return []

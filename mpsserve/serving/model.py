@@ -58,7 +58,7 @@ class ModelReplica:
         gpus = [str(g) for g in ray.get_gpu_ids()]
         self._servable = Servable(config, device="auto" if gpus else "cpu")
         # The first CUDA call is the model load (``reconfigure``).
-        self._mps = ReplicaMps(settings(), gpu=gpus[0] if gpus else None)
+        self._mps = ReplicaMps(hook.replica_config().mps, gpu=gpus[0] if gpus else None)
         self._servable.on_fault = self._device_fault
         self._servable.memory_limit = self._mps.memory_limit()
         self._peer_fault_seen = False

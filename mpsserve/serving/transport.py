@@ -26,12 +26,12 @@ side holds). Replicas that a build did not restart pick the new keyring up withi
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mpsserve.config import ServiceConfig
 from mpsserve.errors import ModelNotReady
+from mpsserve.periodic import Periodic
 from mpsserve.protocol.handshake import Keyring
 
 logger = logging.getLogger(__name__)
@@ -118,29 +118,21 @@ def load(name: str) -> Keyring:
     return Keyring.load(raw)
 
 
-class KeyWatcher(threading.Thread):
+class KeyWatcher(Periodic):
     """Holds this process's keyring and reloads it every ``REFRESH_S`` (a redeploy that did
-    not restart this replica rotated it); ``get`` is what the data port's ends call."""
+    not restart this replica rotated it); ``get`` is what the data port's ends call. While
+    the GCS restarts the keys it has stay (``Periodic`` logs the failed reloads)."""
 
     def __init__(self, name: str, read: Callable[[str], Keyring] = load) -> None:
-        super().__init__(name="transport-keys", daemon=True)
+        super().__init__("transport-keys", REFRESH_S, self._reload, immediately=False)
         self._name, self._read = name, read
         self._ring = read(name)  # at start: a replica without a key must not come up
-        self._stopping = threading.Event()
 
     def get(self) -> Keyring:
         return self._ring
 
-    def run(self) -> None:
-        failing = False
-        while not self._stopping.wait(REFRESH_S):
-            try:
-                self._ring = self._read(self._name)
-                failing = False
-            except Exception as exc:  # the GCS restarts: keep the keys we have, say so once
-                if not failing:
-                    logger.warning("cannot reload the transport keys: %s", type(exc).__name__)
-                failing = True
-
-    def stop(self) -> None:
-        self._stopping.set()
+    def _reload(self) -> None:
+        try:
+            self._ring = self._read(self._name)
+        except Exception as exc:  # its text may quote what was read: name the type only
+            raise RuntimeError(f"cannot reload the transport keys: {type(exc).__name__}") from None

@@ -37,9 +37,8 @@ python3 -m mpsserve.cli doctor --config deployments/gpu-mps.yaml 2>&1 | tail -2 
 
 log "ray start with the launcher's hook (single node: head and GPU node)"
 start_ray() {
-  RAY_START_HOOK=mpsserve.mps.hook.ray_start_hook MPSSERVE_MPS_MODE=on \
-  MPSSERVE_MPS_PIPE_DIR=$PIPE MPSSERVE_MPS_LOG_DIR=/tmp/mpsserve/mps-log \
-  MPSSERVE_MPS_STATE_DIR=/tmp/mpsserve/mps-state \
+  RAY_START_HOOK=mpsserve.mps.hook.ray_start_hook \
+  MPSSERVE_MPS_CONFIG="{\"mps\": {\"mode\": \"on\", \"pipe_dir\": \"$PIPE\"}}" \
     ray start --head --port=36379 --num-cpus=16 --dashboard-host=127.0.0.1 \
       --dashboard-port=38265 --disable-usage-stats "$@" >> "$OUT/ray-start.txt" 2>&1
 }

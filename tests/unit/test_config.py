@@ -3,8 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from mpsserve.config import load_config, parse_config
+from mpsserve.config import VersionPolicy, load_config, parse_config
 from mpsserve.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,3 +97,12 @@ def test_unquoted_yaml_on_and_off_mean_the_modes(tmp_path: Path) -> None:
         path = tmp_path / f"{mode}.yaml"
         path.write_text(f"models: [{{name: rec, store: /s}}]\nmps: {{mode: {text}}}\n")
         assert load_config(path).mps.mode == mode
+
+
+def test_a_version_policy_selects_and_names_itself() -> None:
+    latest, pinned = VersionPolicy(latest=2), VersionPolicy(specific=[3, 1])
+    assert (latest.text(), pinned.text()) == ("latest 2", "specific [3, 1]")
+    assert latest.selected([3, 1, 2]) == [2, 3] and pinned.selected([1, 2]) == [1]
+    assert latest.candidates([1, 3, 2]) == [3, 2, 1] and pinned.candidates([1, 2, 3]) == [3, 1]
+    with pytest.raises(ValidationError):
+        VersionPolicy(specific=[])  # pinned to nothing: a mistake, not a policy

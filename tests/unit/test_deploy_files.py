@@ -157,10 +157,9 @@ def test_ray_cluster_yaml_wires_the_mps_hook(cluster_yaml: dict[str, Any]) -> No
     assert hook and start.index("RAY_START_HOOK") < start.index("ray start")
     module, _, attr = hook.group(1).rpartition(".")
     assert callable(getattr(importlib.import_module(module), attr))
-    assert "MPSSERVE_MPS_MODE=on" in start
-    mps = load_config(ROOT / "deployments" / "gpu-mps.yaml").mps
-    for name, value in (("PIPE", mps.pipe_dir), ("LOG", mps.log_dir), ("STATE", mps.state_dir)):
-        assert f"MPSSERVE_MPS_{name}_DIR={value}" in start
+    service = re.search(r"MPSSERVE_SERVICE_CONFIG=~/mpsserve/(\S+)", start)
+    assert service, "the hook reads the deployed service YAML's mps section"
+    assert load_config(ROOT / service.group(1)).mps.mode == "on"
     doctor = re.search(r"mpsserve doctor --config ~/mpsserve/(\S+)", start)
     assert doctor and (ROOT / doctor.group(1)).is_file()
     assert cluster_yaml["file_mounts"] == {"~/mpsserve": "."}

@@ -13,7 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mpsserve.errors import InvalidInput, ModelNotReady
+from mpsserve.errors import (
+    InvalidInput,
+    ModelLoadError,
+    ModelNotReady,
+    PayloadTooLarge,
+    ReplicaUnavailable,
+)
 from mpsserve.protocol import frame
 from mpsserve.protocol.handshake import Keyring
 from mpsserve.serving.replica_server import ReplicaServer
@@ -78,11 +84,17 @@ def test_frame_refuses_what_is_not_a_frame() -> None:
         frame.tensors(header, bytearray(12))
 
 
-def test_errors_travel_by_class_and_message() -> None:
+def test_errors_travel_by_status_and_message() -> None:
     header = frame.error_header(InvalidInput("input 'dense' has 3 columns"))
-    assert header["status"] == 400
+    assert header["status"] == 400 and "error" not in header  # no class names on the wire
     with pytest.raises(InvalidInput, match="input 'dense' has 3 columns"):
         frame.raise_for_error(header)
+    with pytest.raises(PayloadTooLarge):
+        frame.raise_for_error(frame.error_header(PayloadTooLarge("too big")))
+    with pytest.raises(ModelNotReady):  # every 503 the same way: UNAVAILABLE, retried later
+        frame.raise_for_error(frame.error_header(ModelLoadError("v2 failed")))
+    with pytest.raises(ReplicaUnavailable):  # the replica broke: another may take it
+        frame.raise_for_error(frame.error_header(ReplicaUnavailable("device fault")))
     with pytest.raises(Exception, match="internal error"):  # no internals from a crash
         frame.raise_for_error(frame.error_header(KeyError("secret")))
 

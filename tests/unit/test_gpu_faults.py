@@ -17,8 +17,8 @@ from mpsserve.mps.guardian import Guardian, ReplicaMps
 from mpsserve.servable import Servable
 from mpsserve.settings import settings
 from mpsserve.status import _fault, _fault_line
-from tests.mps import daemon, standin_client, standin_control
-from tests.unit.test_mps import clean_settings, replica_settings, wait_for
+from tests.mps import daemon, replica_mps, standin_client, standin_control
+from tests.unit.test_mps import clean_settings, wait_for
 
 __all__ = ["clean_settings"]  # a fixture these tests use
 
@@ -108,7 +108,7 @@ def test_a_replica_watching_its_server_is_told_once_of_a_peers_fault(
     tmp_path: Path, clean_settings: pytest.MonkeyPatch
 ) -> None:
     control = standin_control(tmp_path)
-    s = replica_settings(control, tmp_path, "on", mps_guardian_interval_s=0.2)
+    s = replica_mps(control, tmp_path, "on", guardian_interval_s=0.2)
     with daemon(control), standin_client(control) as client:
         assert wait_for(lambda: control.server_list() != [])
         replica = ReplicaMps(s, pid=client.pid, gpu="0")
@@ -135,7 +135,7 @@ def test_a_replica_reports_its_own_fault_only_when_attached(
     tmp_path: Path, clean_settings: pytest.MonkeyPatch
 ) -> None:
     control = standin_control(tmp_path)
-    s = replica_settings(control, tmp_path, "auto")
+    s = replica_mps(control, tmp_path, "auto")
     replica = ReplicaMps(s, pid=12345, gpu="0")
     replica.report_fault("CUDA error: boom")  # never attached: nothing to tell the node
     assert faults.recorded(tmp_path / "state") == []

@@ -14,8 +14,9 @@ import pytest
 
 from mpsserve import gpu, metrics
 from mpsserve.metrics import MetricSpec
-from mpsserve.mps.guardian import Guardian, NodeState, write_state
-from mpsserve.sampler import NodeSampler
+from mpsserve.mps.guardian import Guardian
+from mpsserve.mps.sampler import NodeSampler
+from mpsserve.mps.state import NodeState, write_state
 from tests.mps import daemon, standin_client, standin_control
 from tests.unit.conftest import Recorder
 

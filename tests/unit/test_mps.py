@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from mpsserve.config import MpsConfig, Placement
-from mpsserve.errors import MpsError
+from mpsserve.config import MpsConfig, Placement, ReplicaMpsConfig
+from mpsserve.errors import ConfigError, MpsError
 from mpsserve.mps import hook
 from mpsserve.mps.control import BUSY, PID_FILE, DaemonBusy, DaemonNotRunning, MpsControl
-from mpsserve.mps.guardian import Guardian, ReplicaMps, read_state, write_state
-from mpsserve.settings import settings, to_env
-from tests.mps import STANDIN, daemon, standin_client, standin_control
+from mpsserve.mps.guardian import Guardian, ReplicaMps
+from mpsserve.mps.state import read_state, write_state
+from mpsserve.settings import settings
+from tests.mps import STANDIN, daemon, replica_mps, standin_client, standin_control
 
 
 def wait_for(predicate, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
@@ -232,21 +233,6 @@ def test_only_one_guardian_leads_a_node(tmp_path: Path) -> None:
     assert first._lead() and not second._lead()
 
 
-def replica_settings(control: MpsControl, tmp: Path, mode: str, **more: object):  # type: ignore[no-untyped-def]
-    os.environ.update(
-        to_env(
-            mps_mode=mode,
-            mps_pipe_dir=str(control.pipe_dir),
-            mps_log_dir=str(control.log_dir),
-            mps_state_dir=str(tmp / "state"),
-            mps_control_binary=str(STANDIN),
-            **more,
-        )
-    )
-    settings.cache_clear()
-    return settings()
-
-
 @pytest.fixture
 def clean_settings(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     for name in [k for k in os.environ if k.startswith("MPSSERVE_")]:
@@ -260,7 +246,7 @@ def test_attached_replica_is_healthy_until_its_server_dies(
     tmp_path: Path, clean_settings: pytest.MonkeyPatch
 ) -> None:
     control = standin_control(tmp_path)
-    s = replica_settings(control, tmp_path, "on")
+    s = replica_mps(control, tmp_path, "on")
     with daemon(control), standin_client(control) as client:
         assert wait_for(lambda: control.server_list() != [])
         replica = ReplicaMps(s, pid=client.pid)
@@ -276,7 +262,7 @@ def test_a_busy_daemon_is_no_verdict_but_a_server_really_gone_is(
     tmp_path: Path, clean_settings: pytest.MonkeyPatch
 ) -> None:
     control = standin_control(tmp_path)
-    s = replica_settings(control, tmp_path, "on", mps_command_retry_s=1.5)
+    s = replica_mps(control, tmp_path, "on", command_retry_s=1.5)
     with daemon(control), standin_client(control) as client:
         assert wait_for(lambda: control.server_list() != [])
         control.command("standin_refuse 1000")
@@ -302,7 +288,7 @@ def test_a_health_check_reads_the_guardians_state_before_asking_the_daemon(
     tmp_path: Path, clean_settings: pytest.MonkeyPatch
 ) -> None:
     control = standin_control(tmp_path)
-    s = replica_settings(control, tmp_path, "on")
+    s = replica_mps(control, tmp_path, "on")
     log = control.log_dir / "control.log"
 
     def asked() -> int:
@@ -310,7 +296,7 @@ def test_a_health_check_reads_the_guardians_state_before_asking_the_daemon(
 
     with daemon(control), standin_client(control) as client:
         assert wait_for(lambda: control.server_list() != [])
-        state = Guardian(control, tmp_path / "state", s.mps_guardian_interval_s).check()
+        state = Guardian(control, tmp_path / "state", s.guardian_interval_s).check()
         replica = ReplicaMps(s, pid=client.pid)
         before = asked()
         replica.verify()  # the guardian's fresh state lists it: no question to the daemon
@@ -330,12 +316,12 @@ def test_mode_on_replica_that_is_not_attached_says_why(
     tmp_path: Path, clean_settings: pytest.MonkeyPatch
 ) -> None:
     control = standin_control(tmp_path)
-    s = replica_settings(control, tmp_path, "on")
+    s = replica_mps(control, tmp_path, "on")
     with daemon(control):
         replica = ReplicaMps(s, pid=os.getpid())
         replica.verify()
         assert "is in no MPS server's client list" in (replica.problem() or "")
-    auto = ReplicaMps(replica_settings(control, tmp_path, "auto"), pid=os.getpid())
+    auto = ReplicaMps(replica_mps(control, tmp_path, "auto"), pid=os.getpid())
     auto.verify()  # daemon gone: auto degrades, stays healthy, and says so
     assert auto.problem() is None and "no MPS control daemon answers" in auto.detail
 
@@ -344,10 +330,8 @@ def test_worker_setup_hook_starts_the_daemon_and_sets_limits(
     tmp_path: Path, clean_settings: pytest.MonkeyPatch
 ) -> None:
     control = standin_control(tmp_path)
-    replica_settings(control, tmp_path, "on")
-    clean_settings.setenv("MPSSERVE_MPS_PINNED_MEM_LIMIT_MB", "1234")
+    replica_mps(control, tmp_path, "on", limits={"pinned_mem_limit_mb": 1234})
     clean_settings.delenv("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", raising=False)
-    settings.cache_clear()
     try:
         hook.worker_setup()
         assert control.running() and hook.setup_error is None
@@ -372,9 +356,7 @@ def test_worker_setup_hook_starts_the_daemon_and_sets_limits(
 def test_worker_setup_hook_reports_a_missing_binary(
     tmp_path: Path, clean_settings: pytest.MonkeyPatch
 ) -> None:
-    replica_settings(standin_control(tmp_path), tmp_path, "auto")
-    clean_settings.setenv("MPSSERVE_MPS_CONTROL_BINARY", "no-such-mps-control")
-    settings.cache_clear()
+    replica_mps(standin_control(tmp_path), tmp_path, "auto", control_binary="no-such-mps-control")
     hook.worker_setup()
     assert hook.setup_error is not None and "not found on PATH" in hook.setup_error
 
@@ -392,7 +374,8 @@ def test_replica_runtime_env() -> None:
     limited = MpsConfig(mode="on", limits={"pinned_mem_limit_mb": 4096})
     limited_env = hook.replica_runtime_env(limited, Placement(replicas_per_gpu=8))["env_vars"]
     assert limited_env[hook.PINNED_LIMIT_VAR] == "0=4096M"  # CUDA sees it from the start
-    assert env["MPSSERVE_MPS_MODE"] == "on" and env["MPSSERVE_MPS_REPLICAS_PER_GPU"] == "8"
+    sent = ReplicaMpsConfig.from_json(env["MPSSERVE_MPS_CONFIG"])  # what the replica reads
+    assert sent == ReplicaMpsConfig(mps=MpsConfig(mode="on"), replicas_per_gpu=8)
     off = hook.replica_runtime_env(MpsConfig(mode="off"), Placement())
     assert off["env_vars"]["CUDA_MPS_PIPE_DIRECTORY"] == hook.NO_MPS_PIPE_DIR
     assert "worker_process_setup_hook" not in off and hook.PINNED_LIMIT_VAR not in off["env_vars"]
@@ -420,9 +403,7 @@ def test_worker_setup_with_an_external_daemon_attaches_but_never_starts_one(
     tmp_path: Path, clean_settings: pytest.MonkeyPatch
 ) -> None:
     control = standin_control(tmp_path)
-    replica_settings(control, tmp_path, "on")
-    clean_settings.setenv("MPSSERVE_MPS_DAEMON", "external")
-    settings.cache_clear()
+    replica_mps(control, tmp_path, "on", daemon="external")
     hook.worker_setup()
     assert not control.running()
     assert hook.setup_error is not None and "mps.daemon is 'external'" in hook.setup_error
@@ -431,4 +412,31 @@ def test_worker_setup_with_an_external_daemon_attaches_but_never_starts_one(
         hook.worker_setup()
         assert hook.setup_error is None
     env = hook.replica_runtime_env(MpsConfig(mode="on", daemon="external"), Placement())
-    assert env["env_vars"]["MPSSERVE_MPS_DAEMON"] == "external"
+    sent = ReplicaMpsConfig.from_json(env["env_vars"]["MPSSERVE_MPS_CONFIG"])
+    assert sent.mps.daemon == "external"
+
+
+def test_a_ray_start_node_takes_the_mps_section_of_the_service_yaml(
+    tmp_path: Path, clean_settings: pytest.MonkeyPatch
+) -> None:
+    assert hook.node_config().mode == "off"  # nothing named: the hook does nothing
+    service = tmp_path / "service.yaml"
+    service.write_text(
+        "models: [{name: rec, store: /models/rec}]\n"
+        "mps: {mode: on, pipe_dir: /run/mps-pipe, guardian_interval_s: 3}\n"
+    )
+    clean_settings.setenv("MPSSERVE_SERVICE_CONFIG", str(service))
+    settings.cache_clear()
+    mps = hook.node_config()
+    assert (mps.mode, mps.pipe_dir, mps.guardian_interval_s) == ("on", "/run/mps-pipe", 3.0)
+
+
+def test_a_bad_mps_config_in_the_environment_names_the_field(
+    clean_settings: pytest.MonkeyPatch,
+) -> None:
+    clean_settings.setenv("MPSSERVE_MPS_CONFIG", '{"mps": {"guardian_interval_s": 0}}')
+    settings.cache_clear()
+    with pytest.raises(ConfigError, match=r"mps\.guardian_interval_s"):
+        hook.replica_config()
+    hook.worker_setup()  # reports, never raises
+    assert hook.setup_error is not None and "MPSSERVE_MPS_CONFIG" in hook.setup_error

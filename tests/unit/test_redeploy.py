@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from mpsserve import redeploy
+from mpsserve import changes
 from mpsserve.config import ServiceConfig, parse_config
 from mpsserve.serving.app import application_schema
 
@@ -18,21 +18,21 @@ def service(**model: Any) -> ServiceConfig:
 
 def test_first_deploy_and_no_change() -> None:
     config = service()
-    assert redeploy.describe_changes(None, config) == ["first deploy: models ['rec']"]
-    assert redeploy.describe_changes(config, config) == [
+    assert changes.describe_changes(None, config) == ["first deploy: models ['rec']"]
+    assert changes.describe_changes(config, config) == [
         "no change: the cluster already runs this config"
     ]
-    assert redeploy.rollout(config, config) == "rollout: nothing to do"
+    assert changes.rollout(config, config) == "rollout: nothing to do"
 
 
 def test_replicas_and_policy_on_a_cpu_cluster() -> None:
     old = service(placement={"cpu_replicas": 1})
     new = service(placement={"cpu_replicas": 2}, version_policy={"specific": [1]})
-    assert redeploy.describe_changes(old, new, cluster_gpus=0) == [
+    assert changes.describe_changes(old, new, cluster_gpus=0) == [
         "model rec: replicas 1 -> 2; version_policy latest 1 -> specific [1]; "
         "placement.cpu_replicas 1 -> 2"
     ]
-    assert redeploy.rollout(old, new).startswith("rollout: rolling update")
+    assert changes.rollout(old, new).startswith("rollout: rolling update")
 
 
 def test_replicas_on_a_gpu_cluster_count_every_gpu() -> None:
@@ -40,16 +40,16 @@ def test_replicas_on_a_gpu_cluster_count_every_gpu() -> None:
         service(placement={"replicas_per_gpu": 8}),
         service(placement={"replicas_per_gpu": 4}),
     )
-    (line,) = redeploy.describe_changes(old, new, cluster_gpus=2)
+    (line,) = changes.describe_changes(old, new, cluster_gpus=2)
     assert line.startswith("model rec: replicas 16 -> 8; placement.replicas_per_gpu 8 -> 4")
-    (line,) = redeploy.describe_changes(old, new)  # no cluster: the fields only
+    (line,) = changes.describe_changes(old, new)  # no cluster: the fields only
     assert line == "model rec: placement.replicas_per_gpu 8 -> 4"
 
 
 def test_a_policy_alone_reconfigures_in_place() -> None:
     old, new = service(), service(version_policy={"latest": 2})
-    assert redeploy.describe_changes(old, new) == ["model rec: version_policy latest 1 -> latest 2"]
-    assert redeploy.rollout(old, new) == (
+    assert changes.describe_changes(old, new) == ["model rec: version_policy latest 1 -> latest 2"]
+    assert changes.rollout(old, new) == (
         "rollout: in place (version policies only; no replica restarts)"
     )
 
@@ -65,7 +65,7 @@ def test_models_added_removed_and_sections() -> None:
             "mps": {"mode": "off"},
         }
     )
-    assert redeploy.describe_changes(old, new) == [
+    assert changes.describe_changes(old, new) == [
         "model b: removed",
         "model c: added (store s3://bucket/c)",
         "ingress: http_port 8000 -> 8080",
@@ -98,16 +98,16 @@ def client(monkeypatch: pytest.MonkeyPatch) -> FakeClient:
 
 def test_deployed_config_reads_back_what_was_deployed(client: FakeClient) -> None:
     config = service(version_policy={"specific": [3]}, placement={"cpu_replicas": 3})
-    assert redeploy.deployed_config("mpsserve") is None
+    assert changes.deployed_config("mpsserve") is None
     client.details = serve_details(config)
-    assert redeploy.deployed_config("mpsserve") == config
-    assert redeploy.deployed_config("other") is None
+    assert changes.deployed_config("mpsserve") == config
+    assert changes.deployed_config("other") is None
 
 
 def test_print_changes_logs_each_line(client: FakeClient) -> None:
     client.details = serve_details(service())
     lines: list[str] = []
-    redeploy.print_changes(service(placement={"cpu_replicas": 2}), 0, out=lines.append)
+    changes.print_changes(service(placement={"cpu_replicas": 2}), 0, out=lines.append)
     assert lines == [
         "changes to application 'mpsserve':",
         "  model rec: replicas 1 -> 2; placement.cpu_replicas 1 -> 2",
@@ -120,7 +120,7 @@ def test_print_changes_goes_on_when_the_deployed_config_is_unreadable(client: Fa
     details["applications"]["mpsserve"]["deployed_app_config"]["args"]["config"]["bogus"] = 1
     client.details = details
     lines: list[str] = []
-    redeploy.print_changes(service(), 0, out=lines.append)
+    changes.print_changes(service(), 0, out=lines.append)
     assert len(lines) == 1 and "unknown" in lines[0] and "bogus" in lines[0]
 
 
@@ -138,8 +138,8 @@ def test_live_summary_lists_each_deployment(monkeypatch: pytest.MonkeyPatch) -> 
         status="RUNNING", message="", last_deployed_time_s=0, deployments={"model-rec": deployment}
     )
     monkeypatch.setattr(serve, "status", lambda: ServeStatus(applications={"mpsserve": app}))
-    assert redeploy.live_summary("mpsserve") == [
+    assert changes.live_summary("mpsserve") == [
         "application 'mpsserve': RUNNING",
         "  model-rec: HEALTHY, replicas 2 RUNNING, 1 STOPPING",
     ]
-    assert redeploy.live_summary("other") == ["application 'other': not running"]
+    assert changes.live_summary("other") == ["application 'other': not running"]

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mpsserve import gpu, metrics
-from mpsserve.mps.guardian import NodeState, read_state
+from mpsserve.mps.state import NodeState, read_state
+from mpsserve.periodic import Periodic
 
 logger = logging.getLogger(__name__)
 
@@ -32,28 +32,19 @@ class Sample:
     gpus: list[gpu.GpuUsage] = field(default_factory=list)
 
 
-class NodeSampler(threading.Thread):
+class NodeSampler(Periodic):
     """Sets the node's MPS and GPU gauges every ``interval_s`` until stopped."""
 
     def __init__(
         self, state_dir: Path | None, interval_s: float = 5.0, node: str | None = None
     ) -> None:
-        super().__init__(name="mpsserve-node-sampler", daemon=True)
-        self.state_dir, self.interval_s = state_dir, interval_s
+        super().__init__("mpsserve-node-sampler", interval_s, self.sample)
+        self.state_dir = state_dir
         self.node = node or socket.gethostname()
-        self._stopping = threading.Event()
         self._restarts_seen: int | None = None
         self._nvml = True  # False once NVML proved unavailable here
         self._gpus_seen = False
         self._failed = False
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-    def run(self) -> None:
-        while not self._stopping.is_set():
-            self.sample()
-            self._stopping.wait(self.interval_s)
 
     def sample(self) -> Sample:
         """One round; never raises (a failure is logged once)."""

@@ -1,0 +1,117 @@
+"""Deploying a service to Ray: join or start the cluster, log what changes, deploy (ops).
+
+Shared by the CLI (``mpsserve serve``, ``mpsserve deploy``) and the ``ray job submit``
+entrypoint (``python -m mpsserve.redeploy``), which both sit above this module. Ray is
+imported inside the functions: ``use_cluster_token`` must run before Ray's import, and the
+CLI's other commands stay fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+from mpsserve.changes import print_changes
+from mpsserve.config import ServiceConfig, load_config
+from mpsserve.errors import MpsServeError
+from mpsserve.settings import settings
+
+
+class Cluster(NamedTuple):
+    gpus: int
+    cpus: float
+
+
+def use_cluster_token() -> None:
+    """Ray 2.60's `ray start` turns on token auth, but a client only sends the token when
+    RAY_AUTH_MODE=token; join such a cluster as `ray` itself would, if the user set no mode."""
+    has_token = Path.home().joinpath(".ray", "auth_token").exists() or any(
+        os.environ.get(name) for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    )
+    if has_token and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def start_ray(config: ServiceConfig, address: str | None, local: bool) -> tuple[Cluster, str]:
+    """Join or start Ray and Serve; returns the cluster's resources and the dashboard URL."""
+    joining = not (local and address is None)
+    if joining:
+        use_cluster_token()  # before Ray is imported: it reads the mode once, at import
+    import ray
+    from ray import serve
+
+    if not joining:  # "local": a new cluster of our own, never one found on the machine
+        context = ray.init(
+            address="local",
+            num_cpus=config.ray.num_cpus,
+            num_gpus=config.ray.num_gpus,
+            include_dashboard=config.ray.dashboard,
+            logging_level=logging.WARNING,
+        )
+    else:
+        context = ray.init(address=address or "auto", logging_level=logging.WARNING)
+    from mpsserve.serving.app import serve_options
+
+    serve.start(**serve_options(config))
+    dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "(off)"
+    resources = ray.cluster_resources()
+    return Cluster(int(resources.get("GPU", 0)), float(resources.get("CPU", 0))), dashboard
+
+
+def deploy_to(config: ServiceConfig, cluster: Cluster) -> None:
+    from mpsserve.serving.app import deploy
+
+    gpus = cluster.gpus
+    placement = (
+        "CPU replicas (no GPU in the cluster, so no MPS)"
+        if gpus == 0
+        else f"{gpus} GPU(s), MPS mode {config.mps.mode}"
+    )
+    print(f"deploying {[m.name for m in config.models]} on {placement} ...", flush=True)
+    deploy(config, gpus, cluster.cpus, progress=lambda line: print(line, flush=True))
+
+
+def load_service(path: str) -> ServiceConfig:
+    """A service YAML, or a Serve config file holding the mpsserve application. Token and
+    certificate files are not looked for here: they are needed where the ingress runs,
+    which checks them when it starts."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        data = None  # load_config says what is wrong with it
+    if isinstance(data, dict) and "applications" in data:
+        from mpsserve.serving.app import service_config_from_serve
+
+        return service_config_from_serve(data, path, check_files=False)
+    return load_config(path, check_files=False)
+
+
+def deploy(path: str, address: str | None) -> ServiceConfig:
+    """``mpsserve deploy``: the service (YAML or Serve config) onto a running cluster, after
+    logging what the deploy changes there. Returns the config deployed."""
+    config = load_service(path)
+    cluster, _ = start_ray(config, address or config.ray.address, local=False)
+    print_changes(config, cluster.gpus)
+    deploy_to(config, cluster)
+    print(f"deployed application {config.ray.app_name!r}; HTTP on port {config.ingress.http_port}")
+    return config
+
+
+def run_command(name: str, command: Callable[[], int]) -> int:
+    """Run a command with the service's logging; its errors become a message and an exit
+    code (2: ours, e.g. a bad config; 1: Ray Serve reporting a failed deployment)."""
+    logging.basicConfig(level=settings().log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return command()
+    except MpsServeError as exc:
+        print(f"mpsserve {name}: {exc.message}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # Ray Serve reports a failed deployment this way
+        print(f"mpsserve {name}: {exc}", file=sys.stderr)
+        return 1
