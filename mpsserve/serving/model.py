@@ -14,7 +14,8 @@ Threads of a model replica process: Serve's replica event loop (health checks, h
 calls), the data port's event loop (``replica-server``) and its inference pool
 (``infer-*``, ``settings.replica_threads``), the transport key reloader
 (``transport-keys``), the store watcher and the MPS guardian / fault watcher (``Servable``,
-``ReplicaMps``).
+``ReplicaMps``), the node's metrics sampler in the one replica that leads the node's guardian,
+and, after a device fault, ``fault-exit`` (ends the process).
 """
 
 from __future__ import annotations
