@@ -62,7 +62,6 @@ class ModelReplica:
         self._mps = ReplicaMps(hook.replica_config().mps, gpu=gpus[0] if gpus else None)
         self._servable.on_fault = self._device_fault
         self._servable.memory_limit = self._mps.memory_limit()
-        self._peer_fault_seen = False
         self._leaving = threading.Lock()
         self._mps.watch_faults(self._peer_fault)
         self._mps.start_guardian()
@@ -118,18 +117,17 @@ class ModelReplica:
             time.sleep(0.005)
 
     def _device_fault(self, message: str) -> None:
-        """This process's CUDA context is gone (a sticky error): tell the node when the fault
-        was this process's own (under MPS it hit every client of the GPU's server), then exit
-        at once rather than after three failed health checks: the server takes no new client
-        until every client it hit has exited, so each second here delays the replacements."""
-        if not self._peer_fault_seen:
-            self._mps.report_fault(message)
+        """This process's CUDA context is gone (a sticky error): tell the node (under MPS it
+        hit every client of the GPU's server; ``report_fault`` stays silent when a peer told
+        the node first, as when this call comes from ``_peer_fault``), then exit at once
+        rather than after three failed health checks: the server takes no new client until
+        every client it hit has exited, so each second here delays the replacements."""
+        self._mps.report_fault(message)
         threading.Thread(target=self._exit, args=(message,), name="fault-exit").start()
 
     def _peer_fault(self, fault: GpuFault) -> None:
         """Another client of this GPU's MPS server reported a fatal fault after this process
         started: this process's context is gone too, whether or not it has noticed yet."""
-        self._peer_fault_seen = True
         self._servable.device_fault(
             f"GPU {fault.gpu} fault on MPS server {fault.server}, reported by pid "
             f"{fault.reporter}: {fault.message[:300]}"
