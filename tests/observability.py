@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +45,30 @@ def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
 
 def dashboard_exprs() -> list[str]:
     return [t["expr"] for p in panels(load_dashboard()) for t in p["targets"]]
+
+
+#: Ray's metrics agent exports every 10 s by default.
+REPORT_INTERVAL_S = 10.0
+
+
+def settled(count: Callable[[], float], deadline_s: float = 60.0) -> float:
+    """A counter's value once Ray has exported everything earlier tests sent: equal across
+    one report interval (or whatever it is at the deadline)."""
+    deadline = time.monotonic() + deadline_s
+    value = count()
+    while True:
+        time.sleep(REPORT_INTERVAL_S + 1)
+        again = count()
+        if again == value or time.monotonic() > deadline:
+            return again
+        value = again
+
+
+def reaches(count: Callable[[], float], want: float, deadline_s: float = 40.0) -> float:
+    """The counter's value once it reaches ``want`` (or at the deadline)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        got = count()
+        if got >= want or time.monotonic() > deadline:
+            return got
+        time.sleep(1)

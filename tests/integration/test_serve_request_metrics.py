@@ -4,8 +4,6 @@ and replica, as the Ray dashboard's Serve views read them (Ray's Prometheus endp
 
 from __future__ import annotations
 
-import time
-
 import requests
 
 from mpsserve.demo import make_request
@@ -13,36 +11,15 @@ from mpsserve.protocol.kserve import encode_json_request
 from tests.conftest import SMALL
 from tests.integration.conftest import METRICS_PORT
 from tests.integration.test_metrics_export import Sample, scrape, value_of
+from tests.observability import reaches, settled
 
 REQUESTS = "ray_serve_deployment_request_counter_total"
 LATENCY_COUNT = "ray_serve_deployment_processing_latency_ms_count"
 INFER = {"deployment": "model-rec", "application": "mpsserve", "route": "/infer"}
-REPORT_INTERVAL_S = 10.0  # Ray's metrics report interval (default)
 
 
 def _count(name: str) -> float:
     return value_of(scrape(METRICS_PORT), name, INFER) or 0.0
-
-
-def _settled(name: str, deadline_s: float = 60.0) -> float:
-    """The count once earlier tests' frames are exported: equal across one report interval."""
-    deadline = time.monotonic() + deadline_s
-    value = _count(name)
-    while True:
-        time.sleep(REPORT_INTERVAL_S + 1)
-        again = _count(name)
-        if again == value or time.monotonic() > deadline:
-            return again
-        value = again
-
-
-def _wait_for(name: str, want: float, deadline_s: float = 40.0) -> float:
-    deadline = time.monotonic() + deadline_s
-    while True:
-        got = _count(name)
-        if got >= want or time.monotonic() > deadline:
-            return got
-        time.sleep(1)
 
 
 def _series(samples: list[Sample], name: str) -> list[Sample]:
@@ -50,15 +27,15 @@ def _series(samples: list[Sample], name: str) -> list[Sample]:
 
 
 def test_serve_counts_the_frames_per_deployment_and_replica(base_url: str) -> None:
-    before = _settled(REQUESTS)
+    before = settled(lambda: _count(REQUESTS))
     latency_before = _count(LATENCY_COUNT)
     body = encode_json_request(make_request(SMALL, rows=8, seed=7))
     sent = 6
     for _ in range(sent):
         response = requests.post(f"{base_url}/v2/models/rec/infer", data=body, timeout=60)
         assert response.status_code == 200
-    assert _wait_for(REQUESTS, before + sent) == before + sent
-    assert _wait_for(LATENCY_COUNT, latency_before + sent) >= latency_before + sent
+    assert reaches(lambda: _count(REQUESTS), before + sent) == before + sent
+    assert reaches(lambda: _count(LATENCY_COUNT), latency_before + sent) >= latency_before + sent
     samples = scrape(METRICS_PORT)
     ours = _series(samples, REQUESTS)
     # Serve's labels, as its own records carry them: one series per replica and route.
