@@ -67,7 +67,7 @@ from typing import Any, Protocol, TextIO
 
 import numpy as np
 
-from mpsserve.demo import DemoSpec, make_request
+from mpsserve.ops.demo import DemoSpec, make_request
 from mpsserve.protocol.kserve import HEADER_LENGTH
 
 DEFAULT_SERVER_PATTERN = r"ray::|raylet|gcs_server|mpsserve"

@@ -7,8 +7,8 @@ set -uo pipefail
 s=${1:-mps}; OUT=${OUT:-/tmp/mpsserve-profile}; CONC=${CONC:-32}; PROTO=${PROTO:-http}
 SECONDS_=${SECONDS:-10}
 mkdir -p "$OUT"
-python3 -m mpsserve.cli demo-model --out /tmp/mpsserve-bench/models/rec --format torch --if-missing
-python3 -m mpsserve.cli serve --config "deployments/bench/$s.yaml" --rows 8 > "$OUT/serve-$s.log" 2>&1 &
+python3 -m mpsserve.ops.cli demo-model --out /tmp/mpsserve-bench/models/rec --format torch --if-missing
+python3 -m mpsserve.ops.cli serve --config "deployments/bench/$s.yaml" --rows 8 > "$OUT/serve-$s.log" 2>&1 &
 pid=$!
 for _ in $(seq 400); do grep -q "Ctrl-C stops" "$OUT/serve-$s.log" && break; sleep 1; done
 target="--url http://127.0.0.1:8000"; [ "$PROTO" = grpc ] && target="--grpc 127.0.0.1:9000"

@@ -34,9 +34,9 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
+from mpsserve.ingress.router import Router
 from mpsserve.protocol.handshake import Keyring
 from mpsserve.serving import replica_set
-from mpsserve.serving.router import Router
 
 
 @serve.deployment(

@@ -7,10 +7,10 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/mpsserve-bench-out}; CONC=${CONC:-8,32}; DUR=${DUR:-10}; PROCS=${PROCS:-4}
 mkdir -p "$OUT"
-python3 -m mpsserve.cli demo-model --out /tmp/mpsserve-bench/models/rec --format torch --if-missing
+python3 -m mpsserve.ops.cli demo-model --out /tmp/mpsserve-bench/models/rec --format torch --if-missing
 for s in "$@"; do
   log="$OUT/serve-$s.log"
-  python3 -m mpsserve.cli serve --config "deployments/bench/$s.yaml" --rows 8 > "$log" 2>&1 &
+  python3 -m mpsserve.ops.cli serve --config "deployments/bench/$s.yaml" --rows 8 > "$log" 2>&1 &
   pid=$!
   for _ in $(seq 400); do
     grep -q "Ctrl-C stops" "$log" && break; kill -0 "$pid" 2>/dev/null || break; sleep 1

@@ -538,7 +538,7 @@ class MpsConfig(_Strict):
 class ReplicaMpsConfig(_Strict):
     """What one GPU replica needs of MPS: the service's ``mps`` section and its model's share
     of a GPU (for the derived pinned-memory limit). The app builder hands it to each replica
-    as JSON in ``MPSSERVE_MPS_CONFIG`` (``mpsserve.mps.hook.replica_runtime_env``), and the
+    as JSON in ``MPSSERVE_MPS_CONFIG`` (``mpsserve.node.hook.replica_runtime_env``), and the
     replica validates it with this model, so the MPS knobs are declared here once. Without
     one (a CPU replica, a process Serve did not start) MPS is off."""
 

@@ -32,14 +32,14 @@ class Settings:
     #: mode, the default) or exclusive (replays and eager runs pause while a graph captures).
     graph_capture: str = "concurrent"
     #: This replica's MPS setup: ``ReplicaMpsConfig`` as JSON, written by the app builder
-    #: (``mpsserve.mps.hook.replica_runtime_env``) and validated where it is read; the MPS
+    #: (``mpsserve.node.hook.replica_runtime_env``) and validated where it is read; the MPS
     #: knobs themselves are declared once, in ``mpsserve.config.MpsConfig``. Empty: MPS off.
     mps_config: str = ""
     #: A service YAML whose ``mps`` section ``ray_start_hook`` applies on a ``ray start``
     #: node (the daemon up before the raylet); empty: ``mps_config``, else nothing to do.
     service_config: str = ""
     #: Tests only: a file whose appearance makes one replica inject the fault written in it
-    #: into its next request (mpsserve/runtime/injected.py). Empty: never.
+    #: into its next request (mpsserve/model/runtime/injected.py). Empty: never.
     inject_fault_file: str = ""
 
 

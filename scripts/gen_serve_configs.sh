@@ -15,7 +15,7 @@ shopt -s nullglob
 MANIFESTS=(deployments/k8s/*.yaml)
 
 for name in "${NAMES[@]}"; do
-  "$PYTHON" -m mpsserve.cli serve-config --config "deployments/$name.yaml" \
+  "$PYTHON" -m mpsserve.ops.cli serve-config --config "deployments/$name.yaml" \
     >"deployments/serve/$name.yaml.new"
   mv "deployments/serve/$name.yaml.new" "deployments/serve/$name.yaml"
   echo "wrote deployments/serve/$name.yaml"

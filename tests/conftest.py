@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mpsserve.demo import DemoSpec, write_demo_model
+from mpsserve.ops.demo import DemoSpec, write_demo_model
 
 #: The reference workload's shape with small tables, so models build and load in seconds.
 SMALL = DemoSpec(table_rows=1000)

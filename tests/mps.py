@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mpsserve.config import MpsConfig, ReplicaMpsConfig
-from mpsserve.mps.control import MpsControl
-from mpsserve.mps.hook import CONTROL_LOCK_FILE
+from mpsserve.node.control import MpsControl
+from mpsserve.node.hook import CONTROL_LOCK_FILE
 from mpsserve.settings import settings, to_env
 
 STANDIN = Path(__file__).parent / "mps_standin" / "nvidia-cuda-mps-control"

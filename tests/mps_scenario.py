@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from mpsserve.mps.control import MpsControl
-from mpsserve.mps.hook import CONTROL_LOCK_FILE
+from mpsserve.node.control import MpsControl
+from mpsserve.node.hook import CONTROL_LOCK_FILE
 from tests.processes import Load, read_until
 
 STATUS_WAIT_S = 90.0
@@ -89,7 +89,7 @@ def _all_attached(control: MpsControl, replicas: int, old: set[int]) -> bool:
 
 def _cli(tmp: Path, env: dict[str, str], command: str, *extra: str) -> Any:
     """``mpsserve COMMAND --config service.yaml --json`` as an operator runs it."""
-    argv = [sys.executable, "-m", "mpsserve.cli", command, "--config", "service.yaml", "--json"]
+    argv = [sys.executable, "-m", "mpsserve.ops.cli", command, "--config", "service.yaml", "--json"]
     return subprocess.run(
         [*argv, *extra],
         cwd=tmp,
@@ -106,7 +106,7 @@ def kill_daemon(seen: Observed, env: dict[str, str]) -> None:
 
 
 def client_fault(seen: Observed, env: dict[str, str]) -> None:
-    """One replica's next request faults its GPU (mpsserve/runtime/injected.py; simulated
+    """One replica's next request faults its GPU (mpsserve/model/runtime/injected.py; simulated
     without CUDA): every client of the server must go, the server itself stays."""
     trigger = Path(env["MPSSERVE_INJECT_FAULT_FILE"])
     trigger.with_suffix(".partial").write_text("fault address\n")
@@ -132,7 +132,16 @@ def run(
     port = config["ingress"]["http_port"]
     seen = Observed()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mpsserve.cli", "serve", "--config", "service.yaml", "--rows", "64"],
+        [
+            sys.executable,
+            "-m",
+            "mpsserve.ops.cli",
+            "serve",
+            "--config",
+            "service.yaml",
+            "--rows",
+            "64",
+        ],
         cwd=tmp,
         env={**os.environ, **env, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""},
         stdout=subprocess.PIPE,

@@ -193,7 +193,7 @@ class Service:
         return (self.cwd / f".mpsserve/request-{model}.json").read_bytes()
 
 
-CLI = [sys.executable, "-m", "mpsserve.cli"]
+CLI = [sys.executable, "-m", "mpsserve.ops.cli"]
 
 
 def until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:

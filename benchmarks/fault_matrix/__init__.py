@@ -32,19 +32,19 @@ Cases, in this order (``--cases`` picks some, in the order given):
   replica may be replaced.
 
 The last two need ``MPSSERVE_INJECT_FAULT_FILE`` set to the same path for the service (its
-replicas) and for the matrix (tests only: mpsserve/runtime/injected.py).
+replicas) and for the matrix (tests only: mpsserve/model/runtime/injected.py).
 
 Published versions are copies of the one serving; they stay in the store.
 
 Load: ``--concurrency`` closed-loop workers (over ``--processes`` client processes) send
 KServe v2 binary-tensor requests of ``--rows`` rows of the demo workload
-(``mpsserve.demo.make_request``) to ``/v2/models/<model>/infer`` from before the first case to
+(``mpsserve.ops.demo.make_request``) to ``/v2/models/<model>/infer`` from before the first case to
 after the last; a worker pauses 0.1 s after a failure. Every outcome is kept: send and reply
 time, status (``200``; an HTTP code; ``bad-reply``; ``timeout`` after ``--timeout-s``; a
 transport error's class name) and the response's ``model_version``.
 
 Status: one child process keeps a Ray connection and writes the report of ``mpsserve status
---json`` (the same ``mpsserve.status.gather``) every ``--poll-s``; a fresh ``mpsserve status``
+--json`` (the same ``mpsserve.ops.status.gather``) every ``--poll-s``; a fresh ``mpsserve status``
 per poll costs a new Ray driver (3 s, 2 CPU-s on a 2-core machine).
 
 Definitions, per case (t0 = the fault: the signal, the rename, the first file written):

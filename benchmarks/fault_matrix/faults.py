@@ -154,7 +154,7 @@ def kill_mps_daemon(ctx: Context, before: dict[str, Any]) -> Fault | str:
 
 
 def inject(action: str) -> float | str:
-    """Write the replicas' fault trigger (mpsserve/runtime/injected.py); t0, or why not."""
+    """Write the replicas' fault trigger (mpsserve/model/runtime/injected.py); t0, or why not."""
     trigger = settings().inject_fault_file
     if not trigger:
         return (

@@ -33,7 +33,7 @@ def watch_status(config_path: str, address: str | None, poll_s: float) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
-    from mpsserve.status import gather
+    from mpsserve.ops.status import gather
 
     target = address or config.ray.address or "auto"
     ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.loadgen import check_http_reply, http_body, split_concurrency
-from mpsserve.demo import DemoSpec, make_request
+from mpsserve.ops.demo import DemoSpec, make_request
 from mpsserve.protocol.kserve import HEADER_LENGTH
 
 OK = "200"

@@ -11,10 +11,10 @@ from ray.serve.config import RequestRouterConfig
 
 from mpsserve.config import ModelConfig, MpsConfig, ServiceConfig, load_config, parse_config
 from mpsserve.errors import ConfigError, DeadlineExceeded, ModelLoadError, ModelNotReady
-from mpsserve.mps.hook import replica_runtime_env
+from mpsserve.ingress import transport as _transport
+from mpsserve.node.hook import replica_runtime_env
 from mpsserve.serving import ingress as _ingress
 from mpsserve.serving import model as _model
-from mpsserve.serving import transport as _transport
 from mpsserve.serving.replica_set import ROUTER_CLASS
 
 # serve.deployment turns the classes into Deployments; their stubs do not say so.

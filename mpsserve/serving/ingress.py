@@ -34,16 +34,16 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from mpsserve.config import CHECK_FILES, IngressConfig
-from mpsserve.dataplane import DataPlane
-from mpsserve.serving import auth as _auth
+from mpsserve.ingress import auth as _auth
+from mpsserve.ingress.dataplane import DataPlane
+from mpsserve.ingress.grpc import GrpcLimits, start_grpc_server
+from mpsserve.ingress.guard import GuardLimits, guarded_protocol
+from mpsserve.ingress.http import create_http_app
+from mpsserve.ingress.replica_server import new_event_loop
+from mpsserve.ingress.router import AttemptPolicy, ReplicaBackend, Router
+from mpsserve.ingress.transport import KeyWatcher, TransportSpec
 from mpsserve.serving import replica_set
-from mpsserve.serving.grpc import GrpcLimits, start_grpc_server
-from mpsserve.serving.guard import GuardLimits, guarded_protocol
-from mpsserve.serving.http import create_http_app
 from mpsserve.serving.logs import configure_replica_logging
-from mpsserve.serving.replica_server import new_event_loop
-from mpsserve.serving.router import AttemptPolicy, ReplicaBackend, Router
-from mpsserve.serving.transport import KeyWatcher, TransportSpec
 
 logger = logging.getLogger(__name__)
 #: Share of the file limit connections may take (the rest: Ray, logs, replica sockets).

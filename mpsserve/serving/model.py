@@ -33,14 +33,14 @@ from ray import serve
 from mpsserve import metrics
 from mpsserve.config import ModelConfig, VersionPolicy
 from mpsserve.errors import MpsServeError
-from mpsserve.mps import hook
-from mpsserve.mps.faults import GpuFault
-from mpsserve.mps.guardian import ReplicaMps
+from mpsserve.ingress.replica_server import ReplicaServer
+from mpsserve.ingress.transport import KeyWatcher, TransportSpec
+from mpsserve.model.servable import Servable
+from mpsserve.node import hook
+from mpsserve.node.faults import GpuFault
+from mpsserve.node.guardian import ReplicaMps
 from mpsserve.protocol import frame
-from mpsserve.servable import Servable
 from mpsserve.serving.logs import configure_replica_logging
-from mpsserve.serving.replica_server import ReplicaServer
-from mpsserve.serving.transport import KeyWatcher, TransportSpec
 from mpsserve.settings import settings
 
 logger = logging.getLogger(__name__)

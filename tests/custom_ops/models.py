@@ -9,14 +9,14 @@ from tests.custom_ops.build import WRAPPER
 
 
 def _tf() -> Any:
-    from mpsserve.runtime.tensorflow import tf  # TensorFlow with the runtime's log level
+    from mpsserve.model.runtime.tensorflow import tf  # TensorFlow with the runtime's log level
 
     return tf
 
 
 def write_add_one_model(store: Path, library: Path, version: int = 1) -> Path:
     """``<store>/<version>/``: a signature ``x (float32, [-1]) -> y = AddOne(x)``."""
-    from mpsserve.runtime.tensorflow import load_op_library
+    from mpsserve.model.runtime.tensorflow import load_op_library
 
     tf = _tf()
     add_one = getattr(load_op_library(str(library)), WRAPPER)
@@ -41,7 +41,7 @@ def write_fallback_model(path: Path, library: Path) -> Path:
     - a float ``Mul`` the author pinned to the CPU.
     A float32 ``MatMul``, which has a GPU kernel, must not be listed.
     """
-    from mpsserve.runtime.tensorflow import load_op_library
+    from mpsserve.model.runtime.tensorflow import load_op_library
 
     tf = _tf()
     add_one = getattr(load_op_library(str(library)), WRAPPER)

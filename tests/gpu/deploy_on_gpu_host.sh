@@ -4,7 +4,7 @@
 # `mpsserve deploy` of a Serve config generated from deployments/gpu-mps.yaml (torch runtime and
 # a local store: the host has no TensorFlow), the daemon's clients, then a redeploy (replicas
 # per GPU 8 -> 4, version 1 pinned) through `ray job submit` when the dashboard starts (else
-# `python -m mpsserve.redeploy` directly) while a client sends requests. Results land in $OUT.
+# `python -m mpsserve.ops.redeploy` directly) while a client sends requests. Results land in $OUT.
 #   usage: tests/gpu/deploy_on_gpu_host.sh   (repo root; PYTHONPATH/PATH holding Ray)
 set -uo pipefail
 OUT=${OUT:-/tmp/mpsserve-deploy-out}
@@ -16,8 +16,8 @@ log() { echo "--- $*" | tee -a "$OUT/summary.txt"; }
 
 nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader \
   | tee "$OUT/summary.txt"
-python3 -m mpsserve.cli demo-model --out "$work/models/rec" --format torch --version 1 >/dev/null
-python3 -m mpsserve.cli demo-model --out "$work/models/rec" --format torch --version 2 --seed 1 >/dev/null
+python3 -m mpsserve.ops.cli demo-model --out "$work/models/rec" --format torch --version 1 >/dev/null
+python3 -m mpsserve.ops.cli demo-model --out "$work/models/rec" --format torch --version 2 --seed 1 >/dev/null
 python3 - "$work" <<'PY'
 import sys, yaml
 work = sys.argv[1]
@@ -29,15 +29,15 @@ body["models"][0]["version_policy"] = {"specific": [1]}
 yaml.safe_dump(body, open(f"{work}/v2.service.yaml", "w"))
 PY
 mkdir -p "$work/job"
-python3 -m mpsserve.cli serve-config --config "$work/v1.service.yaml" > "$work/v1.yaml"
-python3 -m mpsserve.cli serve-config --config "$work/v2.service.yaml" > "$work/job/v2.yaml"
+python3 -m mpsserve.ops.cli serve-config --config "$work/v1.service.yaml" > "$work/v1.yaml"
+python3 -m mpsserve.ops.cli serve-config --config "$work/v2.service.yaml" > "$work/job/v2.yaml"
 
 log "doctor before ray start"
-python3 -m mpsserve.cli doctor --config deployments/gpu-mps.yaml 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
+python3 -m mpsserve.ops.cli doctor --config deployments/gpu-mps.yaml 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
 
 log "ray start with the launcher's hook (single node: head and GPU node)"
 start_ray() {
-  RAY_START_HOOK=mpsserve.mps.hook.ray_start_hook \
+  RAY_START_HOOK=mpsserve.node.hook.ray_start_hook \
   MPSSERVE_MPS_CONFIG="{\"mps\": {\"mode\": \"on\", \"pipe_dir\": \"$PIPE\"}}" \
     ray start --head --port=36379 --num-cpus=16 --dashboard-host=127.0.0.1 \
       --dashboard-port=38265 --disable-usage-stats "$@" >> "$OUT/ray-start.txt" 2>&1
@@ -56,14 +56,14 @@ raylet=$(pgrep -f '/raylet ' | head -1)
 ticks() { awk '{print $22}' "/proc/$1/stat"; }
 echo "daemon pid ${daemon:-none} started at tick $(ticks "$daemon" 2>/dev/null);" \
   "raylet pid ${raylet:-none} at tick $(ticks "$raylet" 2>/dev/null)" | tee -a "$OUT/summary.txt"
-python3 -m mpsserve.cli doctor --config deployments/gpu-mps.yaml 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+python3 -m mpsserve.ops.cli doctor --config deployments/gpu-mps.yaml 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
 
 log "mpsserve deploy --config v1.yaml (a Serve config file)"
-python3 -m mpsserve.cli deploy --config "$work/v1.yaml" --address 127.0.0.1:36379 \
+python3 -m mpsserve.ops.cli deploy --config "$work/v1.yaml" --address 127.0.0.1:36379 \
   > "$OUT/deploy.txt" 2>&1
 echo "deploy exit code: $?" | tee -a "$OUT/summary.txt"
 tail -2 "$OUT/deploy.txt" | tee -a "$OUT/summary.txt"
-python3 -m mpsserve.cli doctor --config deployments/gpu-mps.yaml 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+python3 -m mpsserve.ops.cli doctor --config deployments/gpu-mps.yaml 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
 curl -s localhost:8000/v2/models/rec | python3 -c \
   "import json,sys; m=json.load(sys.stdin); print('served', m.get('versions'), 'mps', json.dumps(m.get('mps'))[:300])" \
   | tee -a "$OUT/summary.txt"
@@ -71,7 +71,7 @@ curl -s localhost:8000/v2/models/rec | python3 -c \
 log "redeploy under load"
 python3 - "$work" > "$OUT/load.txt" 2>&1 <<'PY' &
 import json, sys, time, urllib.request
-from mpsserve.demo import DemoSpec, make_request
+from mpsserve.ops.demo import DemoSpec, make_request
 from mpsserve.protocol.kserve import encode_json_request
 body = encode_json_request(make_request(DemoSpec(), rows=100, seed=3))
 stop_file, outcomes = f"{sys.argv[1]}/stop", []
@@ -93,11 +93,11 @@ load=$!
 sleep 10
 if curl -sf http://127.0.0.1:38265/api/version >/dev/null; then
   ray job submit --address http://127.0.0.1:38265 --working-dir "$work/job" \
-    -- python3 -m mpsserve.redeploy --config v2.yaml > "$OUT/job.txt" 2>&1
+    -- python3 -m mpsserve.ops.redeploy --config v2.yaml > "$OUT/job.txt" 2>&1
   echo "ray job submit exit code: $?" | tee -a "$OUT/summary.txt"
 else
-  echo "no dashboard here: python -m mpsserve.redeploy directly" | tee -a "$OUT/summary.txt"
-  python3 -m mpsserve.redeploy --config "$work/job/v2.yaml" --address 127.0.0.1:36379 \
+  echo "no dashboard here: python -m mpsserve.ops.redeploy directly" | tee -a "$OUT/summary.txt"
+  python3 -m mpsserve.ops.redeploy --config "$work/job/v2.yaml" --address 127.0.0.1:36379 \
     > "$OUT/job.txt" 2>&1
   echo "redeploy exit code: $?" | tee -a "$OUT/summary.txt"
 fi
@@ -106,7 +106,7 @@ grep -A6 "^now live" "$OUT/job.txt" | tee -a "$OUT/summary.txt"
 sleep 5
 touch "$work/stop"; wait $load
 tee -a "$OUT/summary.txt" < "$OUT/load.txt"
-python3 -m mpsserve.cli doctor --config deployments/gpu-mps.yaml 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+python3 -m mpsserve.ops.cli doctor --config deployments/gpu-mps.yaml 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
 
 log "stop"
 ray stop > /dev/null 2>&1

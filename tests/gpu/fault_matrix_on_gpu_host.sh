@@ -30,7 +30,7 @@ left() { echo $((BUDGET_S - ($(date +%s) - began))); }
 
 nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader \
   | tee "$OUT/gpu.txt"
-python3 -m mpsserve.cli demo-model --out "$work/models/rec" --format torch | tail -1
+python3 -m mpsserve.ops.cli demo-model --out "$work/models/rec" --format torch | tail -1
 cat > "$work/service.yaml" <<YAML
 models:
   - name: rec
@@ -44,7 +44,7 @@ ray: {dashboard: false, app_name: faultmatrix}   # the offline bundle has no das
 YAML
 cp "$work/service.yaml" "$OUT/service.yaml"
 
-(cd "$work" && exec python3 -m mpsserve.cli serve --config service.yaml --rows 8) \
+(cd "$work" && exec python3 -m mpsserve.ops.cli serve --config service.yaml --rows 8) \
   > "$OUT/serve.log" 2>&1 &
 serve_pid=$!
 for _ in $(seq 240); do
@@ -64,7 +64,7 @@ if grep -q "Ctrl-C stops" "$OUT/serve.log"; then
   echo "matrix budget: $matrix_s s" | tee -a "$OUT/summary.txt"
   timeout -s INT -k 20 "$matrix_s" "${cmd[@]}" 2> "$OUT/fault-matrix.log" | tee -a "$OUT/summary.txt"
   echo "fault matrix exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
-  python3 -m mpsserve.cli status --config "$work/service.yaml" --address "$address" \
+  python3 -m mpsserve.ops.cli status --config "$work/service.yaml" --address "$address" \
     > "$OUT/status-after.txt" 2>&1
 else
   echo "serve did not come up:" | tee "$OUT/summary.txt"; tail -40 "$OUT/serve.log"

@@ -12,14 +12,14 @@ began=$(date +%s)
 used() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1; }
 used_before=$(used)
 work=$(mktemp -d /tmp/many.XXXX); mps=$work/mps
-python3 -m mpsserve.cli demo-model --out "$work/models/rec" --format torch --table-rows 20000 | tail -1
+python3 -m mpsserve.ops.cli demo-model --out "$work/models/rec" --format torch --table-rows 20000 | tail -1
 cat > "$work/service.yaml" <<YAML
 models:
   - {name: rec, store: models/rec, runtime: torch, placement: {replicas_per_gpu: $N, cpus_per_replica: $CPUS}}
 mps: {mode: "on", pipe_dir: $mps/pipe, log_dir: $mps/log, state_dir: $mps/state}
 ray: {dashboard: false, app_name: many}
 YAML
-(cd "$work" && exec python3 -m mpsserve.cli serve --config service.yaml --rows 8) > "$OUT/serve-$N.log" 2>&1 &
+(cd "$work" && exec python3 -m mpsserve.ops.cli serve --config service.yaml --rows 8) > "$OUT/serve-$N.log" 2>&1 &
 pid=$!
 for _ in $(seq 480); do
   grep -q "Ctrl-C stops" "$OUT/serve-$N.log" && break; kill -0 "$pid" 2>/dev/null || break; sleep 1
@@ -28,7 +28,7 @@ up=$(($(date +%s) - began))
 address=$(sed -n 's/.*Ray address: *\([^ ]*\).*/\1/p' "$OUT/serve-$N.log" | head -1)
 sleep 15  # a few health checks and guardian rounds after all-ready
 used_after=$(used)
-python3 -m mpsserve.cli status --config "$work/service.yaml" --address "$address" > "$OUT/status-$N.txt" 2>&1
+python3 -m mpsserve.ops.cli status --config "$work/service.yaml" --address "$address" > "$OUT/status-$N.txt" 2>&1
 log="$OUT/serve-$N.log"
 {
   echo "replicas per GPU: $N (cpus_per_replica $CPUS); serving after ${up}s (model build and Ray start included)"

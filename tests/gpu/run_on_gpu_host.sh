@@ -12,12 +12,12 @@ nvidia-smi --query-gpu=name,compute_cap,driver_version,compute_mode,memory.total
 python3 -m pytest tests/gpu -q -s -p no:cacheprovider 2>&1 \
   | tee "$OUT/pytest-gpu.txt" | tail -3
 echo "--- doctor, embedded default config (daemon not started yet)" | tee "$OUT/doctor.txt"
-python3 -m mpsserve.cli doctor --config deployments/local.yaml 2>&1 | tee -a "$OUT/doctor.txt"
+python3 -m mpsserve.ops.cli doctor --config deployments/local.yaml 2>&1 | tee -a "$OUT/doctor.txt"
 echo "doctor exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/doctor.txt"
 printf 'models: [{name: rec, store: /tmp}]\nmps: {pipe_dir: /etc/hostname/pipe}\n' > "$work/broken.yaml"
 echo "--- doctor, a pipe directory that cannot be created" | tee -a "$OUT/doctor.txt"
-python3 -m mpsserve.cli doctor --config "$work/broken.yaml" 2>&1 | tail -1 | tee -a "$OUT/doctor.txt"
-python3 -m mpsserve.cli demo-model --out "$work/models/rec" --format torch | tee "$OUT/demo.txt"
+python3 -m mpsserve.ops.cli doctor --config "$work/broken.yaml" 2>&1 | tail -1 | tee -a "$OUT/doctor.txt"
+python3 -m mpsserve.ops.cli demo-model --out "$work/models/rec" --format torch | tee "$OUT/demo.txt"
 cat > "$work/gpu.yaml" <<YAML
 models:
   - {name: rec, store: models/rec, runtime: torch, placement: {replicas_per_gpu: 4}}
@@ -25,7 +25,7 @@ mps: {mode: "off"}
 ray: {dashboard: false}   # the offline bundle carries no dashboard web client
 YAML
 repo=$PWD
-(cd "$work" && exec python3 -m mpsserve.cli serve --config gpu.yaml) > "$OUT/serve.log" 2>&1 &
+(cd "$work" && exec python3 -m mpsserve.ops.cli serve --config gpu.yaml) > "$OUT/serve.log" 2>&1 &
 serve_pid=$!
 for _ in $(seq 240); do grep -q "Ctrl-C stops" "$OUT/serve.log" && break; sleep 1; done
 grep -q "Ctrl-C stops" "$OUT/serve.log" || { echo "serve did not come up"; tail -40 "$OUT/serve.log"; }

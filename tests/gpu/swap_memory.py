@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from mpsserve.config import ModelConfig
-from mpsserve.demo import DemoSpec, make_request, write_demo_model
-from mpsserve.servable import Servable
+from mpsserve.model.servable import Servable
+from mpsserve.ops.demo import DemoSpec, make_request, write_demo_model
 
 
 def nvml_used_mb(pid: int) -> float | None:

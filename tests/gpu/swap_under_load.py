@@ -125,9 +125,9 @@ def publish(store: Path, version: int) -> None:
 
 def run_mode(args: argparse.Namespace) -> dict[str, Any]:
     from mpsserve.config import ModelConfig
-    from mpsserve.demo import DemoSpec, make_request, write_demo_model
-    from mpsserve.runtime import graphs
-    from mpsserve.servable import Servable
+    from mpsserve.model.runtime import graphs
+    from mpsserve.model.servable import Servable
+    from mpsserve.ops.demo import DemoSpec, make_request, write_demo_model
 
     if args.mode == "global":
         import torch
@@ -138,7 +138,7 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.switch_interval_ms:
         sys.setswitchinterval(args.switch_interval_ms / 1000)
-    from mpsserve.runtime import runtime_class
+    from mpsserve.model.runtime import runtime_class
 
     phases = time_phases(
         [

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpsserve.demo import make_request, make_weights, reference
-from mpsserve.runtime import RuntimeOptions, load_runtime
+from mpsserve.model.runtime import RuntimeOptions, load_runtime
+from mpsserve.ops.demo import make_request, make_weights, reference
 from tests.conftest import SEED, SMALL
 
 
@@ -25,7 +25,7 @@ def test_out_of_range_ids_never_reach_the_gpu(torch_store: Path) -> None:
     """A bad id is refused before the model runs, so the CUDA context survives it."""
     from mpsserve.config import ModelConfig
     from mpsserve.errors import InvalidInput
-    from mpsserve.servable import Servable
+    from mpsserve.model.servable import Servable
 
     servable = Servable(ModelConfig(name="rec", store=str(torch_store), runtime="torch"))
     servable.load()
@@ -39,7 +39,7 @@ def test_out_of_range_ids_never_reach_the_gpu(torch_store: Path) -> None:
 
 def test_cuda_graphs_replay_gives_the_reference_scores(torch_store: Path) -> None:
     """Graphs captured per padded bucket, checked against eager once, reused after."""
-    from mpsserve.runtime.graphs import Padding
+    from mpsserve.model.runtime.graphs import Padding
 
     runtime = load_runtime("torch", torch_store / "1", RuntimeOptions(device="auto"))
     graphs = runtime.graphs  # type: ignore[attr-defined]

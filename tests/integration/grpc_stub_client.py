@@ -12,7 +12,7 @@ import sys
 import grpc
 import numpy as np
 
-from mpsserve.demo import make_request, make_weights, reference
+from mpsserve.ops.demo import make_request, make_weights, reference
 from mpsserve.protocol import grpc_service_pb2 as pb
 from mpsserve.protocol import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import SEED, SMALL

@@ -13,7 +13,7 @@ import pytest
 import requests
 import yaml
 
-from mpsserve.demo import make_request
+from mpsserve.ops.demo import make_request
 from mpsserve.protocol.kserve import encode_json_request
 from tests.conftest import SMALL
 from tests.processes import read_until
@@ -30,7 +30,7 @@ def test_serve_prints_a_working_request_and_stops_on_ctrl_c(tf_store: Path, tmp_
     (tmp_path / "service.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mpsserve.cli", "serve", "--config", "service.yaml"],
+        [sys.executable, "-m", "mpsserve.ops.cli", "serve", "--config", "service.yaml"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -88,7 +88,7 @@ def test_deploy_to_a_running_cluster(tf_store: Path, tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "mpsserve.cli",
+                "mpsserve.ops.cli",
                 "deploy",
                 "--config",
                 "service.yaml",

@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from mpsserve.demo import make_request, make_weights, reference
+from mpsserve.ops.demo import make_request, make_weights, reference
 from tests.conftest import SEED, SMALL
 
 DATATYPES = {"dense": "FP32"}

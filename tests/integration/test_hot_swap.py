@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from mpsserve.demo import write_demo_model
+from mpsserve.ops.demo import write_demo_model
 from tests.conftest import SMALL
 from tests.processes import Load, Service, service_config, until
 

@@ -22,7 +22,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from mpsserve.demo import make_request
+from mpsserve.ops.demo import make_request
 from tests.certs import Pki, make_pki
 from tests.conftest import SMALL
 from tests.integration.test_ingress_limits import ingress_pids, rss_mb

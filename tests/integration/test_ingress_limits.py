@@ -25,7 +25,7 @@ import requests
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from mpsserve.demo import make_request
+from mpsserve.ops.demo import make_request
 from mpsserve.protocol.kserve import encode_json_request
 from tests.conftest import SMALL
 from tests.integration.conftest import HTTP_PORT

@@ -64,8 +64,8 @@ EXPECTED: list[tuple[str, dict[str, str], float]] = [
 
 def record_known_values(state_dir: Path) -> None:
     """What the actor records: the service's calls, and one round of the node sampler."""
-    from mpsserve.mps.sampler import NodeSampler
-    from mpsserve.mps.state import NodeState, write_state
+    from mpsserve.node.sampler import NodeSampler
+    from mpsserve.node.state import NodeState, write_state
 
     for _ in range(3):
         metrics.observe_request("rec", "1", "http", "ok", rows=2000, seconds=0.0034)

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mpsserve.demo import make_request, write_demo_model
+from mpsserve.ops.demo import make_request, write_demo_model
 from mpsserve.protocol.kserve import encode_json_request
 from tests.conftest import SEED, SMALL
 
@@ -184,7 +184,7 @@ def serve_config_file(cluster: Cluster, body: dict[str, Any], out: Path) -> Path
     """`mpsserve serve-config` of a service YAML: the Serve config file a user deploys."""
     source = out.with_suffix(".service.yaml")
     source.write_text(yaml.safe_dump(body))
-    cli = [sys.executable, "-m", "mpsserve.cli", "serve-config", "--config", str(source)]
+    cli = [sys.executable, "-m", "mpsserve.ops.cli", "serve-config", "--config", str(source)]
     out.write_text(run(cluster, cli, 120))
     return out
 
@@ -272,7 +272,7 @@ def test_redeploy_by_ray_job_submit_loses_no_request(
         leftover.unlink()
 
     # v1 through `mpsserve deploy --config <Serve config file>`, as a user would from a laptop.
-    deploy = [sys.executable, "-m", "mpsserve.cli", "deploy", "--config", str(v1)]
+    deploy = [sys.executable, "-m", "mpsserve.ops.cli", "deploy", "--config", str(v1)]
     output = run(cluster, [*deploy, "--address", f"127.0.0.1:{GCS_PORT}"], 300)
     assert "deployed application 'mpsserve'" in output
     assert running_replicas(application(), "model-rec") == 1
@@ -285,7 +285,7 @@ def test_redeploy_by_ray_job_submit_loses_no_request(
         submitted = time.monotonic()
         submit = [str(BIN / "ray"), "job", "submit", "--address", DASHBOARD]
         submit += ["--working-dir", str(job_dir), "--"]
-        submit += ["python", "-m", "mpsserve.redeploy", "--config", "v2.yaml"]
+        submit += ["python", "-m", "mpsserve.ops.redeploy", "--config", "v2.yaml"]
         logs = run(cluster, submit, 480)
         ended = time.monotonic()
         _wait_for("answers after the job", lambda: client.outcomes[-1][0] > ended + 5, 60)

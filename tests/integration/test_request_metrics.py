@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import requests
 
-from mpsserve.demo import make_request
+from mpsserve.ops.demo import make_request
 from mpsserve.protocol.kserve import encode_json_request
 from tests.conftest import SMALL
 from tests.integration.conftest import METRICS_PORT

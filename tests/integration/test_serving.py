@@ -8,7 +8,7 @@ import requests
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from mpsserve.demo import make_request, make_weights, reference
+from mpsserve.ops.demo import make_request, make_weights, reference
 from tests.conftest import SEED, SMALL
 
 DATATYPES = {"dense": "FP32"}

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import requests
 
-from mpsserve.demo import make_request
+from mpsserve.ops.demo import make_request
+from mpsserve.ops.status import gather, render
 from mpsserve.protocol.kserve import encode_json_request
-from mpsserve.status import gather, render
 from tests.conftest import SMALL
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import requests
 
-from mpsserve.demo import make_request, make_weights, reference
+from mpsserve.ops.demo import make_request, make_weights, reference
 from tests.conftest import SEED, SMALL
 
 

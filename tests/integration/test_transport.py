@@ -13,12 +13,12 @@ from typing import Any
 import requests
 import tritonclient.grpc as triton
 
-from mpsserve.demo import make_request
+from mpsserve.ingress import transport
+from mpsserve.ingress.router import call_replica
+from mpsserve.ops.demo import make_request
 from mpsserve.protocol import frame, handshake
 from mpsserve.protocol.handshake import Keyring
 from mpsserve.protocol.kserve import encode_json_request
-from mpsserve.serving import transport
-from mpsserve.serving.router import call_replica
 from tests.conftest import SMALL
 from tests.sockets import closed_after
 

@@ -13,7 +13,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from mpsserve.demo import write_demo_model
+from mpsserve.ops.demo import write_demo_model
 from tests.conftest import SMALL
 from tests.processes import Load, Service, service_config, until
 

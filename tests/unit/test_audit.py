@@ -12,7 +12,10 @@ from typing import Any
 
 import pytest
 
-from mpsserve.audit import (
+from mpsserve.model.features import synthetic_inputs
+from mpsserve.model.runtime import RuntimeOptions, load_runtime
+from mpsserve.model.runtime.tensorflow import TensorFlowRuntime, tf
+from mpsserve.ops.audit import (
     NO_GPU_NOTE,
     PLUMBING_OPS,
     SIGNATURE_GRAPH,
@@ -20,10 +23,7 @@ from mpsserve.audit import (
     gpu_kernels_registered,
     placed_on_cpu,
 )
-from mpsserve.cli import main
-from mpsserve.features import synthetic_inputs
-from mpsserve.runtime import RuntimeOptions, load_runtime
-from mpsserve.runtime.tensorflow import TensorFlowRuntime, tf
+from mpsserve.ops.cli import main
 from tests.custom_ops.build import OP_NAME, add_one_library_or_skip
 from tests.custom_ops.models import write_fallback_model
 
@@ -122,7 +122,7 @@ def test_cli_in_a_fresh_process_loads_the_library_first(
 ) -> None:
     """A new process has never seen the custom op: --custom-op-library must load it before
     the model (which would not load otherwise)."""
-    command = [sys.executable, "-m", "mpsserve.cli", "audit-ops", str(fallback_model), "--json"]
+    command = [sys.executable, "-m", "mpsserve.ops.cli", "audit-ops", str(fallback_model), "--json"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(
         [*command, "--custom-op-library", str(add_one_library)],

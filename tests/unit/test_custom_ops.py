@@ -16,9 +16,9 @@ import pytest
 
 from mpsserve.config import ModelConfig, load_config
 from mpsserve.errors import ConfigError, ModelLoadError
-from mpsserve.runtime import RuntimeOptions, load_runtime
-from mpsserve.runtime.tensorflow import load_op_library
-from mpsserve.servable import Servable
+from mpsserve.model.runtime import RuntimeOptions, load_runtime
+from mpsserve.model.runtime.tensorflow import load_op_library
+from mpsserve.model.servable import Servable
 from tests.custom_ops.build import OP_NAME, add_one_library_or_skip
 from tests.custom_ops.models import write_add_one_model
 
@@ -56,7 +56,7 @@ import json, sys
 from pathlib import Path
 import numpy as np
 from mpsserve.errors import ModelLoadError
-from mpsserve.runtime import RuntimeOptions, load_runtime
+from mpsserve.model.runtime import RuntimeOptions, load_runtime
 model, library = Path(sys.argv[1]), sys.argv[2]
 try:
     load_runtime("tensorflow", model, RuntimeOptions(device="cpu"))
@@ -123,7 +123,7 @@ def test_cpu_fallback_fail_refuses_the_model_naming_the_op(
 def test_cpu_fallback_warn_logs_the_ops_and_serves(
     add_one_store: Path, add_one_library: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="mpsserve.runtime.tensorflow"):
+    with caplog.at_level(logging.WARNING, logger="mpsserve.model.runtime.tensorflow"):
         runtime = load_runtime("tensorflow", add_one_store / "1", options(add_one_library))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
-from mpsserve.cli import main
 from mpsserve.config import ServiceConfig
 from mpsserve.config import load_config as load_service
+from mpsserve.ops.cli import main
 from mpsserve.serving.app import APP_BUILDER, check_cpus, model_options, service_config_from_serve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -235,7 +235,7 @@ def test_rayservice_structure(path: Path) -> None:
     # Serve's proxy is off, so not KubeRay's probe of it (/-/healthz) but the ingress's own.
     probe = container["readinessProbe"]["httpGet"]
     assert probe == {"path": "/v2/health/ready", "port": "serve", "scheme": "HTTPS"}
-    assert f'"{probe["path"]}"' in (ROOT / "mpsserve" / "serving" / "http.py").read_text()
+    assert f'"{probe["path"]}"' in (ROOT / "mpsserve" / "ingress" / "http.py").read_text()
     env = {e["name"]: e["value"] for e in container["env"]}
     mps = load_config(ROOT / "deployments" / "gpu-mps.yaml").mps
     assert env["CUDA_MPS_PIPE_DIRECTORY"] == mps.pipe_dir

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mpsserve.config import parse_config
-from mpsserve.gpu import GpuInfo, Inventory
-from mpsserve.mps.doctor import diagnose
+from mpsserve.node.doctor import diagnose
+from mpsserve.node.gpu import GpuInfo, Inventory
 from tests.mps import STANDIN, daemon, standin_client, standin_control
 
 H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", "GPU-x", (9, 0), 81559, "Default")

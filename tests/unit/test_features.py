@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpsserve.demo import make_request, signature
 from mpsserve.errors import InvalidInput, PayloadTooLarge
-from mpsserve.features import prepare_inputs, synthetic_inputs
+from mpsserve.model.features import prepare_inputs, synthetic_inputs
+from mpsserve.ops.demo import make_request, signature
 from tests.conftest import SMALL
 
 SIG = signature(SMALL)

@@ -20,16 +20,16 @@ from mpsserve.errors import (
     PayloadTooLarge,
     ReplicaUnavailable,
 )
-from mpsserve.protocol import frame
-from mpsserve.protocol.handshake import Keyring
-from mpsserve.serving.replica_server import ReplicaServer
-from mpsserve.serving.router import (
+from mpsserve.ingress.replica_server import ReplicaServer
+from mpsserve.ingress.router import (
     AttemptPolicy,
     LatencyWindow,
     ReplicaBackend,
     Router,
     call_replica,
 )
+from mpsserve.protocol import frame
+from mpsserve.protocol.handshake import Keyring
 from mpsserve.types import InferRequest
 from tests.unit.conftest import Recorder
 

@@ -1,4 +1,4 @@
-"""A GPU fault under MPS as a node-wide event (mpsserve/mps/faults.py): the records, the
+"""A GPU fault under MPS as a node-wide event (mpsserve/node/faults.py): the records, the
 replicas' watch, the guardian following the hit clients until they are gone, and the injected
 faults' service side (simulated on a CPU replica), against the stand-in daemon."""
 
@@ -12,11 +12,11 @@ import pytest
 
 from mpsserve.config import ModelConfig
 from mpsserve.errors import InferenceError, ReplicaUnavailable
-from mpsserve.mps import faults
-from mpsserve.mps.guardian import Guardian, ReplicaMps
-from mpsserve.servable import Servable
+from mpsserve.model.servable import Servable
+from mpsserve.node import faults
+from mpsserve.node.guardian import Guardian, ReplicaMps
+from mpsserve.ops.status import _fault, _fault_line
 from mpsserve.settings import settings
-from mpsserve.status import _fault, _fault_line
 from tests.mps import daemon, replica_mps, standin_client, standin_control
 from tests.unit.test_mps import clean_settings, wait_for
 
@@ -220,7 +220,7 @@ def test_an_unknown_injected_action_is_an_error_of_that_request_only(
 
 
 def torch_servable_inputs(servable: Servable) -> dict[str, object]:
-    from mpsserve.features import synthetic_inputs
+    from mpsserve.model.features import synthetic_inputs
 
     assert servable.runtime is not None
     return synthetic_inputs(servable.runtime.signature, rows=4)  # type: ignore[return-value]

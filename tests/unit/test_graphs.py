@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from mpsserve.demo import make_request
-from mpsserve.runtime import RuntimeOptions, load_runtime
-from mpsserve.runtime.graphs import ALIGN, GROWTH, GraphRunner, Padding, bucket
+from mpsserve.model.runtime import RuntimeOptions, load_runtime
+from mpsserve.model.runtime.graphs import ALIGN, GROWTH, GraphRunner, Padding, bucket
+from mpsserve.ops.demo import make_request
 from tests.conftest import SMALL
 
 

@@ -13,12 +13,12 @@ import tritonclient.http as triton
 from fastapi.testclient import TestClient
 
 from mpsserve.config import ModelConfig
-from mpsserve.dataplane import DataPlane
-from mpsserve.demo import make_request, make_weights, reference
 from mpsserve.errors import ModelNotReady
+from mpsserve.ingress.dataplane import DataPlane
+from mpsserve.ingress.http import create_http_app
+from mpsserve.model.servable import Servable
+from mpsserve.ops.demo import make_request, make_weights, reference
 from mpsserve.protocol.kserve import HEADER_LENGTH, encode_json_request
-from mpsserve.servable import Servable
-from mpsserve.serving.http import create_http_app
 from mpsserve.types import InferRequest, InferResponse
 from tests.conftest import SEED, SMALL
 

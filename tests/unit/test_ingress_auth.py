@@ -22,9 +22,8 @@ import requests
 import uvicorn
 
 from mpsserve.config import IngressAuth, IngressConfig, IngressTls, load_config, parse_config
-from mpsserve.dataplane import DataPlane
 from mpsserve.errors import ConfigError, GrpcCode, Unauthenticated, to_status
-from mpsserve.serving.auth import (
+from mpsserve.ingress.auth import (
     Authenticator,
     AuthInterceptor,
     bearer,
@@ -33,9 +32,10 @@ from mpsserve.serving.auth import (
     refused_now,
     server_ssl_context,
 )
-from mpsserve.serving.grpc import GrpcLimits, start_grpc_server
-from mpsserve.serving.guard import GuardLimits, guarded_protocol
-from mpsserve.serving.http import create_http_app
+from mpsserve.ingress.dataplane import DataPlane
+from mpsserve.ingress.grpc import GrpcLimits, start_grpc_server
+from mpsserve.ingress.guard import GuardLimits, guarded_protocol
+from mpsserve.ingress.http import create_http_app
 from mpsserve.tokens import TokenSet, parse_tokens
 from mpsserve.types import InferRequest, InferResponse
 from tests.certs import Pki, make_pki

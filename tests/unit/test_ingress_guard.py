@@ -16,10 +16,10 @@ import pytest
 import requests
 import uvicorn
 
-from mpsserve.dataplane import DataPlane, client_request_id, log_access
 from mpsserve.errors import to_status
-from mpsserve.serving.guard import LINGER_S, GuardLimits, guarded_protocol
-from mpsserve.serving.http import create_http_app
+from mpsserve.ingress.dataplane import DataPlane, client_request_id, log_access
+from mpsserve.ingress.guard import LINGER_S, GuardLimits, guarded_protocol
+from mpsserve.ingress.http import create_http_app
 from mpsserve.text import log_field, quote, valid_request_id
 from mpsserve.types import InferRequest, InferResponse
 
@@ -374,9 +374,9 @@ def test_limits_are_strict_config() -> None:
 def test_grpc_long_model_name_and_bad_request_id() -> None:
     import grpc
 
+    from mpsserve.ingress.grpc import GrpcLimits, start_grpc_server
     from mpsserve.protocol import grpc_service_pb2 as pb
     from mpsserve.protocol import grpc_service_pb2_grpc as pb_grpc
-    from mpsserve.serving.grpc import GrpcLimits, start_grpc_server
 
     limits = GrpcLimits(1 << 20, 8192, 1.0, 16, 10, 8, 5.0, None, 60.0, 10.0)
     plane = DataPlane({"echo": EchoBackend()}, 1 << 20, 10, max_in_flight=4)

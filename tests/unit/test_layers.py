@@ -122,4 +122,4 @@ def test_no_import_cycles() -> None:
 
 def test_the_checks_see_lazy_imports() -> None:
     """A function-level import is an edge: the CLI imports its commands lazily."""
-    assert "mpsserve.audit" in GRAPH["mpsserve.cli"]
+    assert "mpsserve.ops.audit" in GRAPH["mpsserve.ops.cli"]

@@ -12,11 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from mpsserve import gpu, metrics
+from mpsserve import metrics
 from mpsserve.metrics import MetricSpec
-from mpsserve.mps.guardian import Guardian
-from mpsserve.mps.sampler import NodeSampler
-from mpsserve.mps.state import NodeState, write_state
+from mpsserve.node import gpu
+from mpsserve.node.guardian import Guardian
+from mpsserve.node.sampler import NodeSampler
+from mpsserve.node.state import NodeState, write_state
 from tests.mps import daemon, standin_client, standin_control
 from tests.unit.conftest import Recorder
 

@@ -17,10 +17,10 @@ import pytest
 
 from mpsserve.config import MpsConfig, Placement, ReplicaMpsConfig
 from mpsserve.errors import ConfigError, MpsError
-from mpsserve.mps import hook
-from mpsserve.mps.control import BUSY, PID_FILE, DaemonBusy, DaemonNotRunning, MpsControl
-from mpsserve.mps.guardian import Guardian, ReplicaMps
-from mpsserve.mps.state import read_state, write_state
+from mpsserve.node import hook
+from mpsserve.node.control import BUSY, PID_FILE, DaemonBusy, DaemonNotRunning, MpsControl
+from mpsserve.node.guardian import Guardian, ReplicaMps
+from mpsserve.node.state import read_state, write_state
 from mpsserve.settings import settings
 from tests.mps import STANDIN, daemon, replica_mps, standin_client, standin_control
 
@@ -197,7 +197,7 @@ def test_guardian_restarts_a_killed_daemon_and_reports(tmp_path: Path) -> None:
 def test_guardian_logs_a_first_start_as_a_start_and_counts_only_real_restarts(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="mpsserve.mps")
+    caplog.set_level(logging.INFO, logger="mpsserve.node")
     control = standin_control(tmp_path, retry_s=0.5)
     guardian = Guardian(control, tmp_path / "state", interval_s=0.2)
     try:

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mpsserve.demo import DemoSpec, make_request, signature
 from mpsserve.errors import InferenceError, InvalidInput
+from mpsserve.ops.demo import DemoSpec, make_request, signature
 from mpsserve.protocol.tfserving import decode_predict, encode_error, encode_predict, model_status
 from mpsserve.types import InferResponse
 

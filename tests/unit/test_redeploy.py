@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from mpsserve import changes
 from mpsserve.config import ServiceConfig, parse_config
+from mpsserve.ops import changes
 from mpsserve.serving.app import application_schema
 
 

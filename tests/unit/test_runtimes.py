@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpsserve.demo import make_request, make_weights, reference
 from mpsserve.errors import ModelLoadError
-from mpsserve.runtime import RuntimeOptions, load_runtime
+from mpsserve.model.runtime import RuntimeOptions, load_runtime
+from mpsserve.ops.demo import make_request, make_weights, reference
 from tests.conftest import SEED, SMALL
 
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from mpsserve.config import ModelConfig, VersionPolicy
-from mpsserve.demo import make_request
-from mpsserve.demo import signature as demo_signature
-from mpsserve.features import synthetic_like
-from mpsserve.servable import Servable
+from mpsserve.model.features import synthetic_like
+from mpsserve.model.servable import Servable
+from mpsserve.ops.demo import make_request
+from mpsserve.ops.demo import signature as demo_signature
 from tests.conftest import SMALL
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mpsserve.status import _models, _verdict, render
+from mpsserve.ops.status import _models, _verdict, render
 
 NOW = 1_000_000.0
 

@@ -16,7 +16,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from mpsserve.config import VersionPolicy
 from mpsserve.errors import ModelLoadError, ModelNotReady
-from mpsserve.store import MANIFEST, ModelStore, Scan
+from mpsserve.model.store import MANIFEST, ModelStore, Scan
 from tests.conftest import SMALL
 from tests.s3server import new_bucket, s3_endpoint, storage_options
 
@@ -155,7 +155,7 @@ class DownloadLog(logging.Handler):
 
 @pytest.fixture
 def downloads() -> Iterator[DownloadLog]:
-    log = logging.getLogger("mpsserve.store")
+    log = logging.getLogger("mpsserve.model.store")
     handler, level = DownloadLog(), log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -304,8 +304,8 @@ def s3_store(s3_endpoint: str, tf_store: Path) -> tuple[str, dict[str, Any]]:
 def test_s3_version_is_fetched_and_loads(
     s3_store: tuple[str, dict[str, Any]], tmp_path: Path, downloads: DownloadLog
 ) -> None:
-    from mpsserve.demo import make_request
-    from mpsserve.runtime import RuntimeOptions, load_runtime
+    from mpsserve.model.runtime import RuntimeOptions, load_runtime
+    from mpsserve.ops.demo import make_request
 
     uri, options = s3_store
     store = ModelStore(uri, tmp_path / "cache", TF, marker=MARKER, storage_options=options)
@@ -347,7 +347,7 @@ def test_s3_versions_count_once_complete(
 def fetch_in_child(uri: str, options: dict[str, Any], cache: str, barrier: Any, out: Any) -> None:
     """One replica: wait for the others, then fetch; reports (path, downloads it started)."""
     downloads = DownloadLog()
-    log = logging.getLogger("mpsserve.store")
+    log = logging.getLogger("mpsserve.model.store")
     log.addHandler(downloads)
     log.setLevel(logging.INFO)
     store = ModelStore(uri, Path(cache), TF, marker=MARKER, storage_options=options)

@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mpsserve.dataplane import DataPlane
 from mpsserve.errors import PayloadTooLarge
+from mpsserve.ingress import transport
+from mpsserve.ingress.dataplane import DataPlane
+from mpsserve.ingress.replica_server import ReplicaServer
+from mpsserve.ingress.router import ReplicaBackend, Router, call_replica
+from mpsserve.ingress.transport import KeyWatcher, WireLimits
 from mpsserve.protocol import frame, handshake
 from mpsserve.protocol.handshake import HandshakeError, Keyring
-from mpsserve.serving import transport
-from mpsserve.serving.replica_server import ReplicaServer
-from mpsserve.serving.router import ReplicaBackend, Router, call_replica
-from mpsserve.serving.transport import KeyWatcher, WireLimits
 from mpsserve.types import InferRequest
 from tests.sockets import closed_after
 

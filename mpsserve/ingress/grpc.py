@@ -17,8 +17,8 @@ from typing import Any
 
 import grpc
 
-from mpsserve.dataplane import DataPlane, client_request_id, request_id_for
 from mpsserve.errors import MpsServeError, to_status
+from mpsserve.ingress.dataplane import DataPlane, client_request_id, request_id_for
 
 RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
 

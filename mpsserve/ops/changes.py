@@ -3,7 +3,7 @@
 ``describe_changes`` compares two service configs field by field (pure, no Ray);
 ``deployed_config`` reads the config the cluster runs from Serve's controller (the
 application's last applied config); ``live_summary`` says what runs. ``mpsserve deploy``
-(mpsserve/deploy.py) logs the changes before it deploys; ``python -m mpsserve.redeploy``
+(mpsserve/ops/deploy.py) logs the changes before it deploys; ``python -m mpsserve.ops.redeploy``
 also logs what runs after.
 """
 

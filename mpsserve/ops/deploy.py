@@ -1,7 +1,7 @@
 """Deploying a service to Ray: join or start the cluster, log what changes, deploy (ops).
 
 Shared by the CLI (``mpsserve serve``, ``mpsserve deploy``) and the ``ray job submit``
-entrypoint (``python -m mpsserve.redeploy``), which both sit above this module. Ray is
+entrypoint (``python -m mpsserve.ops.redeploy``), which both sit above this module. Ray is
 imported inside the functions: ``use_cluster_token`` must run before Ray's import, and the
 CLI's other commands stay fast.
 """
@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from mpsserve.changes import print_changes
 from mpsserve.config import ServiceConfig, load_config
 from mpsserve.errors import MpsServeError
+from mpsserve.ops.changes import print_changes
 from mpsserve.settings import settings
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mpsserve.config import ServiceConfig, load_config
-from mpsserve.deploy import (
+from mpsserve.ops.deploy import (
     deploy,
     deploy_to,
     load_service,
@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
-    from mpsserve.demo import DemoSpec, write_demo_model
+    from mpsserve.ops.demo import DemoSpec, write_demo_model
 
     existing = [p for p in args.out.glob("*") if p.name.isdigit()] if args.out.exists() else []
     if args.if_missing and existing:
@@ -105,7 +105,7 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from mpsserve.mps.doctor import diagnose
+    from mpsserve.node.doctor import diagnose
 
     report = diagnose(load_config(args.config, check_files=False))
     if args.json:
@@ -118,7 +118,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_ops(args: argparse.Namespace) -> int:
-    from mpsserve.audit import audit_saved_model  # imports TensorFlow
+    from mpsserve.ops.audit import audit_saved_model  # imports TensorFlow
 
     report = audit_saved_model(args.model_dir, args.signature, args.custom_op_library)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_table())
@@ -129,9 +129,9 @@ def _write_request(config: ServiceConfig, model: str, rows: int) -> Path:
     """A JSON request of ``rows`` rows built from the served model's signature."""
     from ray import serve
 
-    from mpsserve.features import synthetic_inputs
+    from mpsserve.model.features import synthetic_inputs
+    from mpsserve.model.runtime.base import Signature
     from mpsserve.protocol.kserve import encode_json_request
-    from mpsserve.runtime.base import Signature
 
     handle = serve.get_deployment_handle(f"model-{model}", app_name=config.ray.app_name)
     metadata: dict[str, Any] = handle.metadata.remote().result()
@@ -162,7 +162,7 @@ def _curl_flags(config: ServiceConfig) -> tuple[str, str]:
 def _print_endpoints(config: ServiceConfig, request: Path, rows: int, dashboard: str) -> None:
     import ray
 
-    from mpsserve.serving.auth import describe
+    from mpsserve.ingress.auth import describe
 
     port, model = config.ingress.http_port, config.models[0].name
     scheme = "https" if config.ingress.tls else "http"
@@ -222,7 +222,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _stop_mps(config: ServiceConfig) -> None:
-    from mpsserve.mps.hook import stop_daemon_if_ours
+    from mpsserve.node.hook import stop_daemon_if_ours
 
     if config.mps.mode != "off" and stop_daemon_if_ours(config.mps):
         print(f"stopped the MPS control daemon on {config.mps.pipe_dir}", flush=True)
@@ -244,7 +244,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     use_cluster_token()
     import ray
 
-    from mpsserve.status import gather, render
+    from mpsserve.ops.status import gather, render
 
     ray.init(address=args.address or config.ray.address or "auto", logging_level=logging.WARNING)
     report = gather(config.ray.app_name)

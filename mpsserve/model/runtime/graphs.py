@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpsserve.runtime.base import Signature
+from mpsserve.model.runtime.base import Signature
 from mpsserve.settings import settings
 from mpsserve.types import LENGTHS_SUFFIX, VALUES_SUFFIX
 

@@ -18,8 +18,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from mpsserve.dataplane import DataPlane, client_request_id, request_id_for
 from mpsserve.errors import InvalidInput, MpsServeError, to_status
+from mpsserve.ingress.dataplane import DataPlane, client_request_id, request_id_for
 from mpsserve.protocol import kserve, tfserving
 from mpsserve.types import InferRequest, InferResponse
 

@@ -51,12 +51,18 @@ from mpsserve.errors import (
     MpsServeError,
     ReplicaUnavailable,
 )
-from mpsserve.features import prepare_inputs, synthetic_inputs, synthetic_like
 from mpsserve.locks import file_lock
+from mpsserve.model.features import prepare_inputs, synthetic_inputs, synthetic_like
+from mpsserve.model.runtime import (
+    REQUIRED_FILES,
+    ModelRuntime,
+    RuntimeOptions,
+    injected,
+    load_runtime,
+)
+from mpsserve.model.store import ModelStore
 from mpsserve.periodic import Periodic
-from mpsserve.runtime import REQUIRED_FILES, ModelRuntime, RuntimeOptions, injected, load_runtime
 from mpsserve.settings import settings
-from mpsserve.store import ModelStore
 
 logger = logging.getLogger(__name__)
 #: Error text that means the CUDA context is gone (an MPS server died, a device fault)...

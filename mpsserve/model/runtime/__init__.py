@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mpsserve.runtime.base import ModelRuntime, RuntimeOptions, Signature, TensorSpec
+from mpsserve.model.runtime.base import ModelRuntime, RuntimeOptions, Signature, TensorSpec
 
 RUNTIMES = ("tensorflow", "torch")
 #: Files a model version must hold before the store counts it (no framework import needed).
@@ -14,11 +14,11 @@ REQUIRED_FILES = {"tensorflow": ("saved_model.pb",), "torch": ("model.pt2", "sig
 def runtime_class(kind: str) -> type[ModelRuntime]:
     """The runtime class for a config's ``runtime`` field."""
     if kind == "tensorflow":
-        from mpsserve.runtime.tensorflow import TensorFlowRuntime
+        from mpsserve.model.runtime.tensorflow import TensorFlowRuntime
 
         return TensorFlowRuntime
     if kind == "torch":
-        from mpsserve.runtime.torch import TorchRuntime
+        from mpsserve.model.runtime.torch import TorchRuntime
 
         return TorchRuntime
     raise ValueError(f"unknown runtime {kind!r}; expected one of {RUNTIMES}")

@@ -29,9 +29,9 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from mpsserve.errors import Overloaded, PayloadTooLarge, ReplicaUnavailable
+from mpsserve.ingress.transport import FIRST_BODY_CHUNK, WireLimits
 from mpsserve.protocol import frame, handshake
 from mpsserve.protocol.handshake import Keyring
-from mpsserve.serving.transport import FIRST_BODY_CHUNK, WireLimits
 
 logger = logging.getLogger(__name__)
 

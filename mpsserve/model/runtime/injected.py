@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from mpsserve.errors import InferenceError
-from mpsserve.runtime.base import ModelRuntime
+from mpsserve.model.runtime.base import ModelRuntime
 from mpsserve.settings import settings
 
 logger = logging.getLogger(__name__)

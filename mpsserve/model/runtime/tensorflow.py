@@ -16,14 +16,14 @@ from typing import Any
 import numpy as np
 
 from mpsserve.errors import InferenceError, InvalidInput, ModelLoadError
-from mpsserve.runtime.base import (
+from mpsserve.model.runtime.base import (
     ModelRuntime,
     RuntimeOptions,
     Signature,
     TensorSpec,
     read_signature_file,
 )
-from mpsserve.runtime.tf_kernels import (  # TensorFlow, imported there with our log level
+from mpsserve.model.runtime.tf_kernels import (  # TensorFlow, imported there with our log level
     CPU_ONLY_BUILD_NOTE,
     audit_function,
     gpu_kernels_registered,

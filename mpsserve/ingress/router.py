@@ -66,9 +66,9 @@ from typing import Any
 
 from mpsserve import metrics
 from mpsserve.errors import ModelNotReady, PayloadTooLarge, ReplicaUnavailable
+from mpsserve.ingress.transport import WireLimits
 from mpsserve.protocol import frame, handshake
 from mpsserve.protocol.handshake import Keyring
-from mpsserve.serving.transport import WireLimits
 from mpsserve.types import InferRequest, InferResponse
 
 logger = logging.getLogger(__name__)

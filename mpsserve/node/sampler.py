@@ -1,6 +1,6 @@
 """The node's metrics sampler: MPS daemon state and GPU load, read every few seconds.
 
-One per node: the MPS guardian's leader starts it (mpsserve/mps/guardian.py), so it runs in
+One per node: the MPS guardian's leader starts it (mpsserve/node/guardian.py), so it runs in
 the one replica process holding the node's guardian lock and moves with the lock. It reads
 what the guardian last wrote (the state file) rather than asking the control daemon again,
 and NVML for each GPU. On a node without a driver it stops asking NVML after the first try, quietly.
@@ -16,8 +16,9 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mpsserve import gpu, metrics
-from mpsserve.mps.state import NodeState, read_state
+from mpsserve import metrics
+from mpsserve.node import gpu
+from mpsserve.node.state import NodeState, read_state
 from mpsserve.periodic import Periodic
 
 logger = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ from mpsserve.errors import (
 from mpsserve.protocol.kserve import encode_error
 
 if TYPE_CHECKING:
-    from mpsserve.serving.auth import Authenticator
+    from mpsserve.ingress.auth import Authenticator
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 from mpsserve.config import MPS_MAX_CLIENTS_PER_GPU, ServiceConfig
 from mpsserve.errors import MpsError
-from mpsserve.gpu import MPS_MIN_COMPUTE_CAPABILITY, Inventory, inventory
-from mpsserve.mps.control import DaemonBusy, DaemonNotRunning, MpsControl
-from mpsserve.mps.hook import control_for
-from mpsserve.mps.state import read_state
+from mpsserve.node.control import DaemonBusy, DaemonNotRunning, MpsControl
+from mpsserve.node.gpu import MPS_MIN_COMPUTE_CAPABILITY, Inventory, inventory
+from mpsserve.node.hook import control_for
+from mpsserve.node.state import read_state
 
 Status = Literal["ok", "fail", "info"]
 

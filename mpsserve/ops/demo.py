@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from mpsserve.runtime.base import Signature, TensorSpec, write_signature_file
+from mpsserve.model.runtime.base import Signature, TensorSpec, write_signature_file
 
 logger = logging.getLogger(__name__)
 ID_MAX = 2**31 - 1  # ids on the wire are non-negative hashes
@@ -112,7 +112,7 @@ def reference(spec: DemoSpec, w: DemoWeights, request: dict[str, np.ndarray]) ->
 
 def build_tensorflow(spec: DemoSpec, w: DemoWeights, out: Path) -> None:
     """Write a SavedModel whose ``serving_default`` takes the history as values + lengths."""
-    from mpsserve.runtime.tensorflow import tf
+    from mpsserve.model.runtime.tensorflow import tf
 
     class Recommender(tf.Module):
         def __init__(self) -> None:

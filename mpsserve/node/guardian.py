@@ -8,8 +8,8 @@ before, else a restart), and writes the node's MPS state (daemon pid, restarts, 
 their clients) to a JSON file for replicas, ``doctor`` and operators. A restart is counted
 when the daemon's pid changes, whoever started the new one. A busy daemon (DaemonBusy) is
 neither down nor restarted: the round keeps the last view of the servers and says it is busy.
-The leader also runs the node's metrics sampler (mpsserve/mps/sampler.py), and follows GPU faults
-(mpsserve/mps/faults.py): which clients of the faulted server were hit, and when the last one
+The leader also runs the node's metrics sampler (mpsserve/node/sampler.py), and follows GPU faults
+(mpsserve/node/faults.py): which clients of the faulted server were hit, and when the last one
 left, so the server takes new clients again. Every replica's guardian thread, leader or not,
 also looks for fault records naming its own server twice a second (``on_round``).
 
@@ -36,10 +36,10 @@ from typing import Any
 
 from mpsserve.config import MpsConfig
 from mpsserve.errors import MpsError
-from mpsserve.mps import faults, hook
-from mpsserve.mps.control import DaemonBusy, DaemonNotRunning, MpsControl
-from mpsserve.mps.sampler import NodeSampler
-from mpsserve.mps.state import NodeState, read_state, write_state
+from mpsserve.node import faults, hook
+from mpsserve.node.control import DaemonBusy, DaemonNotRunning, MpsControl
+from mpsserve.node.sampler import NodeSampler
+from mpsserve.node.state import NodeState, read_state, write_state
 from mpsserve.periodic import Periodic
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """CPU-fallback audit of a TensorFlow serving signature (``mpsserve audit``): the report.
 
 The analysis itself (which ops have no GPU kernel, and which nodes a real request placed on
-the CPU) lives in the model layer, ``mpsserve.runtime.tf_kernels``, since every model load
+the CPU) lives in the model layer, ``mpsserve.model.runtime.tf_kernels``, since every model load
 runs it; this module loads a model as a replica does and renders what it found. Placement is
 informational: TensorFlow keeps int32 shape arithmetic on the host by design, so that list is
 not counted as a fallback.
@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpsserve.features import synthetic_inputs
-from mpsserve.runtime.base import RuntimeOptions
-from mpsserve.runtime.tensorflow import TensorFlowRuntime
-from mpsserve.runtime.tf_kernels import (
+from mpsserve.model.features import synthetic_inputs
+from mpsserve.model.runtime.base import RuntimeOptions
+from mpsserve.model.runtime.tensorflow import TensorFlowRuntime
+from mpsserve.model.runtime.tf_kernels import (
     CPU_ONLY_BUILD_NOTE,
     PLUMBING_OPS,
     SIGNATURE_GRAPH,

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from mpsserve.errors import InvalidInput, PayloadTooLarge
-from mpsserve.runtime.base import Signature, TensorSpec
+from mpsserve.model.runtime.base import Signature, TensorSpec
 from mpsserve.types import LENGTHS_SUFFIX, VALUES_SUFFIX
 
 

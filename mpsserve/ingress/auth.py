@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 
 from mpsserve.config import IngressAuth, IngressTls
-from mpsserve.dataplane import client_request_id
 from mpsserve.errors import ConfigError, Unauthenticated
+from mpsserve.ingress.dataplane import client_request_id
 from mpsserve.tokens import TokenSet
 
 #: Probes that pass without a token when ``exempt_health`` is on; they say up/ready only.

@@ -1,6 +1,6 @@
 """The node's MPS state file: what the guardian last saw, for replicas, the sampler, ``doctor``.
 
-The guardian's leader writes it every round (mpsserve/mps/guardian.py); readers never ask the
+The guardian's leader writes it every round (mpsserve/node/guardian.py); readers never ask the
 control daemon when this file answers their question. Its own module so that readers (the
 metrics sampler, ``doctor``) need not import the guardian, which starts the sampler.
 """
@@ -35,7 +35,7 @@ class NodeState:
     #: This round the daemon did not take commands in time (``servers`` is the last view).
     busy: bool = False
     busy_rounds: int = 0
-    #: GPU faults reported on this node (mpsserve/mps/faults.py), and the latest few followed.
+    #: GPU faults reported on this node (mpsserve/node/faults.py), and the latest few followed.
     gpu_faults: int = 0
     faults: list[dict[str, Any]] = field(default_factory=list)
 

@@ -3,7 +3,7 @@
 A model served on a GPU still runs every op without a GPU kernel on the CPU, with copies
 across PCIe around it; under MPS, with many replicas per card, that silently turns a GPU
 deployment into a CPU-bound one. The runtime runs the static check on every load (its
-``cpu_fallback`` policy); ``mpsserve.audit`` (ops) builds its report on the same functions.
+``cpu_fallback`` policy); ``mpsserve.ops.audit`` (ops) builds its report on the same functions.
 
 - static (any host): every node of the signature's graph and of the functions it calls,
   recursively (StatefulPartitionedCall bodies, while and if branches), against the kernels
@@ -17,7 +17,7 @@ deployment into a CPU-bound one. The runtime runs the static check on every load
 
 TensorFlow is imported here, once, with the service's log level (``TF_CPP_MIN_LOG_LEVEL``,
 read at import: TensorFlow's C++ INFO lines bury the service's own output; a user's value
-wins); ``mpsserve.runtime.tensorflow`` takes ``tf`` from this module.
+wins); ``mpsserve.model.runtime.tensorflow`` takes ``tf`` from this module.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from mpsserve.errors import InferenceError, ModelLoadError
-from mpsserve.runtime.base import ModelRuntime, RuntimeOptions, Signature, read_signature_file
-from mpsserve.runtime.graphs import GraphRunner, gate
+from mpsserve.model.runtime.base import ModelRuntime, RuntimeOptions, Signature, read_signature_file
+from mpsserve.model.runtime.graphs import GraphRunner, gate
 
 MODEL_FILE = "model.pt2"
 

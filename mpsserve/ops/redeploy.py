@@ -1,6 +1,6 @@
-"""``python -m mpsserve.redeploy --config FILE``: the entrypoint of a ``ray job submit`` redeploy.
+"""``python -m mpsserve.ops.redeploy --config FILE``: a ``ray job submit`` redeploy's entrypoint.
 
-It is ``mpsserve deploy`` (mpsserve/deploy.py: logs what the deploy changes, then deploys)
+It is ``mpsserve deploy`` (mpsserve/ops/deploy.py: logs what the deploy changes, then deploys)
 that last logs what runs, so the job's log says what changed and what came up.
 """
 
@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mpsserve import deploy
-from mpsserve.changes import live_summary, say
+from mpsserve.ops import deploy
+from mpsserve.ops.changes import live_summary, say
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mpsserve.redeploy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mpsserve.ops.redeploy", description=__doc__)
     parser.add_argument("--config", required=True, help="service YAML or Serve config file")
     parser.add_argument("--address", default=None, help="Ray address (default: config, auto)")
     args = parser.parse_args(argv)

@@ -9,7 +9,7 @@ CUDA.
   (ray/_private/runtime_env/setup_hook.py: "This field is no-op"), which left the daemon to the
   guardian and the limit unset until 2026-12-01. An explicit limit also travels in the
   replica's environment, so CUDA sees it from the process's start.
-* ``ray_start_hook`` is for ``RAY_START_HOOK=mpsserve.mps.hook.ray_start_hook`` on a
+* ``ray_start_hook`` is for ``RAY_START_HOOK=mpsserve.node.hook.ray_start_hook`` on a
   ``ray start`` GPU node: the daemon is up before the raylet starts.
 
 Replicas get their MPS config (``ReplicaMpsConfig``: the service's ``mps`` section and their
@@ -29,10 +29,10 @@ from typing import Any
 
 from mpsserve.config import MpsConfig, Placement, ReplicaMpsConfig, load_config
 from mpsserve.errors import ConfigError, MpsError
-from mpsserve.gpu import inventory
-from mpsserve.mps.control import MpsControl
-from mpsserve.mps.faults import CLIENTS_DIR, FAULTS_DIR
-from mpsserve.mps.state import STATE_FILE  # forgotten with the daemon it describes
+from mpsserve.node.control import MpsControl
+from mpsserve.node.faults import CLIENTS_DIR, FAULTS_DIR
+from mpsserve.node.gpu import inventory
+from mpsserve.node.state import STATE_FILE  # forgotten with the daemon it describes
 from mpsserve.settings import settings, to_env
 
 logger = logging.getLogger(__name__)

@@ -135,7 +135,7 @@ def _nodes(replicas: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _fault(follow: dict[str, Any]) -> dict[str, Any]:
-    """A followed GPU fault (mpsserve/mps/faults.py) as status shows it."""
+    """A followed GPU fault (mpsserve/node/faults.py) as status shows it."""
     cleared = follow.get("cleared_at")
     return {
         "gpu": follow.get("gpu"),
