@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import statistics
 import time
@@ -39,18 +40,23 @@ from mpsserve.protocol.handshake import Keyring
 from mpsserve.serving import replica_set
 
 
-@serve.deployment(
-    name="echo",
-    ray_actor_options={"num_cpus": 0},
-    max_ongoing_requests=8,
-    request_router_config=RequestRouterConfig(request_router_class=replica_set.ROUTER_CLASS),
-)
-class Echo:
+class EchoReplica:
     def record_replica_metadata(self) -> dict[str, Any]:
         return {"model": "echo", "host": "127.0.0.1", "port": 1, "pid": os.getpid()}
 
     def __call__(self) -> str:
         return "ok"
+
+
+# Called, not used as a class decorator: mypy then knows the result is a Deployment.
+Echo = serve.deployment(
+    name="echo",
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=8,
+    request_router_config=RequestRouterConfig(
+        request_router_class=replica_set.ROUTER_CLASS  # type: ignore[arg-type]  # a path is accepted
+    ),
+)(EchoReplica)
 
 
 async def time_choose(handle: DeploymentHandle, picks: int, reserve: bool) -> float:
@@ -108,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     try:
         serve.start(proxy_location="Disabled")
         handle = serve.run(

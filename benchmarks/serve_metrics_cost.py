@@ -10,6 +10,7 @@ frame (24.7 us when every frame also incremented Ray's counter).
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.ERROR)
     try:
         ok = [per_frame_us(args.frames) for _ in range(args.rounds)]
         bad = [per_frame_us(args.frames, ValueError("x")) for _ in range(args.rounds)]

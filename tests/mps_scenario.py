@@ -51,7 +51,7 @@ class Observed:
         return {k: v for k, v in self.__dict__.items() if k != "output_tail"}
 
 
-def _wait(predicate: Any, timeout_s: float, what: str) -> float:
+def _wait(predicate: Callable[[], object], timeout_s: float, what: str) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
         try:

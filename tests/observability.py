@@ -32,7 +32,7 @@ def find(tool: str = "prometheus") -> str | None:
 
 
 def load_dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text())  # type: ignore[no-any-return]
+    return json.loads(DASHBOARD.read_text())
 
 
 def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:

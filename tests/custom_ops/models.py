@@ -21,7 +21,7 @@ def write_add_one_model(store: Path, library: Path, version: int = 1) -> Path:
     tf = _tf()
     add_one = getattr(load_op_library(str(library)), WRAPPER)
 
-    class AddOne(tf.Module):  # type: ignore[misc,name-defined]
+    class AddOne(tf.Module):  # type: ignore[name-defined]
         @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
         def serve(self, x: Any) -> dict[str, Any]:
             return {"y": add_one(x)}
@@ -56,7 +56,7 @@ def write_fallback_model(path: Path, library: Path) -> Path:
         _, y = tf.while_loop(lambda i, acc: i < 3, body, (tf.constant(0), x))
         return y, counts
 
-    class Fallbacks(tf.Module):  # type: ignore[misc,name-defined]
+    class Fallbacks(tf.Module):  # type: ignore[name-defined]
         @tf.function(
             input_signature=[
                 tf.TensorSpec([None], tf.string, name="words"),

@@ -133,7 +133,7 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
         import torch
 
         graph = torch.cuda.graph
-        graphs.torch.cuda.graph = lambda *a, **k: graph(  # type: ignore[misc]
+        graphs.torch.cuda.graph = lambda *a, **k: graph(  # type: ignore[misc,assignment]
             *a, **{**k, "capture_error_mode": "global"}
         )
     if args.switch_interval_ms:

@@ -40,9 +40,11 @@ def test_out_of_range_ids_never_reach_the_gpu(torch_store: Path) -> None:
 def test_cuda_graphs_replay_gives_the_reference_scores(torch_store: Path) -> None:
     """Graphs captured per padded bucket, checked against eager once, reused after."""
     from mpsserve.model.runtime.graphs import Padding
+    from mpsserve.model.runtime.torch import TorchRuntime
 
     runtime = load_runtime("torch", torch_store / "1", RuntimeOptions(device="auto"))
-    graphs = runtime.graphs  # type: ignore[attr-defined]
+    assert isinstance(runtime, TorchRuntime)
+    graphs = runtime.graphs
     assert graphs is not None and graphs.enabled
     weights = make_weights(SMALL, SEED)
     keys = set()

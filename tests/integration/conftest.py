@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,7 +69,7 @@ def base_url(service_config: dict[str, object]) -> Iterator[str]:
         address="local",
         num_cpus=4,
         include_dashboard=False,
-        logging_level="WARNING",
+        logging_level=logging.WARNING,
         _metrics_export_port=METRICS_PORT,
     )
     try:

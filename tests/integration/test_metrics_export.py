@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import socket
@@ -93,7 +94,7 @@ def serve_metrics(port: int, state_dir: Path, ready: Path) -> None:
         address="local",
         num_cpus=1,
         include_dashboard=False,
-        logging_level="WARNING",
+        logging_level=logging.WARNING,
         _metrics_export_port=port,
     )
 
@@ -234,9 +235,9 @@ def prometheus_query(base: str, query: str) -> dict[str, Any]:
     url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query})
     try:
         with urllib.request.urlopen(url, timeout=5) as answer:
-            return json.loads(answer.read())  # type: ignore[no-any-return]
+            return json.loads(answer.read())
     except urllib.error.HTTPError as exc:  # a bad query: 400 with the error in the body
-        return json.loads(exc.read())  # type: ignore[no-any-return]
+        return json.loads(exc.read())
 
 
 def scalar(result: dict[str, Any]) -> float | None:

@@ -20,10 +20,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -31,6 +31,8 @@ import yaml
 from mpsserve.ops.demo import make_request, write_demo_model
 from mpsserve.protocol.kserve import encode_json_request
 from tests.conftest import SEED, SMALL
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -65,7 +67,7 @@ def _get_json(url: str, timeout_s: float = 10) -> Any:
         return json.loads(response.read())
 
 
-def _wait_for(what: str, check: Any, timeout_s: float) -> Any:
+def _wait_for(what: str, check: Callable[[], T], timeout_s: float) -> T:
     deadline = time.monotonic() + timeout_s
     last: object = None
     while time.monotonic() < deadline:

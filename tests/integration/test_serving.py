@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import requests
@@ -89,7 +91,9 @@ def test_bad_request_gets_status_and_replica_keeps_serving(
 
 
 def test_wrong_dtype_is_named(base_url: str) -> None:
-    body = {"inputs": [{"name": "dense", "shape": [1, 13], "datatype": "FP64", "data": [0.0] * 13}]}
+    body: dict[str, Any] = {
+        "inputs": [{"name": "dense", "shape": [1, 13], "datatype": "FP64", "data": [0.0] * 13}]
+    }
     response = requests.post(f"{base_url}/v2/models/rec/infer", json=body, timeout=30)
     assert response.status_code == 400
     assert "'dense' has dtype float64" in response.json()["error"]

@@ -65,7 +65,9 @@ def test_access_log_line_per_request_with_the_clients_id(base_url: str) -> None:
     assert response.headers["X-Request-ID"] == "access-log-42"
     generated = _send(base_url, "")  # no id from the client: one is made and echoed
     assert len(generated.headers["X-Request-ID"]) == 16
-    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    node = ray._private.worker._global_node
+    assert node is not None  # the session fixture started Ray in this process
+    logs = Path(node.get_logs_dir_path()) / "serve"
     deadline = time.monotonic() + 10
     while True:
         lines = [

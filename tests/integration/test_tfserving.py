@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import requests
 
@@ -9,7 +11,7 @@ from mpsserve.ops.demo import make_request, make_weights, reference
 from tests.conftest import SEED, SMALL
 
 
-def rows_of(req: dict[str, np.ndarray]) -> list[dict[str, object]]:
+def rows_of(req: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     ends = np.cumsum(req["history_lengths"])
     starts = ends - req["history_lengths"]
     return [

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -38,8 +39,10 @@ def add_one_store(tmp_path_factory: pytest.TempPathFactory, add_one_library: Pat
     return store
 
 
-def options(library: Path, **kwargs: object) -> RuntimeOptions:
-    return RuntimeOptions(device="cpu", custom_op_libraries=(str(library),), **kwargs)  # type: ignore[arg-type]
+def options(library: Path, cpu_fallback: Literal["warn", "fail"] = "warn") -> RuntimeOptions:
+    return RuntimeOptions(
+        device="cpu", custom_op_libraries=(str(library),), cpu_fallback=cpu_fallback
+    )
 
 
 def test_a_custom_op_model_serves_through_the_runtime(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mpsserve.config import parse_config
+from mpsserve.config import ServiceConfig, parse_config
 from mpsserve.node.doctor import diagnose
 from mpsserve.node.gpu import GpuInfo, Inventory
 from tests.mps import STANDIN, daemon, standin_client, standin_control
@@ -13,7 +13,7 @@ H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", "GPU-x", (9, 0), 81559, "Default")
 P100 = GpuInfo(0, "Tesla P100", "GPU-y", (6, 0), 16280, "Default")
 
 
-def config(tmp: Path, binary: str = str(STANDIN)):  # type: ignore[no-untyped-def]
+def config(tmp: Path, binary: str = str(STANDIN)) -> ServiceConfig:
     mps = {
         "mode": "on",
         "pipe_dir": str(tmp / "pipe"),

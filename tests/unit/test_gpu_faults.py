@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mpsserve.config import ModelConfig
@@ -153,7 +155,7 @@ def test_a_replica_reports_its_own_fault_only_when_attached(
 
 
 @pytest.fixture(scope="module")
-def torch_servable(torch_store: Path):  # type: ignore[no-untyped-def]
+def torch_servable(torch_store: Path) -> Iterator[Servable]:
     servable = Servable(ModelConfig(name="rec", store=str(torch_store), runtime="torch"), "cpu")
     servable.load()
     yield servable
@@ -169,7 +171,7 @@ def healthy(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.fixture
-def injecting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def injecting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     trigger = tmp_path / "inject"
     monkeypatch.setenv("MPSSERVE_INJECT_FAULT_FILE", str(trigger))
     settings.cache_clear()
@@ -219,8 +221,8 @@ def test_an_unknown_injected_action_is_an_error_of_that_request_only(
     torch_servable.infer(inputs)
 
 
-def torch_servable_inputs(servable: Servable) -> dict[str, object]:
+def torch_servable_inputs(servable: Servable) -> dict[str, np.ndarray]:
     from mpsserve.model.features import synthetic_inputs
 
     assert servable.runtime is not None
-    return synthetic_inputs(servable.runtime.signature, rows=4)  # type: ignore[return-value]
+    return synthetic_inputs(servable.runtime.signature, rows=4)

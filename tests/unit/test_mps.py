@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from mpsserve.settings import settings
 from tests.mps import STANDIN, daemon, replica_mps, standin_client, standin_control
 
 
-def wait_for(predicate, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
@@ -106,7 +107,7 @@ def test_a_transient_refusal_is_retried_and_a_lasting_one_is_daemon_busy(tmp_pat
         assert control.server_list() == []
 
 
-def _query(pipe: str, log: str, lock: str, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _query(pipe: str, log: str, lock: str, results: multiprocessing.Queue[list[list[int]]]) -> None:
     control = MpsControl(
         Path(pipe), Path(log), binary=str(STANDIN), retry_s=60, lock_file=Path(lock)
     )
@@ -133,7 +134,7 @@ def test_concurrent_queries_on_a_node_take_turns(tmp_path: Path) -> None:
         control.command("standin_delay 0.05")
         assert ask_together(control, 3) == [[[]] * 2] * 3
         ctx = multiprocessing.get_context("spawn")
-        results: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
+        results: multiprocessing.Queue[list[list[int]]] = ctx.Queue()
         assert control.lock_file is not None
         args = (str(control.pipe_dir), str(control.log_dir), str(control.lock_file), results)
         procs = [ctx.Process(target=_query, args=args) for _ in range(2)]
@@ -150,7 +151,7 @@ def test_concurrent_queries_on_a_node_take_turns(tmp_path: Path) -> None:
         assert "Refused (busy):get_server_list" in log.read_text()
 
 
-def _ensure(pipe: str, log: str, lock: str, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _ensure(pipe: str, log: str, lock: str, results: multiprocessing.Queue[bool]) -> None:
     control = MpsControl(Path(pipe), Path(log), binary=str(STANDIN))
     results.put(control.ensure_running(Path(lock)))
 
@@ -158,7 +159,7 @@ def _ensure(pipe: str, log: str, lock: str, results: multiprocessing.Queue) -> N
 def test_racing_processes_start_exactly_one_daemon(tmp_path: Path) -> None:
     control = standin_control(tmp_path)
     ctx = multiprocessing.get_context("spawn")
-    results: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
+    results: multiprocessing.Queue[bool] = ctx.Queue()
     args = (str(control.pipe_dir), str(control.log_dir), str(tmp_path / "lock"), results)
     procs = [ctx.Process(target=_ensure, args=args) for _ in range(6)]
     try:
@@ -234,7 +235,7 @@ def test_only_one_guardian_leads_a_node(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def clean_settings(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def clean_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     for name in [k for k in os.environ if k.startswith("MPSSERVE_")]:
         monkeypatch.delenv(name)
     monkeypatch.setattr(hook, "setup_error", None)

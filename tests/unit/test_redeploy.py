@@ -126,16 +126,27 @@ def test_print_changes_goes_on_when_the_deployed_config_is_unreadable(client: Fa
 
 def test_live_summary_lists_each_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
     from ray import serve
-    from ray.serve.schema import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
+    from ray.serve.schema import (
+        ApplicationStatus,
+        ApplicationStatusOverview,
+        DeploymentStatus,
+        DeploymentStatusOverview,
+        DeploymentStatusTrigger,
+        ReplicaState,
+        ServeStatus,
+    )
 
     deployment = DeploymentStatusOverview(
-        status="HEALTHY",
-        status_trigger="CONFIG_UPDATE_COMPLETED",
-        replica_states={"RUNNING": 2, "STOPPING": 1},
+        status=DeploymentStatus.HEALTHY,
+        status_trigger=DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED,
+        replica_states={ReplicaState.RUNNING: 2, ReplicaState.STOPPING: 1},
         message="",
     )
     app = ApplicationStatusOverview(
-        status="RUNNING", message="", last_deployed_time_s=0, deployments={"model-rec": deployment}
+        status=ApplicationStatus.RUNNING,
+        message="",
+        last_deployed_time_s=0,
+        deployments={"model-rec": deployment},
     )
     monkeypatch.setattr(serve, "status", lambda: ServeStatus(applications={"mpsserve": app}))
     assert changes.live_summary("mpsserve") == [

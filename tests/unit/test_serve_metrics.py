@@ -71,8 +71,10 @@ def _handle(answer: Any, header: dict[str, Any]) -> list[frame.Buffer]:
         return list(answer)
 
     replica = SimpleNamespace(_serve_tags=TAGS, _answer=answering)
-    handle_frame = ModelReplica.func_or_class.handle_frame  # the class under Serve's wrapper
-    return handle_frame(replica, header, bytearray())  # type: ignore[no-any-return]
+    # The class under Serve's wrapper: serve.deployment makes the class a Deployment, and its
+    # stubs do not say so (mpsserve/serving/app.py).
+    handle_frame = ModelReplica.func_or_class.handle_frame  # type: ignore[attr-defined]
+    return handle_frame(replica, header, bytearray())
 
 
 def test_handle_frame_records_every_outcome(recorder: Recorder) -> None:
