@@ -1,118 +1,62 @@
-"""The gRPC adapter: KServe v2 ``inference.GRPCInferenceService`` over a ``DataPlane``.
+"""The gRPC server of an ingress: its bounds, the one error interceptor, and its start.
 
-The ingress's grpc.aio server calls the method named after each RPC; these functions only
-translate messages and map errors through ``errors.to_status`` (same message as REST).
-
-The generated stubs are imported lazily: Triton's client registers the same ``inference.*``
-protobuf symbols, and a process that imports ours only to build the Serve app (a test, the
-CLI) must not collide with it.
+The RPCs themselves are ``grpc_servicer.InferenceServicer`` (typed, translation only); every
+error they raise is mapped here, once, by ``ErrorInterceptor`` through ``errors.to_status``
+(the same code and message as REST). The servicer module imports the generated stubs, so it is
+imported only when a server starts (see its docstring).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from mpsserve.errors import MpsServeError, to_status
-from mpsserve.ingress.dataplane import DataPlane, client_request_id, request_id_for
+from mpsserve.errors import to_status
+from mpsserve.ingress.dataplane import DataPlane
 
-RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
-
-
-def _pb2() -> Any:
-    from mpsserve.protocol import grpc_service_pb2
-
-    return grpc_service_pb2
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-REQUEST_ID = "x-request-id"
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Errors mapped at one place: an exception a unary RPC raises becomes the status and
+    details ``to_status`` gives (an unknown one is logged there and answers INTERNAL).
+
+    Innermost of the server's interceptors, so it wraps only the servicer's handlers: a
+    refusal an outer interceptor makes (the token check) is its own. Each method's wrapped
+    handler is built once and kept (the registered methods are a fixed set)."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = self._handlers.get(details.method)
+        if handler is None:
+            handler = await continuation(details)
+            if handler is None or handler.unary_unary is None:
+                return handler  # unknown method (UNIMPLEMENTED) or a stream: not ours
+            handler = grpc.unary_unary_rpc_method_handler(
+                _mapped(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+            self._handlers[details.method] = handler
+        return handler
 
 
-def _metadata(context: Any, key: str) -> str | None:
-    for item in context.invocation_metadata() or ():
-        if item.key == key:
-            return str(item.value)
-    return None
-
-
-class GrpcAdapter:
-    def __init__(self, dataplane: DataPlane) -> None:
-        self.dataplane = dataplane
-
-    async def call(self, rpc: str, request: Any, context: Any) -> Any:
-        """Run one RPC; on error set the status on ``context`` and return an empty reply."""
-        handler: Callable[[Any, Any], Awaitable[Any]] = getattr(self, f"_{rpc}")
+def _mapped(method: Handler) -> Handler:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await handler(request, context)
+            return await method(request, context)
+        except grpc.aio.AbortError:
+            raise  # the method chose its status itself
         except Exception as exc:
             _, code, message = to_status(exc)
-            context.set_code(grpc.StatusCode[code.name])
-            context.set_details(message)
-            return getattr(_pb2(), f"{rpc}Response")()
+            await context.abort(grpc.StatusCode[code.name], message)
 
-    async def _ServerLive(self, request: Any, context: Any) -> Any:
-        return _pb2().ServerLiveResponse(live=self.dataplane.live())
-
-    async def _ServerReady(self, request: Any, context: Any) -> Any:
-        return _pb2().ServerReadyResponse(ready=await self.dataplane.ready())
-
-    async def _ModelReady(self, request: Any, context: Any) -> Any:
-        ready = await self.dataplane.model_ready(request.name, request.version or None)
-        return _pb2().ModelReadyResponse(ready=ready)
-
-    async def _ServerMetadata(self, request: Any, context: Any) -> Any:
-        from mpsserve.protocol.kserve_grpc import server_metadata_response
-
-        return server_metadata_response(self.dataplane.server_metadata())
-
-    async def _ModelMetadata(self, request: Any, context: Any) -> Any:
-        from mpsserve.protocol.kserve_grpc import model_metadata_response
-
-        metadata = await self.dataplane.model_metadata(request.name, request.version or None)
-        return model_metadata_response(metadata)
-
-    async def _ModelInfer(self, request: Any, context: Any) -> Any:
-        started, request_id = time.perf_counter(), client_request_id(_metadata(context, REQUEST_ID))
-        with self.dataplane.admission(request.model_name, "grpc", request_id):
-            return await self._infer(request, context, started, request_id)
-
-    async def _infer(
-        self, request: Any, context: Any, started: float, request_id: str | None
-    ) -> Any:
-        from mpsserve.protocol.kserve_grpc import decode_infer_request, encode_infer_response
-
-        # The tensors' bytes are the message's size: cheaper than ByteSize(), which walks it;
-        # the server's max_receive_message_length bounds the rest.
-        try:
-            self.dataplane.check_size(sum(len(raw) for raw in request.raw_input_contents))
-            self.dataplane.backend(request.model_name)  # unknown model: NOT_FOUND first
-            decoded = decode_infer_request(request)
-        except MpsServeError as exc:
-            self.dataplane.rejected(request.model_name, "grpc", request_id, exc, started)
-            raise
-        request_id = request_id_for(request_id, decoded.id)
-        context.set_trailing_metadata(((REQUEST_ID, request_id),))  # no frame of its own
-        result = await self.dataplane.infer(decoded, "grpc", request_id)
-        return encode_infer_response(result, decoded)
-
-
-class _Servicer:
-    """``GRPCInferenceService``'s methods, each one a call of the adapter."""
-
-    def __init__(self, adapter: GrpcAdapter) -> None:
-        for rpc in RPCS:
-            setattr(self, rpc, _rpc(adapter, rpc))
-
-
-def _rpc(adapter: GrpcAdapter, rpc: str) -> Callable[[Any, Any], Awaitable[Any]]:
-    async def method(request: Any, context: Any) -> Any:
-        return await adapter.call(rpc, request, context)
-
-    return method
+    return call
 
 
 @dataclass(frozen=True)
@@ -171,16 +115,17 @@ async def start_grpc_server(
     bound is refused with UNAVAILABLE (``DataPlane.admission``); grpc's own RPC cap, a little
     higher so health RPCs still pass, answers RESOURCE_EXHAUSTED. ``credentials``: TLS
     (``auth.grpc_server_credentials``), else an insecure port; ``interceptors``: the token
-    check when ``ingress.auth`` is on (none otherwise: nothing runs per call)."""
+    check when ``ingress.auth`` is on; ``ErrorInterceptor`` is always the innermost."""
+    from mpsserve.ingress.grpc_servicer import InferenceServicer
     from mpsserve.protocol import grpc_service_pb2_grpc
 
     server = grpc.aio.server(
         options=server_options(limits),
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-        interceptors=list(interceptors) or None,
+        interceptors=[*interceptors, ErrorInterceptor()],
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        _Servicer(GrpcAdapter(dataplane)), server
+        InferenceServicer(dataplane), server
     )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if credentials is None:

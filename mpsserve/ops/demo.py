@@ -220,12 +220,4 @@ def write_demo_model(
     return final
 
 
-def spec_of(model_dir: Path) -> tuple[DemoSpec, int]:
-    """Read back the spec and seed a demo model was built with (for tests and the benchmark)."""
-    about = json.loads((model_dir / "demo.json").read_text())
-    fields = {k: about[k] for k in DemoSpec.__dataclass_fields__}
-    fields["hidden"] = tuple(fields["hidden"])
-    return DemoSpec(**fields), int(about["seed"])
-
-
 __all__ = ["DemoSpec", "TensorSpec", "make_request", "reference", "write_demo_model"]

@@ -1,0 +1,86 @@
+"""KServe v2's ``inference.GRPCInferenceService``: a typed servicer over a ``DataPlane``.
+
+Each method only translates messages (``protocol.kserve_grpc``) and calls the data plane, the
+same functions the REST adapter calls. Errors are not handled here: they propagate to
+``grpc.ErrorInterceptor``, the one place that maps them (``errors.to_status``), so a method
+cannot answer an error differently from its neighbours or from REST.
+
+This module imports the generated stubs at the top, so only ``grpc.start_grpc_server`` imports
+it (lazily): Triton's client registers the same ``inference.*`` protobuf symbols, and a process
+that imports the ingress only to build the Serve app (a test, the CLI) must not collide with it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from mpsserve.errors import MpsServeError
+from mpsserve.ingress.dataplane import DataPlane, client_request_id, request_id_for
+from mpsserve.protocol import grpc_service_pb2 as pb
+from mpsserve.protocol import kserve_grpc
+from mpsserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceServicer
+
+#: The metadata key of a request's id (in: the client's; out: a trailing entry).
+REQUEST_ID = "x-request-id"
+
+
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    for item in context.invocation_metadata() or ():
+        if item.key == key:
+            return str(item.value)
+    return None
+
+
+class InferenceServicer(GRPCInferenceServiceServicer):
+    """Every RPC of ``grpc_service.proto``; what each returns is the REST endpoint's answer."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.dataplane.live())
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=await self.dataplane.ready())
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        ready = await self.dataplane.model_ready(request.name, request.version or None)
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return kserve_grpc.server_metadata_response(self.dataplane.server_metadata())
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        metadata = await self.dataplane.model_metadata(request.name, request.version or None)
+        return kserve_grpc.model_metadata_response(metadata)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        started, request_id = time.perf_counter(), client_request_id(_metadata(context, REQUEST_ID))
+        with self.dataplane.admission(request.model_name, "grpc", request_id):
+            # The tensors' bytes are the message's size: cheaper than ByteSize(), which walks
+            # it; the server's max_receive_message_length bounds the rest.
+            try:
+                self.dataplane.check_size(sum(len(raw) for raw in request.raw_input_contents))
+                self.dataplane.backend(request.model_name)  # unknown model: NOT_FOUND first
+                decoded = kserve_grpc.decode_infer_request(request)
+            except MpsServeError as exc:
+                self.dataplane.rejected(request.model_name, "grpc", request_id, exc, started)
+                raise
+            request_id = request_id_for(request_id, decoded.id)
+            context.set_trailing_metadata(((REQUEST_ID, request_id),))  # no frame of its own
+            result = await self.dataplane.infer(decoded, "grpc", request_id)
+            return kserve_grpc.encode_infer_response(result, decoded)
