@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 
 from mpsserve.errors import InvalidInput, MpsServeError, to_status
 from mpsserve.ingress.dataplane import DataPlane, client_request_id, request_id_for
-from mpsserve.protocol import kserve, tfserving
+from mpsserve.protocol import kserve, tensors, tfserving
 from mpsserve.types import InferRequest, InferResponse
 
 OFFLOAD_BYTES = 64 * 1024  # JSON above this is (de)serialised off the event loop
@@ -71,7 +71,7 @@ def _v2_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     """Our numpy dtype names -> v2 datatypes; extra keys pass through."""
 
     def tensor(spec: dict[str, Any]) -> dict[str, Any]:
-        datatype = kserve.numpy_to_datatype(spec["dtype"])
+        datatype = tensors.numpy_to_datatype(spec["dtype"])
         return {"name": spec["name"], "datatype": datatype, "shape": spec["shape"]}
 
     out = dict(metadata)

@@ -1,15 +1,16 @@
 """The ingress-to-replica wire format: one length-prefixed frame per request and response.
 
 A connection starts with the handshake of ``protocol.handshake``; then each frame is a 12-byte
-prefix (magic ``MPS1``, header length, body length, little-endian; each bounded), a
-JSON header and a body holding the raw bytes of every tensor the header lists, in order, in
-KServe v2 binary layout (so numeric tensors are views on the body at either end: no copy,
-no pickling). The header of a request names the operation (``infer``, ``metadata``,
+prefix (magic ``MPS1``, header length, body length, little-endian; each bounded), a JSON header
+and a body holding the raw bytes of every tensor the header lists, in order, in KServe v2
+binary layout (``protocol.tensors``, so numeric tensors are views on the body at either end: no
+copy, no pickling). The header of a request names the operation (``infer``, ``metadata``,
 ``ready``, ``stats``) and its arguments; a response header is ``{"ok": true, ...}`` or
-``{"ok": false, "error": <MpsServeError class name>, "message": ...}``, which the ingress
-raises again as that class, so a replica's error reaches the client with its own status.
+``{"ok": false, "status": <HTTP status>, "message": ..., "retry": ...}``, which the ingress
+raises again as the error class of that status, so a replica's error reaches the client with
+its own status.
 
-Pure functions; the sockets live in ``serving.replica_server`` and ``serving.router``.
+Pure functions; the sockets live in ``ingress.replica_server`` and ``ingress.router``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mpsserve import errors
-from mpsserve.protocol.kserve import numpy_to_datatype, tensor_bytes, tensor_from_bytes
+from mpsserve.protocol.tensors import numpy_to_datatype, tensor_bytes, tensor_from_bytes
 
 PREFIX = struct.Struct("<4sII")
 MAGIC = b"MPS1"

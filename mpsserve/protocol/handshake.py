@@ -15,8 +15,8 @@ to model replicas of the new one and the other way round. Each side holds ``{new
 or ``{previous, older}``; the ids let the client pick the key both hold instead of failing.
 Key ids are random, not derived from the secret, and say nothing about it.
 
-Pure functions and the ``Keyring`` value; sockets live in ``serving.replica_server`` (server)
-and ``serving.router`` (client).
+Pure functions and the ``Keyring`` value; sockets live in ``ingress.replica_server`` (server)
+and ``ingress.router`` (client).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """KServe v2 / Open Inference Protocol REST codec: JSON tensors and the binary-tensor extension.
 
 Pure functions between wire bytes and the transport-free types in ``mpsserve.types``; no HTTP
-framework, no Ray, no model code, so every transport and every test can share one codec.
+framework, no Ray, no model code. Tensors themselves (datatypes, raw bytes, JSON numbers) go
+through the codec every protocol shares, ``protocol.tensors``; this module adds the v2 JSON
+document around them.
 
 Binary extension (Triton's ``binary_tensor_data``): when the HTTP header
 ``Inference-Header-Content-Length: N`` is present, the first N body bytes are the JSON header and
@@ -16,50 +18,27 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from typing import Any
 
 import numpy as np
 
 from mpsserve.errors import InferenceError, InvalidInput
+from mpsserve.protocol.tensors import (
+    DATATYPE_TO_NUMPY,
+    KSERVE_JSON,
+    check_shape,
+    elements_as_bytes,
+    json_array,
+    json_cast,
+    numpy_to_datatype,
+    object_array,
+    tensor_bytes,
+    tensor_from_bytes,
+)
 from mpsserve.text import quote
 from mpsserve.types import InferRequest, InferResponse, RequestedOutput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-
-# Explicit little-endian dtypes: the wire is little-endian whatever the host is.
-DATATYPE_TO_NUMPY: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BYTES": np.dtype(object),
-}
-_BY_KIND_SIZE = {(d.kind, d.itemsize): n for n, d in DATATYPE_TO_NUMPY.items() if n != "BYTES"}
-# numpy kinds that ``np.array(json_list)`` may produce and that each datatype accepts.
-_JSON_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}
-_LENGTH = struct.Struct("<I")
-_MAX_DIMS = 32
-_MAX_ELEMENTS = 2**59  # times the largest itemsize (8) stays below numpy's size limit
-
-
-def numpy_to_datatype(dtype: np.dtype | type) -> str:
-    """Wire datatype of a numpy dtype (any byte order); ValueError if the wire has none."""
-    dt = np.dtype(dtype)
-    if dt.kind in "OSU":
-        return "BYTES"
-    name = _BY_KIND_SIZE.get((dt.kind, dt.itemsize))
-    if name is None:
-        raise ValueError(f"numpy dtype {dt} has no KServe v2 datatype")
-    return name
 
 
 def decode_infer_request(
@@ -233,7 +212,7 @@ def _decode_input(
     datatype = entry.get("datatype")
     if not isinstance(datatype, str) or datatype not in DATATYPE_TO_NUMPY:
         raise InvalidInput(f"unknown datatype {quote(str(datatype))} for input {quote(name)}")
-    shape = _shape(name, entry.get("shape"))
+    shape = check_shape(name, entry.get("shape"))
     params = _get_dict(entry, "parameters", f"input {quote(name)}")
     if "shared_memory_region" in params:
         raise InvalidInput(f"input {quote(name)}: shared memory is not supported")
@@ -256,101 +235,15 @@ def _decode_input(
     return tensor_from_bytes(name, datatype, shape, binary[offset:end], "binary_data_size"), end
 
 
-def _shape(name: str, shape: Any) -> list[int]:
-    """Validate "shape": a list of non-negative ints (JSON booleans are not ints here).
-
-    Dimensions numpy cannot represent are refused even for empty tensors, where no byte count
-    would catch them.
-    """
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise InvalidInput(
-            f'input {quote(name)}: "shape" must be a list of non-negative integers, '
-            f"got {quote(str(shape))}"
-        )
-    if len(shape) > _MAX_DIMS or math.prod(d or 1 for d in shape) > _MAX_ELEMENTS:
-        raise InvalidInput(f'input {quote(name)}: "shape" {shape} is too large')
-    return shape
-
-
-def tensor_from_bytes(
-    name: str, datatype: str, shape: list[int], raw: memoryview, field: str
-) -> np.ndarray:
-    """View raw little-endian bytes as the tensor (zero-copy for every numeric datatype);
-    ``field`` names where the bytes came from, for the error message."""
-    count = math.prod(shape)
-    if datatype == "BYTES":
-        return _unpack_bytes(name, raw, count).reshape(shape)
-    dtype = DATATYPE_TO_NUMPY[datatype]
-    if len(raw) != count * dtype.itemsize:
-        raise InvalidInput(
-            f"input {quote(name)}: {field} is {len(raw)} bytes but shape {shape} of {datatype} "
-            f"needs {count * dtype.itemsize}"
-        )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
-
-
-def _unpack_bytes(name: str, raw: memoryview, count: int) -> np.ndarray:
-    """Split length-prefixed BYTES elements into a flat object array of ``bytes``."""
-    items: list[bytes] = []
-    offset = 0
-    while offset < len(raw):
-        if offset + 4 > len(raw):
-            raise InvalidInput(f"input {quote(name)}: BYTES data ends inside a length prefix")
-        (length,) = _LENGTH.unpack_from(raw, offset)
-        offset += 4
-        if offset + length > len(raw):
-            raise InvalidInput(f"input {quote(name)}: BYTES element {len(items)} overruns its data")
-        items.append(raw[offset : offset + length].tobytes())
-        offset += length
-    if len(items) != count:
-        raise InvalidInput(
-            f"input {quote(name)}: shape needs {count} BYTES elements, binary data has {len(items)}"
-        )
-    return _object_array(items)
-
-
-def _object_array(items: list[bytes]) -> np.ndarray:
-    """A flat object array holding ``items`` as-is (np.array would make a fixed-width S array)."""
-    arr = np.empty(len(items), dtype=object)
-    arr[:] = items
-    return arr
-
-
 def _from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
     """Convert flat or nested JSON "data" (row-major) to a tensor of ``shape``."""
     if not isinstance(data, list):
         raise InvalidInput(f'input {quote(name)}: "data" must be a list')
     if datatype == "BYTES":
         return _json_bytes(name, shape, data)
-    try:
-        arr = np.array(data)
-    except (ValueError, TypeError, OverflowError):
-        raise InvalidInput(f'input {quote(name)}: "data" is a ragged nested list') from None
+    arr = json_array(name, data, KSERVE_JSON)
     _check_count(name, shape, arr.size)
-    dtype = DATATYPE_TO_NUMPY[datatype]
-    if arr.size == 0:
-        return np.empty(shape, dtype=dtype)
-    if arr.dtype.kind not in _JSON_KINDS[dtype.kind]:
-        raise InvalidInput(f'input {quote(name)}: "data" is not convertible to {datatype}')
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        if int(arr.min()) < info.min or int(arr.max()) > info.max:
-            raise InvalidInput(
-                f'input {quote(name)}: "data" has values out of range for {datatype}'
-            )
-    elif dtype.kind == "f":
-        _check_float_range(name, arr, dtype, datatype)
-    return arr.astype(dtype, copy=False).reshape(shape)
-
-
-def _check_float_range(name: str, arr: np.ndarray, dtype: np.dtype, datatype: str) -> None:
-    """JSON numbers must fit the float type: 1e39 for FP32 (or 1e999, which Python reads as
-    infinity) would turn into an infinity no client sent."""
-    magnitude = np.abs(arr.astype(np.float64, copy=False))
-    if not np.all(magnitude <= np.finfo(dtype).max):
-        raise InvalidInput(f'input {quote(name)}: "data" has values out of range for {datatype}')
+    return json_cast(name, arr, DATATYPE_TO_NUMPY[datatype], KSERVE_JSON).reshape(shape)
 
 
 def _json_bytes(name: str, shape: list[int], data: list[Any]) -> np.ndarray:
@@ -359,7 +252,7 @@ def _json_bytes(name: str, shape: list[int], data: list[Any]) -> np.ndarray:
     _check_count(name, shape, len(flat))
     if not all(isinstance(item, str) for item in flat):
         raise InvalidInput(f'input {quote(name)}: BYTES "data" must hold only strings')
-    return _object_array([item.encode("utf-8") for item in flat]).reshape(shape)
+    return object_array([item.encode("utf-8") for item in flat]).reshape(shape)
 
 
 def _flatten(data: list[Any]) -> Any:
@@ -443,34 +336,10 @@ def _encode_output(name: str, arr: np.ndarray, binary: bool) -> tuple[dict[str, 
     return entry, raw
 
 
-def tensor_bytes(name: str, arr: np.ndarray, datatype: str) -> bytes | memoryview:
-    """The tensor's wire bytes: a zero-copy view for numeric data, length-prefixed BYTES."""
-    return _pack_bytes(name, arr) if datatype == "BYTES" else _raw_view(arr)
-
-
-def _raw_view(arr: np.ndarray) -> memoryview:
-    """Little-endian row-major bytes of a numeric tensor; copies only if layout demands it."""
-    flat = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).reshape(-1)
-    return flat.view(np.uint8).data
-
-
-def _elements_as_bytes(name: str, arr: np.ndarray) -> list[bytes]:
-    """BYTES elements as ``bytes`` (``str`` is UTF-8 encoded; anything else is a model bug)."""
-    items = arr.ravel().tolist()
-    if not all(isinstance(e, (bytes, str)) for e in items):
-        raise InferenceError(f"output {quote(name)}: BYTES elements must be bytes or str")
-    return [e.encode("utf-8") if isinstance(e, str) else e for e in items]
-
-
-def _pack_bytes(name: str, arr: np.ndarray) -> bytes:
-    """Length-prefixed BYTES elements, concatenated in row-major order."""
-    return b"".join(_LENGTH.pack(len(item)) + item for item in _elements_as_bytes(name, arr))
-
-
 def _json_bytes_data(name: str, arr: np.ndarray) -> list[str]:
     """BYTES as JSON strings; bytes that are not UTF-8 can only travel binary."""
     try:
-        return [item.decode("utf-8") for item in _elements_as_bytes(name, arr)]
+        return [item.decode("utf-8") for item in elements_as_bytes(name, arr)]
     except UnicodeDecodeError as exc:
         raise InvalidInput(
             f"output {quote(name)} holds bytes that are not valid UTF-8; request it with "

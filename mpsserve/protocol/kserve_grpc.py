@@ -1,8 +1,8 @@
 """KServe v2 / Open Inference Protocol gRPC codec: protobuf messages <-> transport-free types.
 
 Pure functions between the generated messages of ``grpc_service.proto`` and the types in
-``mpsserve.types``; no gRPC server, no Ray. Datatype tables and the BYTES layout are shared
-with the REST codec (``mpsserve.protocol.kserve``).
+``mpsserve.types``; no gRPC server, no Ray. Datatypes, raw tensor bytes and the BYTES layout
+come from the tensor codec every protocol shares (``mpsserve.protocol.tensors``).
 
 Input data travels either in ``raw_input_contents`` (one buffer per input, in input order,
 little-endian and row-major; BYTES elements as a 4-byte little-endian length and the bytes) or
@@ -27,13 +27,13 @@ import numpy as np
 
 from mpsserve.errors import InferenceError, InvalidInput
 from mpsserve.protocol import grpc_service_pb2 as pb
-from mpsserve.protocol.kserve import (
+from mpsserve.protocol.tensors import (
     DATATYPE_TO_NUMPY,
-    _object_array,
-    _pack_bytes,
-    _raw_view,
-    _shape,
+    check_shape,
     numpy_to_datatype,
+    object_array,
+    pack_bytes,
+    raw_view,
     tensor_from_bytes,
 )
 from mpsserve.text import quote
@@ -119,7 +119,7 @@ def _decode_input(entry: Any, raw: bytes | None) -> np.ndarray:
     datatype = entry.datatype
     if datatype not in DATATYPE_TO_NUMPY:
         raise InvalidInput(f"unknown datatype {quote(datatype)} for input {quote(name)}")
-    shape = _shape(name, list(entry.shape))
+    shape = check_shape(name, list(entry.shape))
     for key in _UNSUPPORTED_INPUT_PARAMETERS:
         if key in entry.parameters:
             raise InvalidInput(f'input {quote(name)}: parameter "{key}" is not supported')
@@ -156,7 +156,7 @@ def _from_contents(name: str, datatype: str, shape: list[int], contents: Any) ->
             f"contents.{expected_field} has {len(values)}"
         )
     if datatype == "BYTES":
-        return _object_array(list(values)).reshape(shape)
+        return object_array(list(values)).reshape(shape)
     dtype = DATATYPE_TO_NUMPY[datatype]
     if count == 0:
         return np.empty(shape, dtype=dtype)
@@ -212,7 +212,7 @@ def encode_infer_response(response: InferResponse, request: InferRequest) -> pb.
             datatype = numpy_to_datatype(arr.dtype)
         except ValueError as exc:
             raise InferenceError(f"output {quote(name)}: {exc}") from exc
-        raw = _pack_bytes(name, arr) if datatype == "BYTES" else _raw_view(arr).tobytes()
+        raw = pack_bytes(name, arr) if datatype == "BYTES" else raw_view(arr).tobytes()
         msg.outputs.add(name=name, datatype=datatype, shape=arr.shape)
         msg.raw_output_contents.append(raw)
     return msg

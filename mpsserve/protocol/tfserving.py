@@ -20,6 +20,7 @@ import numpy as np
 
 from mpsserve.errors import InferenceError, InvalidInput
 from mpsserve.protocol.kserve import parse_json_object
+from mpsserve.protocol.tensors import TFSERVING_JSON, json_array, json_cast
 from mpsserve.text import quote
 from mpsserve.types import (
     LENGTHS_SUFFIX,
@@ -30,8 +31,6 @@ from mpsserve.types import (
 )
 
 SIGNATURE = "serving_default"
-# numpy kinds that ``np.array(json_value)`` may produce and that each target kind accepts.
-_JSON_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}
 
 
 def decode_predict(
@@ -180,34 +179,10 @@ def _bad_row(name: str, column: list[Any]) -> InvalidInput | None:
 def _to_tensor(name: str, value: Any, dtype_name: str) -> np.ndarray:
     """Convert a (nested) JSON value to the input's dtype, refusing lossy conversions."""
     dtype = np.dtype(dtype_name)
-    try:
-        arr = np.array(value)
-    except (ValueError, TypeError, OverflowError):
-        raise InvalidInput(f"input {quote(name)}: value is ragged or nested too deeply") from None
-    if arr.size == 0:
-        return arr.astype(dtype)
+    arr = json_array(name, value, TFSERVING_JSON)
     if arr.dtype == object and _has_b64(value):
         raise InvalidInput(f'input {quote(name)}: {{"b64": ...}} binary values are not supported')
-    if arr.dtype.kind not in _JSON_KINDS.get(dtype.kind, ""):
-        raise InvalidInput(f"input {quote(name)}: values are not convertible to {dtype}")
-    _check_range(name, arr, dtype)
-    return arr.astype(dtype, copy=False)
-
-
-def _check_range(name: str, arr: np.ndarray, dtype: np.dtype) -> None:
-    """Values must fit the dtype (infinities and NaN are fine for floats)."""
-    if dtype.kind in "iu":
-        info: np.iinfo | np.finfo = np.iinfo(dtype)
-        low, high = int(arr.min()), int(arr.max())
-    elif dtype.kind == "f":
-        finite = arr[np.isfinite(arr)].astype(np.float64)
-        if finite.size == 0:
-            return
-        info, low, high = np.finfo(dtype), finite.min(), finite.max()
-    else:
-        return
-    if low < info.min or high > info.max:
-        raise InvalidInput(f"input {quote(name)}: values out of range for {dtype}")
+    return json_cast(name, arr, dtype, TFSERVING_JSON)
 
 
 def _has_b64(value: Any) -> bool:

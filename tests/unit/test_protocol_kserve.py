@@ -17,13 +17,12 @@ import tritonclient.http as httpclient
 
 from mpsserve.errors import InferenceError, InvalidInput
 from mpsserve.protocol.kserve import (
-    DATATYPE_TO_NUMPY,
     HEADER_LENGTH,
     decode_infer_request,
     encode_error,
     encode_infer_response,
-    numpy_to_datatype,
 )
+from mpsserve.protocol.tensors import DATATYPE_TO_NUMPY, numpy_to_datatype
 from mpsserve.types import InferRequest, InferResponse, RequestedOutput
 
 Client = httpclient.InferenceServerClient
