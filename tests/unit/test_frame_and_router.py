@@ -57,7 +57,7 @@ def _decode(parts: list[frame.Buffer]) -> tuple[dict[str, Any], dict[str, np.nda
 
 
 def test_frame_round_trip_keeps_names_dtypes_shapes_and_values() -> None:
-    tensors = {
+    tensors: dict[str, np.ndarray] = {
         "dense": np.arange(26, dtype=np.float32).reshape(2, 13),
         "ids": np.array([[1, -2]], dtype=np.int64),
         "lengths": np.array([3], dtype=np.int32),
@@ -376,7 +376,7 @@ def test_a_hung_inference_thread_fails_the_health_check_a_queue_does_not() -> No
     call has run; requests waiting for a thread are load, not a stall."""
     from mpsserve.serving.model import ModelReplica
 
-    stalled = ModelReplica.func_or_class._stalled  # the method, on a stand-in replica
+    stalled = ModelReplica.func_or_class._stalled  # type: ignore[attr-defined]  # a Serve Deployment
     replica = Hung(threads=1)  # one thread: a second request queues
     try:
         health = types.SimpleNamespace(_server=replica.server, _stall_s=0.3)
