@@ -1,8 +1,8 @@
 """The transport-free core of the ingress (KServe's ``DataPlane``).
 
-REST today and gRPC next call these methods and only translate wire formats; neither holds
-logic. A ``ModelBackend`` is whatever runs a model: Ray Serve handles in production, an
-in-process ``Servable`` in unit tests.
+REST and gRPC call these methods and only translate wire formats; neither holds logic. What
+runs a model is a ``backends.ModelBackend``: the model's replicas over the data port in
+production (``ReplicaBackend``), a function in this process in tests (``MockBackend``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any
 
 from mpsserve import __version__, metrics
 from mpsserve.errors import (
@@ -24,6 +24,7 @@ from mpsserve.errors import (
     Overloaded,
     PayloadTooLarge,
 )
+from mpsserve.ingress.backends import ModelBackend
 from mpsserve.settings import settings
 from mpsserve.text import log_field, new_request_id, quote, valid_request_id
 from mpsserve.types import InferRequest, InferResponse
@@ -34,14 +35,6 @@ logger = logging.getLogger(__name__)
 EXTENSIONS = ["binary_tensor_data"]
 DTYPES_TTL_S = 10.0  # how long an input-dtype map read from a replica is reused
 QUOTE = "'"  # model names are quoted as repr() quoted them
-
-
-class ModelBackend(Protocol):
-    async def infer(self, request: InferRequest) -> InferResponse: ...
-
-    async def metadata(self) -> dict[str, Any]: ...
-
-    async def ready(self) -> bool: ...
 
 
 class RecentStats:

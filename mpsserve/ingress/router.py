@@ -65,11 +65,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mpsserve import metrics
-from mpsserve.errors import ModelNotReady, PayloadTooLarge, ReplicaUnavailable
+from mpsserve.errors import ModelNotReady, ReplicaUnavailable
 from mpsserve.ingress.transport import WireLimits
 from mpsserve.protocol import frame, handshake
 from mpsserve.protocol.handshake import Keyring
-from mpsserve.types import InferRequest, InferResponse
 
 logger = logging.getLogger(__name__)
 
@@ -517,46 +516,6 @@ class Router:
             writer.close()
             raise
         return reader, writer
-
-
-class ReplicaBackend:
-    """A ``ModelBackend`` that sends frames to a model's replicas through the router."""
-
-    def __init__(self, model: str, router: Router) -> None:
-        self.model, self._router = model, router
-
-    async def _call(
-        self, header: dict[str, Any], tensors: dict[str, Any] | None = None
-    ) -> tuple[dict[str, Any], bytes]:
-        parts = frame.encode(header, tensors)
-        limit = self._router.limits.max_request_bytes
-        if frame.body_size(parts) > limit:  # a JSON body can decode to more tensor bytes
-            raise PayloadTooLarge(
-                f"the request's tensors take {frame.body_size(parts)} bytes; the limit is "
-                f"{limit} (ingress.max_request_mb)"
-            )
-        answer, body = await self._router.call(self.model, parts)
-        frame.raise_for_error(answer)
-        return answer, body
-
-    async def infer(self, request: InferRequest) -> InferResponse:
-        header = {
-            "op": "infer",
-            "model": self.model,
-            "version": request.version,
-            "outputs": [o.name for o in request.outputs] if request.outputs else None,
-        }
-        answer, body = await self._call(header, request.inputs)
-        outputs = frame.tensors(answer, body)
-        return InferResponse(request.model, answer["version"], outputs, request.id)
-
-    async def metadata(self) -> dict[str, Any]:
-        answer, _ = await self._call({"op": "metadata"})
-        metadata: dict[str, Any] = answer["metadata"]
-        return metadata
-
-    async def ready(self) -> bool:
-        return self._router.has_replica(self.model)
 
 
 def call_replica(

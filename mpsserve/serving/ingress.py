@@ -35,12 +35,13 @@ from ray.serve.handle import DeploymentHandle
 
 from mpsserve.config import CHECK_FILES, IngressConfig
 from mpsserve.ingress import auth as _auth
+from mpsserve.ingress.backends import ReplicaBackend
 from mpsserve.ingress.dataplane import DataPlane
 from mpsserve.ingress.grpc import GrpcLimits, start_grpc_server
 from mpsserve.ingress.guard import GuardLimits, guarded_protocol
 from mpsserve.ingress.http import create_http_app
 from mpsserve.ingress.replica_server import new_event_loop
-from mpsserve.ingress.router import AttemptPolicy, ReplicaBackend, Router
+from mpsserve.ingress.router import AttemptPolicy, Router
 from mpsserve.ingress.transport import KeyWatcher, TransportSpec
 from mpsserve.serving import replica_set
 from mpsserve.serving.logs import configure_replica_logging

@@ -20,11 +20,11 @@ from mpsserve.errors import (
     PayloadTooLarge,
     ReplicaUnavailable,
 )
+from mpsserve.ingress.backends import ReplicaBackend
 from mpsserve.ingress.replica_server import ReplicaServer
 from mpsserve.ingress.router import (
     AttemptPolicy,
     LatencyWindow,
-    ReplicaBackend,
     Router,
     call_replica,
 )

@@ -37,8 +37,8 @@ from mpsserve.ingress.grpc import GrpcLimits, start_grpc_server
 from mpsserve.ingress.guard import GuardLimits, guarded_protocol
 from mpsserve.ingress.http import create_http_app
 from mpsserve.tokens import TokenSet, parse_tokens
-from mpsserve.types import InferRequest, InferResponse
 from tests.certs import Pki, make_pki
+from tests.echo import echo_backend
 
 GOOD = "good-token-0123456789abcdef"
 OTHER = "other-token-0123456789abcdef"
@@ -51,22 +51,6 @@ LIMITS = GuardLimits(
     max_body_bytes=64 << 20,
     retry_after_s=1,
 )
-
-
-class EchoBackend:
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def infer(self, request: InferRequest) -> InferResponse:
-        self.calls += 1
-        return InferResponse(request.model, "1", {"y": request.inputs["x"] * 2}, request.id)
-
-    async def metadata(self) -> dict[str, Any]:
-        spec = [{"name": "x", "dtype": "float32", "shape": [-1]}]
-        return {"versions": ["1"], "inputs": spec, "outputs": spec}
-
-    async def ready(self) -> bool:
-        return True
 
 
 # -- token files -----------------------------------------------------------------------------
@@ -259,7 +243,7 @@ class Served:
     def __init__(self, http_port: int, grpc_port: int, pki: Pki, tokens: Path) -> None:
         self.http_port, self.grpc_port, self.pki, self.tokens = http_port, grpc_port, pki, tokens
         self.refused: list[tuple[str, str]] = []
-        self.backend = EchoBackend()
+        self.backend = echo_backend()
 
     @property
     def url(self) -> str:

@@ -10,7 +10,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import requests
@@ -21,7 +20,7 @@ from mpsserve.ingress.dataplane import DataPlane, client_request_id, log_access
 from mpsserve.ingress.guard import LINGER_S, GuardLimits, guarded_protocol
 from mpsserve.ingress.http import create_http_app
 from mpsserve.text import log_field, quote, valid_request_id
-from mpsserve.types import InferRequest, InferResponse
+from tests.echo import Gate, echo_backend
 
 LIMITS = GuardLimits(
     header_timeout_s=0.5,
@@ -34,28 +33,9 @@ LIMITS = GuardLimits(
 )
 
 
-class EchoBackend:
-    """Doubles its input ``x``; ``gate`` (when set) holds every request until it opens."""
-
-    def __init__(self) -> None:
-        self.gate: asyncio.Event | None = None
-
-    async def infer(self, request: InferRequest) -> InferResponse:
-        if self.gate is not None:
-            await self.gate.wait()
-        return InferResponse(request.model, "1", {"y": request.inputs["x"] * 2}, request.id)
-
-    async def metadata(self) -> dict[str, Any]:
-        spec = [{"name": "x", "dtype": "float32", "shape": [-1]}]
-        return {"versions": ["1"], "inputs": spec, "outputs": spec}
-
-    async def ready(self) -> bool:
-        return True
-
-
 class Served:
-    def __init__(self, port: int, backend: EchoBackend, loop: asyncio.AbstractEventLoop) -> None:
-        self.port, self.backend, self.loop = port, backend, loop
+    def __init__(self, port: int, gate: Gate, loop: asyncio.AbstractEventLoop) -> None:
+        self.port, self.gate, self.loop = port, gate, loop
 
     def connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=5)
@@ -67,9 +47,12 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
-    backend = EchoBackend()
+    gate = Gate()
     plane = DataPlane(
-        {"echo": backend}, max_request_bytes=1 << 20, request_timeout_s=10, max_in_flight=4
+        {"echo": echo_backend(gate)},
+        max_request_bytes=1 << 20,
+        request_timeout_s=10,
+        max_in_flight=4,
     )
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -87,7 +70,7 @@ def served() -> Iterator[Served]:
     thread.start()
     while not server.started:
         time.sleep(0.01)
-    yield Served(sock.getsockname()[1], backend, loop)
+    yield Served(sock.getsockname()[1], gate, loop)
     server.should_exit = True
     thread.join(10)
     loop.close()
@@ -231,7 +214,7 @@ def test_declared_length_over_the_limit_is_413_at_once(served: Served) -> None:
 
 def test_requests_over_the_in_flight_bound_get_503_at_once(served: Served) -> None:
     gate = asyncio.Event()
-    served.backend.gate = gate
+    served.gate.event = gate
     try:
         held = [threading.Thread(target=infer, args=(served, good_body())) for _ in range(4)]
         for thread in held:
@@ -247,7 +230,7 @@ def test_requests_over_the_in_flight_bound_get_503_at_once(served: Served) -> No
         served.loop.call_soon_threadsafe(gate.set)
         for thread in held:
             thread.join(5)
-        served.backend.gate = None
+        served.gate.event = None
     assert infer(served, good_body()).status_code == 200
 
 
@@ -379,7 +362,7 @@ def test_grpc_long_model_name_and_bad_request_id() -> None:
     from mpsserve.protocol import grpc_service_pb2_grpc as pb_grpc
 
     limits = GrpcLimits(1 << 20, 8192, 1.0, 16, 10, 8, 5.0, None, 60.0, 10.0)
-    plane = DataPlane({"echo": EchoBackend()}, 1 << 20, 10, max_in_flight=4)
+    plane = DataPlane({"echo": echo_backend()}, 1 << 20, 10, max_in_flight=4)
     loop = asyncio.new_event_loop()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

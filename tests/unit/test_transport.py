@@ -15,9 +15,10 @@ import pytest
 
 from mpsserve.errors import PayloadTooLarge
 from mpsserve.ingress import transport
+from mpsserve.ingress.backends import ReplicaBackend
 from mpsserve.ingress.dataplane import DataPlane
 from mpsserve.ingress.replica_server import ReplicaServer
-from mpsserve.ingress.router import ReplicaBackend, Router, call_replica
+from mpsserve.ingress.router import Router, call_replica
 from mpsserve.ingress.transport import KeyWatcher, WireLimits
 from mpsserve.protocol import frame, handshake
 from mpsserve.protocol.handshake import HandshakeError, Keyring
