@@ -128,6 +128,7 @@ def run(
         Path(mps["log_dir"]),
         mps["control_binary"],
         lock_file=Path(mps["state_dir"]) / CONTROL_LOCK_FILE,
+        retry_s=30.0,  # the observer waits out a stand-in slowed by a loaded CI machine
     )
     port = config["ingress"]["http_port"]
     seen = Observed()
