@@ -38,7 +38,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             if handler is None or handler.unary_unary is None:
                 return handler  # unknown method (UNIMPLEMENTED) or a stream: not ours
             handler = grpc.unary_unary_rpc_method_handler(
-                _mapped(handler.unary_unary),
+                map_errors(handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -46,7 +46,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-def _mapped(method: Handler) -> Handler:
+def map_errors(method: Handler) -> Handler:
+    """``method`` with every exception it raises answered as ``to_status`` maps it."""
+
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(request, context)
