@@ -34,6 +34,12 @@ CPU accounting (both divided by ``requests``):
   under- rather than over-counted. Only processes on this host are seen: the number is
   meaningful when the server runs here. ``null`` when /proc is missing or nothing matches.
 
+* ``role_cpu_s_per_req``: the same server CPU split by role, a process's role being the first
+  of ``ROLES`` whose pattern its command line matches (``model``: the model replicas,
+  ``ingress``: the ingress replicas, ``ray``: Ray's own daemons and actors), else ``other``.
+* ``machine_cpu_s_per_req``: every core's busy time (``/proc/stat``'s first line, all but
+  idle and iowait) over the window: server, clients, and anything else the host runs.
+
 ``gpu_util_pct`` is the median of NVML's GPU-0 utilisation sampled every 0.2 s during the
 window (``null`` without NVML or a GPU).
 """
@@ -71,6 +77,12 @@ from mpsserve.ops.demo import DemoSpec, make_request
 from mpsserve.protocol.kserve import HEADER_LENGTH
 
 DEFAULT_SERVER_PATTERN = r"ray::|raylet|gcs_server|mpsserve"
+#: Server process roles for ``role_cpu_s_per_req``: the first pattern a command line matches.
+ROLES = (
+    ("model", re.compile(r"ServeReplica:mpsserve:model-")),
+    ("ingress", re.compile(r"ServeReplica:mpsserve:ingress")),
+    ("ray", re.compile(r"ray::|raylet|gcs_server|dashboard|ServeController")),
+)
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 START_DELAY_S = 0.5  # a step starts this long after its plan is sent to the clients
 ERROR_BACKOFF_S = 0.01  # a worker pauses after a failure so a dead server is not spun on
@@ -102,7 +114,7 @@ STEP_KEYS = (
 )
 MARKDOWN_HEADER = (
     "| scenario | rows | concurrency | QPS | mean ms | P95 ms | P99 ms | errors | GPU % "
-    "| server CPU s/req | client CPU s/req |"
+    "| server CPU ms/req (model, ingress) | client CPU ms/req | machine CPU ms/req |"
 )
 
 
@@ -505,6 +517,21 @@ class ProcSnapshot:
 
     uptime_ticks: float
     ticks: dict[tuple[int, int], int]
+    roles: dict[tuple[int, int], str]
+    machine_busy_ticks: int | None
+
+
+def role_of(cmdline: str) -> str:
+    return next((name for name, pattern in ROLES if pattern.search(cmdline)), "other")
+
+
+def machine_busy_ticks() -> int | None:
+    """Busy ticks of every core since boot (``/proc/stat``: all but idle and iowait)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields[:8]) - fields[3] - fields[4]
 
 
 def read_proc_stat(pid: str) -> tuple[int, int]:
@@ -522,30 +549,48 @@ def snapshot_server(pattern: re.Pattern[str], exclude: set[int]) -> ProcSnapshot
     except OSError:
         return None
     ticks: dict[tuple[int, int], int] = {}
+    roles: dict[tuple[int, int], str] = {}
     for pid in filter(str.isdigit, entries):
         if int(pid) in exclude:
             continue
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            if pattern.search(cmdline.decode("utf-8", "replace")):
+            text = cmdline.decode("utf-8", "replace")
+            if pattern.search(text):
                 start, cpu = read_proc_stat(pid)
                 ticks[(int(pid), start)] = cpu
+                roles[(int(pid), start)] = role_of(text)
         except (OSError, ValueError, IndexError):
             continue  # gone, or not ours to read
-    return ProcSnapshot(uptime_s * os.sysconf("SC_CLK_TCK"), ticks)
+    return ProcSnapshot(uptime_s * os.sysconf("SC_CLK_TCK"), ticks, roles, machine_busy_ticks())
 
 
-def server_cpu_seconds(before: ProcSnapshot | None, after: ProcSnapshot | None) -> float | None:
-    """CPU seconds the matching processes spent between two snapshots (see module doc)."""
+def server_cpu_by_role(
+    before: ProcSnapshot | None, after: ProcSnapshot | None
+) -> dict[str, float] | None:
+    """CPU seconds the matching processes spent between two snapshots, per role (see the
+    module doc)."""
     if before is None or after is None or not after.ticks:
         return None
-    total = 0
+    total: dict[str, int] = {}
     for key, ticks in after.ticks.items():
         if key in before.ticks:
-            total += ticks - before.ticks[key]
+            spent = ticks - before.ticks[key]
         elif key[1] >= before.uptime_ticks:  # started during the window
-            total += ticks
-    return total / os.sysconf("SC_CLK_TCK")
+            spent = ticks
+        else:
+            continue
+        role = after.roles[key]
+        total[role] = total.get(role, 0) + spent
+    return {role: n / os.sysconf("SC_CLK_TCK") for role, n in sorted(total.items())}
+
+
+def machine_cpu_seconds(before: ProcSnapshot | None, after: ProcSnapshot | None) -> float | None:
+    if before is None or after is None:
+        return None
+    if before.machine_busy_ticks is None or after.machine_busy_ticks is None:
+        return None
+    return (after.machine_busy_ticks - before.machine_busy_ticks) / os.sysconf("SC_CLK_TCK")
 
 
 class Gpu:
@@ -668,7 +713,8 @@ class Window:
 
     started_at: str
     gpu_samples: list[int]
-    server_cpu_s: float | None
+    server_cpu_s: dict[str, float] | None  # per role
+    machine_cpu_s: float | None
     server_processes: int
     results: list[ClientResult]
 
@@ -690,7 +736,14 @@ def run_step(args: argparse.Namespace, pool: ClientPool, gpu: Gpu, concurrency: 
     progress.finish()
     results = pool.collect(args.timeout_s + 60)
     matched = len(after.ticks) if after else 0
-    return Window(started_at, samples, server_cpu_seconds(before, after), matched, results)
+    return Window(
+        started_at,
+        samples,
+        server_cpu_by_role(before, after),
+        machine_cpu_seconds(before, after),
+        matched,
+        results,
+    )
 
 
 def step_report(
@@ -712,7 +765,13 @@ def step_report(
         **percentiles_ms(latencies),
         "gpu_util_pct": statistics.median(window.gpu_samples) if window.gpu_samples else None,
         "client_cpu_s_per_req": per_request(sum(r.cpu_s for r in window.results), requests),
-        "server_cpu_s_per_req": per_request(window.server_cpu_s, requests),
+        "server_cpu_s_per_req": per_request(
+            None if window.server_cpu_s is None else sum(window.server_cpu_s.values()), requests
+        ),
+        "role_cpu_s_per_req": None
+        if window.server_cpu_s is None
+        else {role: per_request(s, requests) for role, s in window.server_cpu_s.items()},
+        "machine_cpu_s_per_req": per_request(window.machine_cpu_s, requests),
         "machine": machine,
         "started_at": window.started_at,
         "warmup_s": args.warmup_s,
@@ -781,6 +840,20 @@ def cell(value: Any, spec: str = ".1f") -> str:
     return format(value, spec) if isinstance(value, float) else str(value)
 
 
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{1000 * seconds:.2f}"
+
+
+def _server_cpu_cell(step: dict[str, Any]) -> str:
+    roles = step.get("role_cpu_s_per_req") or {}
+    split = ", ".join(_ms(roles.get(role)) for role in ("model", "ingress"))
+    return (
+        f"{_ms(step['server_cpu_s_per_req'])} ({split})"
+        if roles
+        else _ms(step["server_cpu_s_per_req"])
+    )
+
+
 def markdown_row(step: dict[str, Any]) -> str:
     cells = [
         f"{step['label']} ({step['protocol']})",
@@ -792,8 +865,9 @@ def markdown_row(step: dict[str, Any]) -> str:
         cell(step["p99_ms"], ".2f"),
         str(step["errors"]),
         cell(step["gpu_util_pct"], ".0f"),
-        cell(step["server_cpu_s_per_req"], ".3g"),
-        cell(step["client_cpu_s_per_req"], ".3g"),
+        _server_cpu_cell(step),
+        _ms(step["client_cpu_s_per_req"]),
+        _ms(step.get("machine_cpu_s_per_req")),
     ]
     return "| " + " | ".join(cells) + " |"
 
