@@ -133,19 +133,22 @@ class Padding:
         lead = self.padded_values[name] if name in self._values else self.padded_rows
         return (lead, *shape[1:])
 
-    def fill(self, name: str, array: np.ndarray, static: torch.Tensor) -> None:
-        """Copy ``array`` into the head of ``static`` and set the padding."""
+    def stage(self, name: str, array: np.ndarray, host: np.ndarray) -> None:
+        """Write ``array`` and its padding into ``host`` (a pinned buffer of the padded
+        shape): the GPU then takes the whole buffer in one copy, no kernel for the padding."""
         n = array.shape[0]
-        host = torch.from_numpy(array if array.flags.writeable else array.copy())
-        static[:n].copy_(host, non_blocking=True)
-        static[n:].zero_()
+        host[:n] = array
+        host[n:] = 0
         if name in self._lengths:
             feature = name.removesuffix(LENGTHS_SUFFIX) + VALUES_SUFFIX
-            spare = self.padded_values[feature] - self.values[feature]
-            static[-1] = spare  # the last padded row owns the padded values
+            host[-1] = self.padded_values[feature] - self.values[feature]  # the spare row's
 
 
 class _Graph:
+    """A captured graph, its static GPU inputs and outputs, and pinned host mirrors of both:
+    a request is staged into the input mirrors, copied to the GPU asynchronously, replayed,
+    and its rows copied back into the output mirrors (one replay at a time per runner)."""
+
     def __init__(
         self,
         graph: torch.cuda.CUDAGraph,
@@ -153,9 +156,16 @@ class _Graph:
         outputs: Any,
         shapes: dict[str, tuple[int, ...]],
     ) -> None:
-        self.graph, self.inputs, self.outputs = graph, inputs, outputs
+        self.graph, self.inputs = graph, inputs
+        self.outputs = list(outputs) if isinstance(outputs, tuple | list) else [outputs]
         self.shapes = shapes  # the request it was captured for, to warm a next version
         self.checked = False
+        self.staging = [_pinned_like(t) for t in inputs]
+        self.results = [_pinned_like(t) for t in self.outputs]
+
+
+def _pinned_like(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
 
 
 class GraphRunner:
@@ -167,6 +177,7 @@ class GraphRunner:
         self._graphs: OrderedDict[tuple[int, ...], _Graph] = OrderedDict()
         self._lock = threading.Lock()  # one replay at a time: the graphs share buffers
         self._pool: Any = None
+        self._done: torch.cuda.Event | None = None  # a replay's results are on the host
         self._eager_keys: dict[tuple[int, ...], str] = {}  # buckets whose capture failed
         self.captures = 0
 
@@ -200,12 +211,27 @@ class GraphRunner:
         inputs: Mapping[str, np.ndarray],
         names: list[str],
     ) -> dict[str, np.ndarray]:
-        for spec, static in zip(self.signature.inputs, entry.inputs, strict=True):
-            padding.fill(spec.name, inputs[spec.name], static)
+        """Stage, copy in, replay, copy out, then wait for the copy in the driver.
+
+        The wait is a blocking event (the thread sleeps until the GPU signals), not
+        PyTorch's default synchronising copy, which spins a core for the whole GPU time: with
+        several replicas per GPU those cores are what serve the next requests."""
+        for spec, static, host in zip(
+            self.signature.inputs, entry.inputs, entry.staging, strict=True
+        ):
+            padding.stage(spec.name, inputs[spec.name], host.numpy())
+            static.copy_(host, non_blocking=True)
         entry.graph.replay()
-        tensors = entry.outputs if isinstance(entry.outputs, tuple | list) else (entry.outputs,)
+        rows = padding.rows
+        for output, result in zip(entry.outputs, entry.results, strict=True):
+            result[:rows].copy_(output[:rows], non_blocking=True)
+        if self._done is None:
+            self._done = torch.cuda.Event(blocking=True)
+        self._done.record()
+        self._done.synchronize()
         return {
-            name: t[: padding.rows].cpu().numpy() for name, t in zip(names, tensors, strict=True)
+            name: result[:rows].numpy().copy()
+            for name, result in zip(names, entry.results, strict=True)
         }
 
     def _graph_for(self, padding: Padding, inputs: Mapping[str, np.ndarray]) -> _Graph | None:
@@ -235,7 +261,9 @@ class GraphRunner:
                 for s in self.signature.inputs
             ]
             for spec, static in zip(self.signature.inputs, statics, strict=True):
-                padding.fill(spec.name, inputs[spec.name], static)
+                host = _pinned_like(static)
+                padding.stage(spec.name, inputs[spec.name], host.numpy())
+                static.copy_(host)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             side = torch.cuda.Stream()
