@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +20,8 @@ from mpsserve.serving import model as _model
 from mpsserve.serving.replica_set import ROUTER_CLASS
 
 # serve.deployment turns the classes into Deployments; their stubs do not say so.
+logger = logging.getLogger(__name__)
+
 ModelReplica: Deployment = _model.ModelReplica  # type: ignore[assignment]
 Ingress: Deployment = _ingress.Ingress  # type: ignore[assignment]
 
@@ -84,11 +88,31 @@ def check_mps_mode(config: ServiceConfig, cluster_gpus: int) -> None:
         raise ConfigError("mps.mode is 'on' but the Ray cluster has no GPU; use 'auto' or 'off'")
 
 
-def check_cpus(config: ServiceConfig, options: dict[str, dict[str, Any]], cpus: float) -> None:
+#: 'auto' never sizes the ingress below this: one replica is a single point of failure.
+MIN_INGRESS_REPLICAS = 2
+
+
+def ingress_replicas(config: ServiceConfig, options: dict[str, dict[str, Any]], cpus: float) -> int:
+    """``ingress.replicas``, with 'auto' resolved for this cluster: one ingress per model
+    replica (each costs about a core at full load, as a model replica does), at most as many
+    as the cores the model replicas leave free (and their reservations fit), at least two."""
+    if config.ingress.replicas != "auto":
+        return config.ingress.replicas
+    model_replicas = sum(o["num_replicas"] for o in options.values())
+    free = cpus - _model_cpus(options)
+    fit = free / config.ingress.cpus_per_replica if config.ingress.cpus_per_replica else free
+    return max(MIN_INGRESS_REPLICAS, min(model_replicas, math.floor(free), math.floor(fit)))
+
+
+def _model_cpus(options: dict[str, dict[str, Any]]) -> float:
+    return sum(o["num_replicas"] * o["ray_actor_options"]["num_cpus"] for o in options.values())
+
+
+def check_cpus(
+    config: ServiceConfig, options: dict[str, dict[str, Any]], cpus: float, ingresses: int
+) -> None:
     """Refuse up front what Ray could never place: Serve would otherwise wait forever."""
-    needed = config.ingress.replicas * config.ingress.cpus_per_replica + sum(
-        o["num_replicas"] * o["ray_actor_options"]["num_cpus"] for o in options.values()
-    )
+    needed = ingresses * config.ingress.cpus_per_replica + _model_cpus(options)
     if needed > cpus + 1e-9:
         per_model = ", ".join(
             f"{name}: {o['num_replicas']} x {o['ray_actor_options']['num_cpus']:g}"
@@ -96,7 +120,7 @@ def check_cpus(config: ServiceConfig, options: dict[str, dict[str, Any]], cpus: 
         )
         raise ConfigError(
             f"the replicas need {needed:g} CPUs ({per_model}; ingress: "
-            f"{config.ingress.replicas} x {config.ingress.cpus_per_replica:g}) but the Ray "
+            f"{ingresses} x {config.ingress.cpus_per_replica:g}) but the Ray "
             f"cluster has {cpus:g}; lower placement.cpus_per_replica or the replica counts"
         )
 
@@ -106,7 +130,11 @@ def build_app(config: ServiceConfig, cluster_gpus: int, cluster_cpus: float) -> 
     data ports from Serve's replica set of each (``serving.replica_set``)."""
     check_mps_mode(config, cluster_gpus)
     options = {m.name: model_options(m, cluster_gpus, config.mps) for m in config.models}
-    check_cpus(config, options, cluster_cpus)
+    ingresses = ingress_replicas(config, options, cluster_cpus)
+    check_cpus(config, options, cluster_cpus, ingresses)
+    logger.info(
+        "ingress replicas: %d%s", ingresses, " (auto)" if config.ingress.replicas == "auto" else ""
+    )
     _transport.rotate(config.ray.app_name)  # each build a new data-port key (see transport)
     transport = _transport.TransportSpec.of(config)
     models = {
@@ -118,7 +146,7 @@ def build_app(config: ServiceConfig, cluster_gpus: int, cluster_cpus: float) -> 
         for m in config.models
     }
     ingress = Ingress.options(
-        num_replicas=config.ingress.replicas,
+        num_replicas=ingresses,
         # Time for requests in flight to finish when Serve replaces an ingress replica.
         graceful_shutdown_timeout_s=config.ingress.request_timeout_s + 15,
         ray_actor_options={
@@ -240,9 +268,8 @@ def deploy(
     from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
     check_mps_mode(config, cluster_gpus)
-    check_cpus(
-        config, {m.name: model_options(m, cluster_gpus) for m in config.models}, cluster_cpus
-    )
+    options = {m.name: model_options(m, cluster_gpus) for m in config.models}
+    check_cpus(config, options, cluster_cpus, ingress_replicas(config, options, cluster_cpus))
     schema = ServeDeploySchema.parse_obj(
         {"applications": [application_schema(config, cluster_gpus, cluster_cpus)]}
     )

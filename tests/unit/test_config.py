@@ -23,13 +23,49 @@ def test_embedded_default_loads_and_resolves_store_from_its_folder() -> None:
 
 def test_default_ingress_is_two_replicas_that_fit_a_two_core_machine() -> None:
     """No single point of failure by default, and room for it beside one 1-CPU model replica."""
-    config = parse_config(minimal())
-    ingress, placement = config.ingress, config.models[0].placement
-    assert ingress.replicas == 2
-    needed = ingress.replicas * ingress.cpus_per_replica
-    assert needed + placement.cpu_replicas * placement.cpus_per_replica <= 2
-    embedded = load_config(ROOT / "deployments" / "local.yaml").ingress
-    assert (embedded.replicas, embedded.cpus_per_replica) == (2, 0.5)
+    from mpsserve.serving.app import check_cpus, ingress_replicas, model_options
+
+    for config in (parse_config(minimal()), load_config(ROOT / "deployments" / "local.yaml")):
+        options = {m.name: model_options(m, 0, config.mps) for m in config.models}
+        assert config.ingress.replicas == "auto"
+        assert ingress_replicas(config, options, cpus=2) == 2
+        check_cpus(config, options, 2, ingresses=2)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "cpus", "per_gpu", "ingress_cpus", "want"),
+    [
+        (1, 16, 8, 1.0, 8),  # the H200 host: one ingress per model replica
+        (1, 12, 8, 1.0, 4),  # only the cores the model replicas leave
+        (1, 12, 8, 0.5, 4),  # whole cores, whatever the reservation
+        (2, 40, 8, 1.0, 16),  # any number of GPUs
+        (1, 9, 8, 1.0, 2),  # never fewer than two
+        (1, 16, 8, 3.0, 2),  # reservations that do not fit: two, and check_cpus says so
+    ],
+)
+def test_auto_ingress_replicas_follow_cores_and_model_replicas(
+    gpus: int, cpus: int, per_gpu: int, ingress_cpus: float, want: int
+) -> None:
+    from mpsserve.serving.app import ingress_replicas, model_options
+
+    config = parse_config(
+        {
+            **minimal(placement={"replicas_per_gpu": per_gpu, "cpus_per_replica": 1}),
+            "ingress": {"cpus_per_replica": ingress_cpus},
+        }
+    )
+    options = {m.name: model_options(m, gpus, config.mps) for m in config.models}
+    assert ingress_replicas(config, options, cpus) == want
+
+
+def test_explicit_ingress_replicas_are_kept() -> None:
+    from mpsserve.serving.app import ingress_replicas, model_options
+
+    config = parse_config({**minimal(), "ingress": {"replicas": 3}})
+    options = {m.name: model_options(m, 1, config.mps) for m in config.models}
+    assert ingress_replicas(config, options, 64) == 3
+    with pytest.raises(ConfigError, match=r"ingress\.replicas"):
+        parse_config({**minimal(), "ingress": {"replicas": 0}})
 
 
 def test_placement_gives_fractional_gpus() -> None:

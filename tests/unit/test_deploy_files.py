@@ -22,7 +22,13 @@ import yaml
 from mpsserve.config import ServiceConfig
 from mpsserve.config import load_config as load_service
 from mpsserve.ops.cli import main
-from mpsserve.serving.app import APP_BUILDER, check_cpus, model_options, service_config_from_serve
+from mpsserve.serving.app import (
+    APP_BUILDER,
+    check_cpus,
+    ingress_replicas,
+    model_options,
+    service_config_from_serve,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ["local-cpu", "gpu-mps", "gpu-mps-host", "gpu-no-mps", "multi-model", "gpu-mps-k8s"]
@@ -112,8 +118,10 @@ def test_every_service_yaml_is_listed_here() -> None:
 
 @pytest.mark.parametrize("path", SERVICE_YAMLS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_every_service_yaml_runs_two_ingress_replicas_or_more(path: Path) -> None:
-    """No single point of failure: a killed or redeployed ingress leaves another listening."""
-    assert load_config(path).ingress.replicas >= 2
+    """No single point of failure: a killed or redeployed ingress leaves another listening
+    ('auto' never gives fewer than two)."""
+    replicas = load_config(path).ingress.replicas
+    assert replicas == "auto" or replicas >= 2
 
 
 @pytest.mark.parametrize("name", ["local", "local-cpu"])
@@ -121,7 +129,7 @@ def test_local_services_fit_a_two_core_machine(name: str) -> None:
     """What `make serve` (local.yaml) and local-cpu.yaml place on a CPU-only, 2-core Ray."""
     config = load_config(ROOT / "deployments" / f"{name}.yaml")
     options = {m.name: model_options(m, 0, config.mps) for m in config.models}
-    check_cpus(config, options, 2)
+    check_cpus(config, options, 2, ingress_replicas(config, options, 2))
     assert sum(o["num_replicas"] for o in options.values()) >= (2 if name == "local-cpu" else 1)
 
 
