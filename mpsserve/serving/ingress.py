@@ -122,6 +122,7 @@ class Front:
             ),
             keys=self.keys.get,
             limits=transport.limits,
+            shared_memory=transport.shared_memory,
         )
         self.dataplane = DataPlane(
             {name: ReplicaBackend(name, self.router) for name in models},
