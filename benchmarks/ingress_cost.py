@@ -63,16 +63,15 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _serve_ingress(ring: Keyring, replica_port: int, http_port: int, shared_memory: bool) -> None:
+def _serve_ingress(ring: Keyring, replica_port: int, http_port: int) -> None:
     import uvicorn
 
     config = IngressConfig()
     max_bytes = int(config.max_request_mb * 2**20)
-    router = Router(
-        {"rec": 64}, keys=lambda: ring, wait_for_replica_s=5.0, shared_memory=shared_memory
+    router = Router({"rec": 64}, keys=lambda: ring, wait_for_replica_s=5.0)
+    router.update(
+        "rec", [{"key": "stub", "model": "rec", "host": "127.0.0.1", "port": replica_port}]
     )
-    entry = {"key": "stub", "model": "rec", "host": "127.0.0.1", "port": replica_port}
-    router.update("rec", [{**entry, "node": socket.gethostname()}])
     plane = DataPlane({"rec": ReplicaBackend("rec", router)}, max_bytes, 30.0, max_in_flight=256)
     limits = config.limits
     guard = GuardLimits(
@@ -109,11 +108,6 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--processes", type=int, default=2, help="load generator processes")
     parser.add_argument(
-        "--no-shared-memory",
-        action="store_true",
-        help="request bodies through the socket (transport.shared_memory: false)",
-    )
-    parser.add_argument(
         "--access-log",
         type=Path,
         help="write the access log to this file, as a Serve replica's file handler does "
@@ -132,7 +126,7 @@ def main() -> None:
     replica = mp.get_context("spawn").Process(target=_replica, args=(ring, ports), daemon=True)
     replica.start()
     http_port = _free_port()
-    _serve_ingress(ring, ports.get(timeout=30), http_port, not args.no_shared_memory)
+    _serve_ingress(ring, ports.get(timeout=30), http_port)
     time.sleep(1.0)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"

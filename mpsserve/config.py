@@ -459,13 +459,6 @@ class TransportConfig(_Strict):
     max_header_kb: int = Field(
         64, ge=1, le=1024, description="Largest frame header (JSON) a replica accepts."
     )
-    shared_memory: bool = Field(
-        True,
-        description="Request bodies from an ingress to a model replica on the same node go "
-        "through a shared segment in /dev/shm instead of the socket (one copy each side, no "
-        "kernel copies; see ingress/shared_body.py). A replica that cannot open it (another "
-        "mount namespace, a full /dev/shm) gets that ingress's bodies by socket instead.",
-    )
     max_response_mb: float = Field(
         64.0,
         gt=0,

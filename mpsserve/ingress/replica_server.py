@@ -29,7 +29,6 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from mpsserve.errors import Overloaded, PayloadTooLarge, ReplicaUnavailable
-from mpsserve.ingress.shared_body import UNAVAILABLE, Inbox, SharedBodyUnavailable
 from mpsserve.ingress.transport import FIRST_BODY_CHUNK, WireLimits
 from mpsserve.protocol import frame, handshake
 from mpsserve.protocol.handshake import Keyring
@@ -72,7 +71,6 @@ class _Connection(asyncio.BufferedProtocol):
         self._filled = 0
         self._header: dict[str, Any] = {}
         self._body_size = 0
-        self._inbox = Inbox()  # the peer's shared segment, when it sends bodies that way
 
     def _next_frame(self) -> None:
         self._stage = "prefix"
@@ -94,7 +92,6 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
-        self._inbox.close()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return memoryview(self._buffer)[self._filled :]
@@ -140,9 +137,6 @@ class _Connection(asyncio.BufferedProtocol):
                 return
         if self._stage == "header":
             self._header = frame.decode_header(self._buffer)
-            if "shm" in self._header:
-                self._take_shared()
-                return
             first = min(self._body_size, FIRST_BODY_CHUNK)
             self._stage, self._buffer, self._filled = "body", bytearray(first), 0
             if self._body_size:
@@ -150,26 +144,6 @@ class _Connection(asyncio.BufferedProtocol):
         if self._filled < self._body_size:
             self._grow()
             return
-        self._dispatch()
-
-    def _take_shared(self) -> None:
-        """The body is in the peer's shared segment (``shared_body``): copy it and run the
-        frame, or tell the peer to send it through the socket."""
-        if self._body_size:
-            raise frame.FrameError("a frame with a shared body carries a body too")
-        spec = self._header.pop("shm")
-        try:
-            if not self._server.shared_memory:
-                raise SharedBodyUnavailable("shared memory is off on this replica")
-            body = self._inbox.take(spec, self._server.limits.max_request_bytes)
-        except SharedBodyUnavailable as exc:
-            assert self._transport is not None
-            refusal = {**frame.error_header(ReplicaUnavailable(str(exc))), "shm": UNAVAILABLE}
-            self._transport.writelines(frame.encode(refusal))
-            self._next_frame()
-            return
-        self._server.shared_bodies += 1
-        self._buffer, self._body_size, self._filled = body, len(body), len(body)
         self._dispatch()
 
     def _authenticate(self) -> None:
@@ -218,11 +192,8 @@ class ReplicaServer:
         host: str,
         limits: WireLimits | None = None,
         max_in_flight: int | None = None,
-        shared_memory: bool = True,
     ) -> None:
         self.handler, self.host, self.keys = handler, host, keys
-        self.shared_memory = shared_memory  # take request bodies from shared segments
-        self.shared_bodies = 0  # request bodies taken from shared segments since start
         self.limits = limits or WireLimits()
         self.max_in_flight = max_in_flight
         self.peak_in_flight = 0

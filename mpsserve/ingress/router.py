@@ -66,30 +66,13 @@ from typing import Any
 
 from mpsserve import metrics
 from mpsserve.errors import ModelNotReady, ReplicaUnavailable
-from mpsserve.ingress import shared_body
-from mpsserve.ingress.shared_body import Outbox
 from mpsserve.ingress.transport import WireLimits
 from mpsserve.protocol import frame, handshake
 from mpsserve.protocol.handshake import Keyring
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(eq=False)
-class Connection:
-    """A pooled, authenticated connection to one data port, and the shared segment its
-    request bodies go through when the replica is on this node (``shared_body``)."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    outbox: Outbox | None = None
-
-    def close(self) -> None:
-        self.writer.close()
-        if self.outbox is not None:
-            self.outbox.close()
-
-
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 _FAILURES = (
     OSError,
     ConnectionError,
@@ -150,7 +133,6 @@ class Endpoint:
     busy_until: float = 0.0  # it said it is swapping versions: others first until then
     full_until: float = 0.0  # it said it is at its in-flight bound: none until then
     stalls: int = 0  # attempts to it that outlived their timeout, since it joined
-    shared: bool = True  # request bodies may go through shared memory (same node only)
 
     @classmethod
     def from_entry(cls, entry: dict[str, Any]) -> Endpoint:
@@ -167,8 +149,8 @@ class Endpoint:
         return now >= self.set_aside_until
 
     def close_idle(self) -> None:
-        for connection, _ in self.idle:
-            connection.close()
+        for (_, writer), _ in self.idle:
+            writer.close()
         self.idle.clear()
 
     def pooled(self, max_idle_s: float) -> Connection | None:
@@ -176,10 +158,10 @@ class Endpoint:
         older ones are closed (the replica closes idle ones: reusing one would fail)."""
         now = time.monotonic()
         while self.idle:
-            connection, since = self.idle.pop()
-            if now - since < max_idle_s and not connection.reader.at_eof():
-                return connection
-            connection.close()
+            (reader, writer), since = self.idle.pop()
+            if now - since < max_idle_s and not reader.at_eof():
+                return reader, writer
+            writer.close()
         return None
 
 
@@ -235,12 +217,8 @@ class Router:
         *,
         keys: Callable[[], Keyring],
         limits: WireLimits | None = None,
-        shared_memory: bool = False,
     ) -> None:
         self.max_in_flight = max_in_flight
-        #: request bodies to replicas on this node through shared memory (``shared_body``)
-        self.shared_memory = shared_memory
-        self.node = socket.gethostname()
         self.wait_for_replica_s = wait_for_replica_s
         self.set_aside_s = set_aside_s
         self.connect_timeout_s = connect_timeout_s
@@ -500,54 +478,24 @@ class Router:
         connection = endpoint.pooled(self.limits.idle_timeout_s / 2)
         if connection is None:
             connection = await asyncio.wait_for(self._connect(endpoint), self.connect_timeout_s)
+        reader, writer = connection
         done = False
         try:
-            shared = self._shared(endpoint, connection, parts)
-            header, body = await self._send(connection, shared or parts)
-            if shared and header.get("shm") == shared_body.UNAVAILABLE:
-                logger.info(
-                    "replica %s cannot read shared memory; its bodies go by socket", endpoint.key
-                )
-                endpoint.shared = False
-                header, body = await self._send(connection, parts)
-            elif shared and connection.outbox is not None:
-                connection.outbox.answered()
+            writer.writelines(parts)
+            await writer.drain()
+            head, size = frame.read_prefix(
+                await reader.readexactly(frame.PREFIX.size),
+                self.limits.max_response_bytes,
+                self.limits.max_response_bytes,
+            )
+            header = frame.decode_header(await reader.readexactly(head))
+            body = await reader.readexactly(size) if size else b""
             done = True
         finally:
             if done and self._endpoints.get(endpoint.key) is endpoint:
                 endpoint.idle.append((connection, time.monotonic()))
             else:  # cancelled (deadline) or failed mid-exchange: the stream is unusable
-                connection.close()
-        return header, body
-
-    def _shared(
-        self, endpoint: Endpoint, connection: Connection, parts: list[frame.Buffer]
-    ) -> list[frame.Buffer] | None:
-        """The frame with its body in the connection's shared segment, or None: the replica
-        is on another node, refused it before, the body is small, or no segment is free."""
-        if not (self.shared_memory and endpoint.shared and endpoint.node == self.node):
-            return None
-        size = frame.body_size(parts)
-        if size < shared_body.MIN_BYTES:
-            return None
-        if connection.outbox is None:
-            connection.outbox = shared_body.Outbox()
-        segment = connection.outbox.put(parts[2:], size)
-        return None if segment is None else frame.out_of_band(parts, segment)
-
-    async def _send(
-        self, connection: Connection, parts: list[frame.Buffer]
-    ) -> tuple[dict[str, Any], bytes]:
-        reader, writer = connection.reader, connection.writer
-        writer.writelines(parts)
-        await writer.drain()
-        head, size = frame.read_prefix(
-            await reader.readexactly(frame.PREFIX.size),
-            self.limits.max_response_bytes,
-            self.limits.max_response_bytes,
-        )
-        header = frame.decode_header(await reader.readexactly(head))
-        body = await reader.readexactly(size) if size else b""
+                writer.close()
         return header, body
 
     async def _connect(self, endpoint: Endpoint) -> Connection:
@@ -567,7 +515,7 @@ class Router:
         except BaseException:
             writer.close()
             raise
-        return Connection(reader, writer)
+        return reader, writer
 
 
 def call_replica(

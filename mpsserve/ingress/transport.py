@@ -76,14 +76,10 @@ class TransportSpec:
     keys_name: str
     limits: WireLimits = field(default_factory=WireLimits)
     bind_host: str | None = None
-    shared_memory: bool = True  # same-node request bodies through /dev/shm (shared_body)
 
     @classmethod
     def of(cls, config: ServiceConfig) -> TransportSpec:
-        transport = config.transport
-        return cls(
-            config.ray.app_name, WireLimits.of(config), transport.bind_host, transport.shared_memory
-        )
+        return cls(config.ray.app_name, WireLimits.of(config), config.transport.bind_host)
 
     def hosts(self) -> tuple[str, str]:
         """(address to bind, address to advertise in the directory)."""

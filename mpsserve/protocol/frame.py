@@ -5,11 +5,10 @@ prefix (magic ``MPS1``, header length, body length, little-endian; each bounded)
 and a body holding the raw bytes of every tensor the header lists, in order, in KServe v2
 binary layout (``protocol.tensors``, so numeric tensors are views on the body at either end: no
 copy, no pickling). The header of a request names the operation (``infer``, ``metadata``,
-``ready``, ``stats``) and its arguments; between processes of one node a request's body may
-instead be left in shared memory, named by the header (``out_of_band``). A response header
-is ``{"ok": true, ...}`` or ``{"ok": false, "status": <HTTP status>, "message": ...,
-"retry": ...}``, which the ingress raises again as the error class of that status, so a
-replica's error reaches the client with its own status.
+``ready``, ``stats``) and its arguments; a response header is ``{"ok": true, ...}`` or
+``{"ok": false, "status": <HTTP status>, "message": ..., "retry": ...}``, which the ingress
+raises again as the error class of that status, so a replica's error reaches the client with
+its own status.
 
 Pure functions; the sockets live in ``ingress.replica_server`` and ``ingress.router``.
 """
@@ -52,16 +51,6 @@ def encode(
     head = json.dumps(doc, separators=(",", ":")).encode("utf-8")
     size = sum(len(c) for c in chunks)
     return [PREFIX.pack(MAGIC, len(head), size), head, *chunks]
-
-
-def out_of_band(parts: list[Buffer], segment: str) -> list[Buffer]:
-    """The frame ``encode`` gave, with its body left in the shared segment ``segment``
-    (``ingress.shared_body``): the header names the segment and the body's size
-    (``"shm": [segment, size]``); the frame itself carries no body."""
-    doc = decode_header(parts[1])
-    doc["shm"] = [segment, body_size(parts)]
-    head = json.dumps(doc, separators=(",", ":")).encode("utf-8")
-    return [PREFIX.pack(MAGIC, len(head), 0), head]
 
 
 def read_prefix(prefix: bytes, max_header: int, max_body: int) -> tuple[int, int]:

@@ -122,7 +122,6 @@ class Front:
             ),
             keys=self.keys.get,
             limits=transport.limits,
-            shared_memory=transport.shared_memory,
         )
         self.dataplane = DataPlane(
             {name: ReplicaBackend(name, self.router) for name in models},

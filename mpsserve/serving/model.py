@@ -91,7 +91,6 @@ class ModelReplica:
             host=bind,
             limits=self._transport.limits,
             max_in_flight=max_in_flight,
-            shared_memory=self._transport.shared_memory,
         )
         port = server.start()
         logger.info("model %s: data port %d open", self._servable.config.name, port)
