@@ -140,6 +140,13 @@ class ConfigError(MpsServeError):
     grpc_code = GrpcCode.FAILED_PRECONDITION
 
 
+class ClusterError(MpsServeError):
+    """An ops command has no Ray cluster to talk to, or the one it was given does not answer;
+    the message says what to pass instead."""
+
+    grpc_code = GrpcCode.UNAVAILABLE
+
+
 class InferenceError(MpsServeError):
     """The runtime failed on a request that passed validation."""
 

@@ -41,6 +41,12 @@ class Settings:
     #: Tests only: a file whose appearance makes one replica inject the fault written in it
     #: into its next request (mpsserve/model/runtime/injected.py). Empty: never.
     inject_fault_file: str = ""
+    #: Where ops state lives: ``clusters/<app>.json``, the record ``mpsserve serve`` keeps of
+    #: its cluster so that ``status`` and ``deploy`` find it (default: ``~/.mpsserve``).
+    state_dir: str = ""
+    #: Seconds an ops command (status, deploy) waits for a Ray cluster to answer before it
+    #: fails; a closed port fails at once, before Ray is asked.
+    connect_timeout_s: float = 20.0
 
 
 def _convert(raw: str, default: Any) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -16,7 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from mpsserve.config import ServiceConfig, load_config
+from mpsserve.ops.cluster import (
+    ADDRESS_HELP,
+    DEFAULT_APP,
+    ClusterRecord,
+    Target,
+    Watchdog,
+    cluster_line,
+    join,
+    remove_record,
+    resolve,
+    write_record,
+)
 from mpsserve.ops.deploy import (
+    Cluster,
     deploy,
     deploy_to,
     load_service,
@@ -42,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument(
         "--config", default=DEFAULT_CONFIG, help="service YAML, or a Serve config file from it"
     )
-    deploy.add_argument("--address", default=None, help="Ray address (default: config, auto)")
+    deploy.add_argument("--address", default=None, help=ADDRESS_HELP)
 
     doctor = sub.add_parser("doctor", help="can MPS work on this node? checks and a verdict")
     doctor.add_argument("--config", default=DEFAULT_CONFIG, help="service YAML")
@@ -52,8 +66,9 @@ def _parser() -> argparse.ArgumentParser:
         "status",
         help="one screen: replicas, GPUs, MPS attach, versions, traffic (exit 1: a problem)",
     )
-    status.add_argument("--config", default=DEFAULT_CONFIG, help="service YAML (app name)")
-    status.add_argument("--address", default=None, help="Ray address (default: config, auto)")
+    status.add_argument("--config", default=None, help="service YAML (its app name, ray.address)")
+    status.add_argument("--app", default=None, help=f"app name (default: config's, {DEFAULT_APP})")
+    status.add_argument("--address", default=None, help=ADDRESS_HELP)
     status.add_argument("--json", action="store_true", help="print the report as JSON")
 
     serve_file = sub.add_parser(
@@ -159,9 +174,9 @@ def _curl_flags(config: ServiceConfig) -> tuple[str, str]:
     return "".join(f" {flag}" for flag in flags), note
 
 
-def _print_endpoints(config: ServiceConfig, request: Path, rows: int, dashboard: str) -> None:
-    import ray
-
+def _print_endpoints(
+    config: ServiceConfig, request: Path, rows: int, cluster: Cluster, record: Path
+) -> None:
     from mpsserve.ingress.auth import describe
 
     port, model = config.ingress.http_port, config.models[0].name
@@ -181,9 +196,10 @@ def _print_endpoints(config: ServiceConfig, request: Path, rows: int, dashboard:
         f"  model metadata:   {base}/v2/models/{model}\n"
         f"  public ports:     {describe(config.ingress.auth, config.ingress.tls)}\n"
         f"                    (ingress.auth, ingress.tls; see docs/security.md)\n"
-        f"  Ray dashboard:    {dashboard}\n"
-        f"  Ray address:      {ray.get_runtime_context().gcs_address}"
-        f"  (mpsserve deploy --address ... applies a changed config)\n\n"
+        f"  Ray dashboard:    {cluster.dashboard}\n"
+        f"  Ray address:      {cluster.address}  (session {Path(cluster.session_dir).name})\n"
+        f"  recorded in:      {record}\n"
+        f"                    (mpsserve status / deploy --config FILE find this cluster there)\n\n"
         f"Try it: a {rows}-row request written from the model's signature to {request}:\n"
         f"  curl -s -H 'Content-Type: application/json'{flags} --data @{request} \\\n"
         f'    {base}/v2/models/{model}/infer | python3 -c "{show}"\n{note}\n'
@@ -205,20 +221,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     config = load_config(args.config)
+    app = config.ray.app_name
+    joining = config.ray.address
+    target = Target(joining, f"ray.address of {args.config}", app) if joining else None
     try:
-        cluster, dashboard = start_ray(config, config.ray.address, local=True)
+        cluster = start_ray(config, target)
+        record = _record_cluster(config, cluster, args.config)
         deploy_to(config, cluster)
         request = _write_request(config, config.models[0].name, args.rows)
-        _print_endpoints(config, request, args.rows, dashboard)
+        _print_endpoints(config, request, args.rows, cluster, record)
         _wait_for_signal()
         print("\nstopping ...", flush=True)
     finally:
+        remove_record(app, os.getpid())
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
         _stop_mps(config)
     print("stopped.")
     return 0
+
+
+def _record_cluster(config: ServiceConfig, cluster: Cluster, config_path: str) -> Path:
+    """Where this serve's cluster is, for ``status`` and ``deploy`` (removed when it stops)."""
+    record = ClusterRecord(
+        app_name=config.ray.app_name,
+        address=cluster.address,
+        session_dir=cluster.session_dir,
+        dashboard_url=cluster.dashboard,
+        config_path=str(Path(config_path).resolve()),
+        pid=os.getpid(),
+        started=time.time(),
+    )
+    return write_record(record)
 
 
 def _stop_mps(config: ServiceConfig) -> None:
@@ -240,20 +275,27 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = load_service(args.config)
+    """Read-only: needs no config file; ``--config`` only names the app and its address."""
+    config = load_service(args.config) if args.config else None
+    app = args.app or (config.ray.app_name if config else DEFAULT_APP)
+    address = config.ray.address if config else None
+    target = resolve(app, args.address, address, args.config)
     use_cluster_token()
-    import ray
-
     from mpsserve.ops.status import gather, render
 
-    ray.init(address=args.address or config.ray.address or "auto", logging_level=logging.WARNING)
-    report = gather(config.ray.app_name)
+    with Watchdog("status") as watchdog:
+        context = join(target, watchdog=watchdog)
+        line = cluster_line(target, context.address_info)
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+        report = gather(app)
+        report["cluster"] = line
     print(json.dumps(report, indent=2, default=str) if args.json else render(report))
     return 0 if report["ok"] else 1
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    deploy(args.config, args.address)
+    with Watchdog("deploy") as watchdog:
+        deploy(args.config, args.address, watchdog)
     return 0
 
 

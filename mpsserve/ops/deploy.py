@@ -13,17 +13,21 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from mpsserve.config import ServiceConfig, load_config
 from mpsserve.errors import MpsServeError
 from mpsserve.ops.changes import print_changes
+from mpsserve.ops.cluster import Target, Watchdog, cluster_line, join, resolve
 from mpsserve.settings import settings
 
 
 class Cluster(NamedTuple):
     gpus: int
     cpus: float
+    address: str = ""  # the GCS, host:port
+    session_dir: str = ""
+    dashboard: str = "(off)"
 
 
 def use_cluster_token() -> None:
@@ -36,15 +40,17 @@ def use_cluster_token() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def start_ray(config: ServiceConfig, address: str | None, local: bool) -> tuple[Cluster, str]:
-    """Join or start Ray and Serve; returns the cluster's resources and the dashboard URL."""
-    joining = not (local and address is None)
-    if joining:
+def start_ray(
+    config: ServiceConfig, target: Target | None, watchdog: Watchdog | None = None
+) -> Cluster:
+    """Join the target cluster (None: start a local one of our own, never one found on the
+    machine), then Serve; returns the cluster's resources and where it is."""
+    if target is not None:
         use_cluster_token()  # before Ray is imported: it reads the mode once, at import
     import ray
     from ray import serve
 
-    if not joining:  # "local": a new cluster of our own, never one found on the machine
+    if target is None:
         context = ray.init(
             address="local",
             num_cpus=config.ray.num_cpus,
@@ -53,13 +59,20 @@ def start_ray(config: ServiceConfig, address: str | None, local: bool) -> tuple[
             logging_level=logging.WARNING,
         )
     else:
-        context = ray.init(address=address or "auto", logging_level=logging.WARNING)
+        context = join(target, watchdog=watchdog)
+        print(cluster_line(target, context.address_info), flush=True)
     from mpsserve.serving.app import serve_options
 
     serve.start(**serve_options(config))
-    dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "(off)"
+    info: dict[str, Any] = getattr(context, "address_info", {})
     resources = ray.cluster_resources()
-    return Cluster(int(resources.get("GPU", 0)), float(resources.get("CPU", 0))), dashboard
+    return Cluster(
+        gpus=int(resources.get("GPU", 0)),
+        cpus=float(resources.get("CPU", 0)),
+        address=str(info.get("gcs_address") or ""),
+        session_dir=str(info.get("session_dir") or ""),
+        dashboard=f"http://{context.dashboard_url}" if context.dashboard_url else "(off)",
+    )
 
 
 def deploy_to(config: ServiceConfig, cluster: Cluster) -> None:
@@ -92,11 +105,13 @@ def load_service(path: str) -> ServiceConfig:
     return load_config(path, check_files=False)
 
 
-def deploy(path: str, address: str | None) -> ServiceConfig:
+def deploy(path: str, address: str | None, watchdog: Watchdog | None = None) -> ServiceConfig:
     """``mpsserve deploy``: the service (YAML or Serve config) onto a running cluster, after
-    logging what the deploy changes there. Returns the config deployed."""
+    logging what the deploy changes there. Returns the config deployed. The cluster: the
+    explicit address, else the app's (``mpsserve.ops.cluster.resolve``)."""
     config = load_service(path)
-    cluster, _ = start_ray(config, address or config.ray.address, local=False)
+    target = resolve(config.ray.app_name, address, config.ray.address, path)
+    cluster = start_ray(config, target, watchdog)
     print_changes(config, cluster.gpus)
     deploy_to(config, cluster)
     print(f"deployed application {config.ray.app_name!r}; HTTP on port {config.ingress.http_port}")
@@ -109,6 +124,9 @@ def run_command(name: str, command: Callable[[], int]) -> int:
     logging.basicConfig(level=settings().log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return command()
+    except KeyboardInterrupt:
+        print(f"mpsserve {name}: interrupted", file=sys.stderr)
+        return 130
     except MpsServeError as exc:
         print(f"mpsserve {name}: {exc.message}", file=sys.stderr)
         return 2

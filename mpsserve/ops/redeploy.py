@@ -11,21 +11,23 @@ import sys
 
 from mpsserve.ops import deploy
 from mpsserve.ops.changes import live_summary, say
+from mpsserve.ops.cluster import ADDRESS_HELP, Watchdog
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mpsserve.ops.redeploy", description=__doc__)
     parser.add_argument("--config", required=True, help="service YAML or Serve config file")
-    parser.add_argument("--address", default=None, help="Ray address (default: config, auto)")
+    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
     args = parser.parse_args(argv)
     return deploy.run_command("deploy", lambda: _redeploy(args.config, args.address))
 
 
 def _redeploy(path: str, address: str | None) -> int:
-    config = deploy.deploy(path, address)  # logs the changes first
-    say("now live:")
-    for line in live_summary(config.ray.app_name):
-        say(f"  {line}")
+    with Watchdog("deploy") as watchdog:
+        config = deploy.deploy(path, address, watchdog)  # logs the changes first
+        say("now live:")
+        for line in live_summary(config.ray.app_name):
+            say(f"  {line}")
     return 0
 
 
