@@ -257,6 +257,8 @@ class Watchdog:
             if ready:
                 self._note(os.read(self._read, 64))
             self._check(time.monotonic())
+        os.close(self._read)
+        os.close(self._write)
 
     def _note(self, received: bytes) -> None:
         signals = [n for n in received if n in (signal.SIGINT, signal.SIGTERM)]
