@@ -19,6 +19,18 @@ GRPC_PORT = 29000 + PORT_OFFSET
 METRICS_PORT = 29100 + PORT_OFFSET  # Ray's Prometheus endpoint for the session's node
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`mpsserve serve` subprocesses keep their cluster records here, not in ~/.mpsserve."""
+    previous = os.environ.get("MPSSERVE_STATE_DIR")
+    os.environ["MPSSERVE_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if previous is None:
+        os.environ.pop("MPSSERVE_STATE_DIR", None)
+    else:
+        os.environ["MPSSERVE_STATE_DIR"] = previous
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration" in str(item.fspath):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -16,9 +17,10 @@ import yaml
 from mpsserve.ops.demo import make_request
 from mpsserve.protocol.kserve import encode_json_request
 from tests.conftest import SMALL
+from tests.integration.conftest import PORT_OFFSET
 from tests.processes import read_until
 
-PORT = 28100  # outside Ray's worker port range (10002-19999)
+PORT = 28100 + PORT_OFFSET  # outside Ray's worker port range (10002-19999)
 
 
 def test_serve_prints_a_working_request_and_stops_on_ctrl_c(tf_store: Path, tmp_path: Path) -> None:
@@ -28,7 +30,13 @@ def test_serve_prints_a_working_request_and_stops_on_ctrl_c(tf_store: Path, tmp_
         "ray": {"num_cpus": 2},
     }
     (tmp_path / "service.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
+    state = tmp_path / "state"
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "RAY_ADDRESS": "",
+        "MPSSERVE_STATE_DIR": str(state),
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "mpsserve.ops.cli", "serve", "--config", "service.yaml"],
         cwd=tmp_path,
@@ -49,13 +57,32 @@ def test_serve_prints_a_working_request_and_stops_on_ctrl_c(tf_store: Path, tmp_
             ["bash", "-c", curl], cwd=tmp_path, capture_output=True, text=True, timeout=60
         )
         assert result.stdout.startswith("score [2000]"), result.stdout + result.stderr
+        _status_finds_the_recorded_cluster(output, env, state)
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, rest
         assert "stopped." in rest
+        assert not (state / "clusters" / "mpsserve.json").exists()  # removed at stop
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _status_finds_the_recorded_cluster(banner: str, env: dict[str, str], state: Path) -> None:
+    """From elsewhere, with no config and no address: the cluster serve recorded, said."""
+    address = re.search(r"Ray address:\s+(\S+)", banner)
+    assert address, banner
+    assert json.loads((state / "clusters" / "mpsserve.json").read_text())["address"] == address[1]
+    status = subprocess.run(
+        [sys.executable, "-m", "mpsserve.ops.cli", "status", "--json"],
+        cwd=state.parent.parent,  # no deployments/local.yaml there
+        env={**env, "PYTHONPATH": os.pathsep.join(sys.path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert f"cluster {address[1]} (session session_" in status.stderr, status.stderr
+    assert json.loads(status.stdout)["app"] == "mpsserve", status.stdout + status.stderr
 
 
 def test_deploy_to_a_running_cluster(tf_store: Path, tmp_path: Path) -> None:
