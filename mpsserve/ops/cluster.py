@@ -185,7 +185,8 @@ def resolve(
     if record is not None and answers(record):
         return Target(record.address, f"the record {record_path(app_name)}", app_name)
     if record is not None:
-        print(f"ignoring {record_path(app_name)}: its serve (pid {record.pid}) or Ray is gone")
+        gone = f"ignoring {record_path(app_name)}: its serve (pid {record.pid}) or Ray is gone"
+        print(gone, file=sys.stderr)
     if config_address:
         return Target(config_address, f"ray.address of {config_path}", app_name)
     raise ClusterError(

@@ -144,7 +144,7 @@ def test_a_stale_record_falls_back_to_the_config(
     write_record(stale)
     target = resolve("shop", None, "10.0.0.2:6379", "a.yaml")
     assert target == Target("10.0.0.2:6379", "ray.address of a.yaml", "shop")
-    assert "ignoring" in capsys.readouterr().out
+    assert "ignoring" in capsys.readouterr().err
 
 
 def test_nothing_known_fails_naming_what_to_pass(listener: str) -> None:
