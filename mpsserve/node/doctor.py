@@ -1,6 +1,9 @@
 """``mpsserve doctor``: can MPS work on this node, and if not, why, in one line.
 
-Read-only: it reports the compute mode and the daemon's state and never changes either.
+Read-only: it reports the compute mode and the daemon's state and never changes either. MPS
+is judged only where the config needs it (``mps.mode`` on, or auto on a node with GPUs); with
+mode off, or auto on a node without GPUs (CPU replicas), the same facts are listed, a failed
+check is only information, and the verdict says MPS is not used.
 """
 
 from __future__ import annotations
@@ -32,9 +35,18 @@ class Check:
 @dataclass
 class Report:
     checks: list[Check] = field(default_factory=list)
+    #: Why MPS is not judged on this node (mode off; auto without GPUs); None: it is.
+    not_needed: str | None = None
 
     def add(self, name: str, status: Status, detail: str) -> None:
         self.checks.append(Check(name, status, detail))
+
+    def not_judged(self, why: str) -> None:
+        """MPS is not needed here: what would fail it is only information."""
+        self.not_needed = why
+        self.checks = [
+            Check(c.name, "info", c.detail) if c.status == "fail" else c for c in self.checks
+        ]
 
     @property
     def ok(self) -> bool:
@@ -42,13 +54,20 @@ class Report:
 
     @property
     def verdict(self) -> str:
+        if self.not_needed is not None:
+            return self.not_needed
         failed = [c for c in self.checks if c.status == "fail"]
         if failed:
             return f"MPS cannot work here: {failed[0].name}: {failed[0].detail}"
         return "MPS can work here: " + next(c.detail for c in self.checks if c.name == "daemon")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "verdict": self.verdict, "checks": [asdict(c) for c in self.checks]}
+        return {
+            "ok": self.ok,
+            "mps_needed": self.not_needed is None,
+            "verdict": self.verdict,
+            "checks": [asdict(c) for c in self.checks],
+        }
 
 
 def _check_gpus(report: Report, inv: Inventory) -> None:
@@ -149,10 +168,20 @@ def _check_config(report: Report, config: ServiceConfig) -> None:
         )
 
 
+def _why_not_needed(mode: str, inv: Inventory) -> str | None:
+    if mode == "off":
+        return "MPS is not used: mps.mode is off (replicas share no MPS daemon)"
+    if mode == "auto" and not inv.gpus:
+        return "MPS is skipped: mps.mode is auto and this node has no GPU (CPU replicas)"
+    return None
+
+
 def diagnose(config: ServiceConfig, gpus: Inventory | None = None) -> Report:
+    """The checks, judged against ``mps.mode``: ``ok`` is False only where MPS is needed."""
     control = control_for(config.mps)
     report = Report()
-    _check_gpus(report, gpus if gpus is not None else inventory())
+    inv = gpus if gpus is not None else inventory()
+    _check_gpus(report, inv)
     _check_binaries(report, control)
     _check_pipe_dir(report, control)
     if shutil.which(control.binary):
@@ -160,4 +189,7 @@ def diagnose(config: ServiceConfig, gpus: Inventory | None = None) -> Report:
     else:
         report.add("daemon", "fail", "cannot be asked: no control binary")
     _check_config(report, config)
+    why = _why_not_needed(config.mps.mode, inv)
+    if why is not None:
+        report.not_judged(why)
     return report

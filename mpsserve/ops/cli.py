@@ -1,4 +1,5 @@
-"""``mpsserve`` command line: serve, deploy, doctor, demo-model, audit-ops.
+"""``mpsserve`` command line: serve, deploy, doctor, status, serve-config, demo-model,
+audit-ops (``_parser`` holds each command's help).
 
 Commands that need Ray import it lazily, so ``demo-model`` and ``--help`` stay fast.
 """
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mpsserve import __version__
 from mpsserve.config import ServiceConfig, load_config
 from mpsserve.ops.cluster import (
     ADDRESS_HELP,
@@ -44,22 +46,48 @@ DEFAULT_CONFIG = "deployments/local.yaml"
 REQUEST_DIR = Path(".mpsserve")
 
 
+DESCRIPTION = (
+    "Serve recommendation models on GPUs shared by many processes through CUDA MPS, on Ray "
+    "Serve. Each command reads a service YAML (--config); see README.md for its fields."
+)
+EPILOG = (
+    "Run `mpsserve COMMAND --help` for a command's flags. Exit codes: 0 ok; 1 a problem the "
+    "command found (doctor, status, audit-ops) or a failed deployment; 2 a bad config or "
+    "argument, or a model that cannot load."
+)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mpsserve", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="mpsserve", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument(
+        "--version", action="version", version=f"mpsserve {__version__}", help="print the version"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    config_help = "service YAML (default: %(default)s)"
 
     serve = sub.add_parser("serve", help="start a local Ray (or join one) and serve until Ctrl-C")
-    serve.add_argument("--config", default=DEFAULT_CONFIG, help="service YAML")
-    serve.add_argument("--rows", type=int, default=2000, help="rows in the printed request")
+    serve.add_argument("--config", default=DEFAULT_CONFIG, help=config_help)
+    serve.add_argument(
+        "--rows", type=int, default=2000, help="rows in the printed request (default: %(default)s)"
+    )
 
     deploy = sub.add_parser("deploy", help="deploy to a running Ray cluster and return")
     deploy.add_argument(
-        "--config", default=DEFAULT_CONFIG, help="service YAML, or a Serve config file from it"
+        "--config",
+        default=DEFAULT_CONFIG,
+        help="service YAML, or a Serve config file from it (default: %(default)s)",
     )
     deploy.add_argument("--address", default=None, help=ADDRESS_HELP)
 
-    doctor = sub.add_parser("doctor", help="can MPS work on this node? checks and a verdict")
-    doctor.add_argument("--config", default=DEFAULT_CONFIG, help="service YAML")
+    doctor = sub.add_parser(
+        "doctor",
+        help="can MPS work on this node? checks and a verdict (exit 1: it cannot, where needed)",
+        description="Checks the GPUs, the MPS binaries, pipe directory and daemon against the "
+        "config's mps.mode. Exit 1 only when MPS is needed and cannot work: mode 'on', or "
+        "'auto' on a node with GPUs; mode 'off', or 'auto' on a node without GPUs (CPU "
+        "replicas), reports the facts and exits 0. Read-only.",
+    )
+    doctor.add_argument("--config", default=DEFAULT_CONFIG, help=config_help)
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
 
     status = sub.add_parser(
@@ -74,15 +102,36 @@ def _parser() -> argparse.ArgumentParser:
     serve_file = sub.add_parser(
         "serve-config", help="print the Serve config file (serve deploy FILE) for a service YAML"
     )
-    serve_file.add_argument("--config", default=DEFAULT_CONFIG, help="service YAML")
+    serve_file.add_argument("--config", default=DEFAULT_CONFIG, help=config_help)
 
     demo = sub.add_parser("demo-model", help="write the demo recommender as DIR/<version>/")
-    demo.add_argument("--out", required=True, type=Path, help="model store directory")
-    demo.add_argument("--format", choices=["tensorflow", "torch"], default="tensorflow")
-    demo.add_argument("--version", type=int, default=1)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--table-rows", type=int, default=100_000, help="rows per embedding table")
-    demo.add_argument("--if-missing", action="store_true", help="do nothing if DIR has a version")
+    demo.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="model store directory (required)"
+    )
+    demo.add_argument(
+        "--format",
+        choices=["tensorflow", "torch"],
+        default="tensorflow",
+        help="a SavedModel (tensorflow) or a torch.export program (torch) (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--version",
+        type=int,
+        default=1,
+        help="version number, the subdirectory of DIR written (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--table-rows",
+        type=int,
+        default=100_000,
+        help="rows per embedding table (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--if-missing", action="store_true", help="do nothing if DIR already holds a version"
+    )
 
     audit = sub.add_parser(
         "audit-ops",
@@ -93,14 +142,18 @@ def _parser() -> argparse.ArgumentParser:
         "when no op falls back, 1 when some do, 2 when the model or a library cannot load.",
     )
     audit.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="a SavedModel dir")
-    audit.add_argument("--signature", default="serving_default", help="signature to audit")
+    audit.add_argument(
+        "--signature",
+        default="serving_default",
+        help="signature to audit (default: %(default)s)",
+    )
     audit.add_argument("--json", action="store_true", help="print the report as JSON")
     audit.add_argument(
         "--custom-op-library",
         action="append",
         default=[],
         metavar="PATH",
-        help="load this op library (.so) before the model; repeat for several",
+        help="load this op library (.so) before the model; repeat for several (default: none)",
     )
     return parser
 

@@ -13,9 +13,9 @@ H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", "GPU-x", (9, 0), 81559, "Default")
 P100 = GpuInfo(0, "Tesla P100", "GPU-y", (6, 0), 16280, "Default")
 
 
-def config(tmp: Path, binary: str = str(STANDIN)) -> ServiceConfig:
+def config(tmp: Path, binary: str = str(STANDIN), mode: str = "on") -> ServiceConfig:
     mps = {
-        "mode": "on",
+        "mode": mode,
         "pipe_dir": str(tmp / "pipe"),
         "log_dir": str(tmp / "log"),
         "state_dir": str(tmp / "state"),
@@ -79,3 +79,44 @@ def test_pipe_directory_under_a_file_is_refused(tmp_path: Path) -> None:
         f"pipe directory: {tmp_path}/file/pipe cannot be created: "
         f"{tmp_path}/file is not a directory"
     )
+
+
+NO_GPU = Inventory(error="NVML unavailable: no driver")
+
+
+def test_mode_off_reports_the_facts_and_passes(tmp_path: Path) -> None:
+    for gpus in (NO_GPU, Inventory([P100], "470")):
+        report = diagnose(config(tmp_path, "no-such-mps-control", mode="off"), gpus)
+        assert report.ok, report.to_dict()
+        assert report.verdict == "MPS is not used: mps.mode is off (replicas share no MPS daemon)"
+        assert not report.to_dict()["mps_needed"]
+        facts = {c.name: c for c in report.checks}
+        assert facts["control binary"].status == "info"  # what would fail MPS is information
+        assert "not on PATH" in facts["control binary"].detail
+        assert "mode off" in facts["replicas per GPU"].detail
+
+
+def test_mode_auto_without_a_gpu_is_skipped_not_failed(tmp_path: Path) -> None:
+    report = diagnose(config(tmp_path, "no-such-mps-control", mode="auto"), NO_GPU)
+    assert report.ok, report.to_dict()
+    assert report.verdict == (
+        "MPS is skipped: mps.mode is auto and this node has no GPU (CPU replicas)"
+    )
+    gpus = next(c for c in report.checks if c.name == "GPUs")
+    assert gpus.status == "info" and "no NVIDIA GPU visible" in gpus.detail
+
+
+def test_mode_auto_with_a_gpu_is_judged_as_on(tmp_path: Path) -> None:
+    report = diagnose(
+        config(tmp_path, "no-such-mps-control", mode="auto"), Inventory([H100], "580")
+    )
+    assert not report.ok and report.to_dict()["mps_needed"]
+    assert "control binary: no-such-mps-control not on PATH" in report.verdict
+    fine = diagnose(config(tmp_path, mode="auto"), Inventory([H100], "580"))
+    assert fine.ok and fine.verdict.startswith("MPS can work here")
+
+
+def test_mode_on_without_a_gpu_fails(tmp_path: Path) -> None:
+    report = diagnose(config(tmp_path, "no-such-mps-control", mode="on"), NO_GPU)
+    assert not report.ok
+    assert report.verdict.startswith("MPS cannot work here: GPUs: no NVIDIA GPU visible")

@@ -17,20 +17,72 @@ deployment into a CPU-bound one. The runtime runs the static check on every load
 
 TensorFlow is imported here, once, with the service's log level (``TF_CPP_MIN_LOG_LEVEL``,
 read at import: TensorFlow's C++ INFO lines bury the service's own output; a user's value
-wins); ``mpsserve.model.runtime.tensorflow`` takes ``tf`` from this module.
+wins); ``mpsserve.model.runtime.tensorflow`` takes ``tf`` from this module. On a host with no
+GPU for this process, the import's CUDA probe is made quiet (``_quiet_cuda_probe``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mpsserve.model.runtime.stderr_filter import dropping_lines
+
+#: Lines TensorFlow's CUDA probe writes when the process has no GPU: they say only that, and
+#: the failed cuInit one, logged as an ERROR, sends operators of CPU services hunting.
+CUDA_PROBE_NOISE = (
+    "failed call to cuInit",
+    "Could not find cuda drivers on your machine",
+    "Unable to register cuDNN factory",
+    "Unable to register cuFFT factory",
+    "Unable to register cuBLAS factory",
+    "All log messages before absl::InitializeLog() is called",  # the header of those lines
+)
+#: A C++ log line's severity letter (absl: I0000 00:00:... file.cc:N] text), by level.
+_SEVERITY = re.compile(r"^([IWEF])\d{4} ")
+_LEVELS = "IWEF"  # TF_CPP_MIN_LOG_LEVEL 0..3 hides the letters before its own
+
+
+def _no_gpu_for_this_process() -> bool:
+    """True where CUDA cannot find a GPU: hidden (CUDA_VISIBLE_DEVICES empty or -1) or no
+    NVIDIA device node (/dev/nvidiactl; /dev/dxg is WSL's). Cheap: no CUDA or NVML call."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return True
+    return not any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/dxg"))
+
+
+def _quiet_cuda_probe(line: str) -> bool:
+    """The lines to drop while TensorFlow loads and probes for GPUs on a host without one.
+
+    Why filter rather than TF_CPP_MIN_LOG_LEVEL=3: level 3 would hide every ERROR TensorFlow
+    logs for the life of the process (a model that fails to load says why there), and its
+    INFO lines before absl's logging starts ignore the level anyway. Why only without a GPU:
+    on a GPU host a failed cuInit or a missing driver library is a real fault and must show,
+    so there the import is not touched. Lines below the configured level (TensorFlow's own
+    promise, which it breaks before absl starts) and the probe's lines go; the rest pass."""
+    if any(noise in line for noise in CUDA_PROBE_NOISE):
+        return True
+    severity = _SEVERITY.match(line)
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")
+    hidden = _LEVELS[: int(level)] if level.isdigit() else ""
+    return severity is not None and severity.group(1) in hidden
+
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-import tensorflow as tf
+if _no_gpu_for_this_process():
+    with dropping_lines(_quiet_cuda_probe):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")  # the probe (cuInit) runs now, in the window
+else:
+    import tensorflow as tf
 
 #: Stands for the signature's own graph in ``CpuOp.function``.
 SIGNATURE_GRAPH = "(signature)"
