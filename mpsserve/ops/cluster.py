@@ -129,20 +129,32 @@ def endpoint(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
-    """Fail in seconds where nothing listens, rather than in Ray's minutes of retries."""
+def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S, starting_s: float = 0.0) -> None:
+    """Fail in seconds where nothing listens, rather than in Ray's minutes of retries. A
+    refused connection is tried again for ``starting_s``: a head that ``ray start`` is still
+    bringing up refuses for a few seconds before it listens."""
     where = endpoint(address)
     if where is None:
         return
-    try:
-        with socket.create_connection(where, timeout=timeout_s):
-            pass
-    except OSError as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-        raise ClusterError(
-            f"no Ray cluster at {address}: {reason}; is Ray running there? pass the GCS "
-            "address of a running cluster (`ray status` prints it; 6379 is Ray's default port)"
-        ) from exc
+    deadline = time.monotonic() + starting_s
+    while True:
+        try:
+            with socket.create_connection(where, timeout=timeout_s):
+                return
+        except ConnectionRefusedError as exc:
+            if time.monotonic() >= deadline:
+                raise _nothing_at(address, exc.strerror or str(exc)) from exc
+            time.sleep(0.25)
+        except OSError as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            raise _nothing_at(address, reason) from exc
+
+
+def _nothing_at(address: str, reason: str) -> ClusterError:
+    return ClusterError(
+        f"no Ray cluster at {address}: {reason}; is Ray running there? pass the GCS "
+        "address of a running cluster (`ray status` prints it; 6379 is Ray's default port)"
+    )
 
 
 def answers(record: ClusterRecord) -> bool:
@@ -197,12 +209,18 @@ def resolve(
     )
 
 
-def join(target: Target, timeout_s: float | None = None, watchdog: Watchdog | None = None) -> Any:
-    """``ray.init`` on the target after a probe, under a deadline; returns Ray's context."""
+def join(
+    target: Target,
+    timeout_s: float | None = None,
+    watchdog: Watchdog | None = None,
+    starting_s: float = 0.0,
+) -> Any:
+    """``ray.init`` on the target after a probe (``starting_s``: see ``probe``), under a
+    deadline; returns Ray's context."""
     import ray
 
     timeout_s = settings().connect_timeout_s if timeout_s is None else timeout_s
-    probe(target.address, min(PROBE_TIMEOUT_S, timeout_s))
+    probe(target.address, min(PROBE_TIMEOUT_S, timeout_s), starting_s)
     if watchdog is not None:
         watchdog.arm(timeout_s, f"no Ray answered at {target.address} within {timeout_s:g} s")
     try:

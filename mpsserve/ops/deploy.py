@@ -21,6 +21,11 @@ from mpsserve.ops.changes import print_changes
 from mpsserve.ops.cluster import Target, Watchdog, cluster_line, join, resolve
 from mpsserve.settings import settings
 
+#: How long a refused address is tried again: `ray start --head` binds its port seconds after
+#: it is launched, and a deploy often follows it at once. Status does not wait (a dead
+#: address fails at once there).
+HEAD_STARTING_S = 15.0
+
 
 class Cluster(NamedTuple):
     gpus: int
@@ -59,7 +64,8 @@ def start_ray(
             logging_level=logging.WARNING,
         )
     else:
-        context = join(target, watchdog=watchdog)
+        # deploy often follows `ray start` at once: a head still coming up gets a few seconds
+        context = join(target, watchdog=watchdog, starting_s=HEAD_STARTING_S)
         print(cluster_line(target, context.address_info), flush=True)
     from mpsserve.serving.app import serve_options
 

@@ -196,13 +196,36 @@ def test_status_at_a_dead_address_exits_nonzero_in_seconds(
 def test_deploy_at_a_dead_address_exits_nonzero_in_seconds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Deploy gives a refused address HEAD_STARTING_S (a head `ray start` is bringing up)."""
     monkeypatch.setattr("mpsserve.ops.deploy.use_cluster_token", lambda: None)
+    monkeypatch.setattr("mpsserve.ops.deploy.HEAD_STARTING_S", 1.0)
     config = tmp_path / "service.yaml"
     config.write_text(yaml.safe_dump({"models": [{"name": "rec", "store": str(tmp_path)}]}))
     started = time.monotonic()
     assert cli.main(["deploy", "--config", str(config), "--address", closed_port()]) == 2
-    assert time.monotonic() - started < 5
+    assert 1.0 <= time.monotonic() - started < 5
     assert "no Ray cluster at" in capsys.readouterr().err
+
+
+def test_a_head_that_starts_listening_late_is_waited_for() -> None:
+    """A port that refuses at first and listens a second later passes the probe."""
+    import threading
+
+    port = int(closed_port().rsplit(":", 1)[1])
+    listener = socket.socket()
+
+    def listen_later() -> None:
+        time.sleep(1.0)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+
+    thread = threading.Thread(target=listen_later)
+    thread.start()
+    try:
+        probe(f"127.0.0.1:{port}", starting_s=5.0)
+    finally:
+        thread.join()
+        listener.close()
 
 
 # status needs no config file; it says which cluster and app it reads.
