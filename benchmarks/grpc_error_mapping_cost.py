@@ -18,10 +18,11 @@ import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import grpc
+
+from benchmarks.loadgen import read_proc_stat
 
 MODES = ("plain", "interceptor", "wrapped")
 
@@ -57,8 +58,7 @@ def _serve(mode: str, ports: Any) -> None:
 
 
 def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return read_proc_stat(str(pid))[1] / os.sysconf("SC_CLK_TCK")
 
 
 def measure(mode: str, calls: int, threads: int = 4) -> float:

@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from mpsserve.errors import ClusterError
+from mpsserve.node.control import alive
 from mpsserve.settings import settings
 
 logger = logging.getLogger(__name__)
@@ -108,16 +109,6 @@ def remove_record(app_name: str, pid: int) -> bool:
     return True
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process, alive
-    return True
-
-
 def endpoint(address: str) -> tuple[str, int] | None:
     """``host:port`` of a Ray address (``ray://`` too); None for "auto" and "local"."""
     if address in ("auto", "local"):
@@ -159,7 +150,7 @@ def _nothing_at(address: str, reason: str) -> ClusterError:
 
 def answers(record: ClusterRecord) -> bool:
     """The record's serve process lives and its GCS accepts a connection."""
-    if not pid_alive(record.pid):
+    if not alive(record.pid):
         return False
     try:
         probe(record.address, timeout_s=1.0)
