@@ -619,6 +619,22 @@ class ServiceConfig(_Strict):
         return next(m for m in self.models if m.name == name)
 
 
+class SharedConfig(_Strict):
+    """The service config less its models: what every deployment of the application shares,
+    and what the Serve application's args carry (``serving.app``), while each model's own
+    settings travel with its deployment, so that changing them restarts nothing else. Its
+    fields are ServiceConfig's, models aside (a unit test keeps the two in step)."""
+
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    mps: MpsConfig = Field(default_factory=MpsConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+
+    @classmethod
+    def of(cls, config: ServiceConfig) -> SharedConfig:
+        return cls.model_validate(config.model_dump(exclude={"models"}))
+
+
 def _describe(error: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for item in error.errors():
@@ -633,6 +649,23 @@ def parse_config(data: object, source: str = "<dict>", check_files: bool = True)
     where the config is only passed on to the machines that run it)."""
     try:
         return ServiceConfig.model_validate(data, context={CHECK_FILES: check_files})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from exc
+
+
+def parse_shared(data: object, source: str) -> SharedConfig:
+    """Validate the shared sections (``SharedConfig``); ConfigError naming each bad field.
+    Files are not looked for: the ingress checks them where it runs."""
+    try:
+        return SharedConfig.model_validate(data, context={CHECK_FILES: False})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from exc
+
+
+def parse_model(text: str, source: str) -> ModelConfig:
+    """A model's config from JSON (a replica's ``MPSSERVE_MODEL_CONFIG``); ConfigError if bad."""
+    try:
+        return ModelConfig.model_validate_json(text)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from exc
 

@@ -41,7 +41,7 @@ from mpsserve.ingress.grpc import GrpcLimits, start_grpc_server
 from mpsserve.ingress.guard import GuardLimits, guarded_protocol
 from mpsserve.ingress.http import create_http_app
 from mpsserve.ingress.replica_server import new_event_loop
-from mpsserve.ingress.router import AttemptPolicy, Router
+from mpsserve.ingress.router import DEFAULT_MAX_IN_FLIGHT, AttemptPolicy, Router
 from mpsserve.ingress.transport import KeyWatcher, TransportSpec
 from mpsserve.serving import replica_set
 from mpsserve.serving.logs import configure_replica_logging
@@ -99,7 +99,7 @@ class Front:
     def __init__(
         self,
         config: IngressConfig,
-        models: dict[str, int],
+        models: list[str],
         handles: dict[str, DeploymentHandle],
         transport: TransportSpec,
     ) -> None:
@@ -108,7 +108,8 @@ class Front:
         self.loop = new_event_loop()
         self.max_bytes = int(config.max_request_mb * 2**20)
         self.router = Router(
-            dict(models),
+            # each model's bound per replica arrives with its replicas (their metadata)
+            dict.fromkeys(models, DEFAULT_MAX_IN_FLIGHT),
             # While Serve replaces replicas (an MPS daemon restart replaces them all) a request
             # waits for one up to its own deadline, less a second, so that it fails with
             # "no replica is reachable" rather than a bare timeout.
@@ -344,14 +345,16 @@ class Front:
 class Ingress:
     def __init__(
         self,
-        models: dict[str, int],
+        models: list[str],
         ingress: dict[str, Any],
         deployments: dict[str, DeploymentHandle],
         transport: TransportSpec | None = None,
     ) -> None:
-        """``models``: each model's name and the requests one of its replicas takes at a
-        time; ``deployments``: each model's deployment handle (its replica set is what the
-        ingress routes over); ``transport``: the data ports' key and bounds."""
+        """``models``: the model names, and nothing else of the models' settings, so that
+        a change to one model's settings leaves the ingress running (the bound of each
+        replica comes with Serve's replica set); ``deployments``: each model's deployment
+        handle (its replica set is what the ingress routes over); ``transport``: the data
+        ports' key and bounds."""
         configure_replica_logging()
         spec = transport or TransportSpec(serve.get_replica_context().app_name)
         # the token, certificate and key files must be readable where the ingress runs
