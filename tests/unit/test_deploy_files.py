@@ -317,3 +317,21 @@ def test_generator_script_is_idempotent_on_the_manifests(tmp_path: Path) -> None
     )
     for path in MANIFESTS:
         assert (tmp_path / path.name).read_text() == path.read_text()
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_serve_config_for_a_known_cluster_round_trips(
+    name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`serve-config --cluster-gpus N --cluster-cpus C`: each model's settings in its own
+    deployment's overrides, read back into the same service config."""
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
+    path = f"deployments/{name}.yaml"
+    args = ["serve-config", "--config", path, "--cluster-gpus", "2", "--cluster-cpus", "64"]
+    assert main(args) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    (app,) = validate_serve(data).applications
+    assert set(app.args) == {"config", "models"}
+    assert "models" not in app.args["config"]
+    assert service_config_from_serve(data, name, check_files=False) == load_config(ROOT / path)
