@@ -1,7 +1,7 @@
 """The replica transport's key and bounds, as the app hands them to its deployments.
 
-Where the key lives, and why there. The app builder (``build_app``, which Serve runs again
-at every redeploy that changes the config) generates a fresh key with ``secrets`` and
+Where the key lives, and why there. The app builder (``serving.app``, which Serve runs again
+at every redeploy that changes the application's args) generates a fresh key with ``secrets`` and
 stores the application's keyring (that key and the previous one) in Ray's internal KV,
 under the application's name; the ingress and model replicas read it from there when they
 start and every ``REFRESH_S`` after. The deployments' init args carry only the KV entry's
