@@ -264,3 +264,44 @@ def test_endpoint_lines_name_a_node_where_the_ingress_listens_everywhere() -> No
         "HTTP (KServe v2): http://10.0.0.5:8100/v2/models/rec/infer",
         "gRPC (KServe v2): 10.0.0.5:9100 inference.GRPCInferenceService",
     ]
+
+
+def serve_version(app: dict[str, Any], name: str) -> Any:
+    """Ray Serve's own ``DeploymentVersion`` of a deployment of ``app`` (its override on
+    Serve's defaults; the code version: the app's code-version inputs)."""
+    import json
+
+    from ray.serve._private.config import DeploymentConfig
+    from ray.serve._private.version import DeploymentVersion
+
+    (override,) = [d for d in app["deployments"] if d["name"] == name]
+    options = {k: v for k, v in override.items() if k not in ("name", "ray_actor_options")}
+    code = json.dumps(changes.code_version_inputs(app), sort_keys=True)
+    return DeploymentVersion(code, DeploymentConfig(**options), override.get("ray_actor_options"))
+
+
+@pytest.mark.parametrize(
+    "rec",
+    [
+        {"intra_op_threads": 2},
+        {"store": "/models/elsewhere"},
+        {"version_policy": {"latest": 2}},
+        {"placement": {**HALF, "cpus_per_replica": 0.5}},
+        {"placement": {**HALF, "health_check_period_s": 2}},
+        {},
+    ],
+)
+def test_the_plan_follows_serves_own_rule(rec: dict[str, Any]) -> None:
+    """Whatever one model's change, the plan says what Serve's ``DeploymentVersion`` decides
+    for each model deployment: replaced, reconfigured in place, or left as it is."""
+    old, new = two_models(), two_models(rec)
+    old_app, new_app = schemas(old, new)
+    lines = dict(line.split(": ", 1) for line in changes.plan(old_app, new_app, old, new, RUNNING))
+    for name in ("model-rec", "model-other"):
+        before, after = serve_version(old_app, name), serve_version(new_app, name)
+        said = lines[name]
+        assert said.startswith("rolling replace") == before.requires_actor_restart(after), said
+        in_place = before.requires_actor_reconfigure(after) and not said.startswith("rolling")
+        assert said.startswith("reconfigured in place") == in_place, said
+        assert (said == "unchanged") == (before == after), said
+    assert lines["model-other"] == "unchanged" and lines["ingress"] == "unchanged"
