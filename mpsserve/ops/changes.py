@@ -154,7 +154,7 @@ def _rolling(new: dict[str, Any], replicas: int) -> str:
     order = (
         "new ones start and turn ready before old ones stop"
         if (new.get("max_surge_percent") or 0) > 0
-        else "old ones stop first (no room for an extra replica)"
+        else "old ones stop first"
     )
     return f"rolling replace of {replicas} replica(s), {batch} at a time, {order}"
 
