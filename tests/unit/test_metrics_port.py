@@ -177,8 +177,13 @@ def test_fetch_reads_the_agent_and_refuses_what_it_cannot_use() -> None:
 def test_concurrent_scrapes_share_one_read_of_the_agent() -> None:
     async def run() -> None:
         async with agent(RAY_EXPORT.encode(), delay_s=0.2) as (address, served):
-            located: list[int] = []
-            source = AgentMetrics(lambda: located.append(1) or address, "shop", cache_s=0.5)
+            located: list[str] = []
+
+            def locate() -> str:
+                located.append(address)
+                return address
+
+            source = AgentMetrics(locate, "shop", cache_s=0.5)
             answers = await asyncio.gather(*(source.text() for _ in range(20)))
             assert served["count"] == 1 and len(set(answers)) == 1
             assert "ray_serve_deployment_request_counter_total" in answers[0]
@@ -186,7 +191,7 @@ def test_concurrent_scrapes_share_one_read_of_the_agent() -> None:
             assert served["count"] == 1
             await asyncio.sleep(0.6)
             await source.text()
-            assert served["count"] == 2 and located == [1]  # the address is looked up once
+            assert served["count"] == 2 and len(located) == 1  # the address is looked up once
 
     asyncio.run(run())
 
@@ -252,7 +257,7 @@ def test_metrics_port_defaults_to_8002_can_be_off_and_must_be_its_own() -> None:
 
 
 def test_metrics_targets_are_one_per_node() -> None:
-    entries = [
+    entries: list[dict[str, Any]] = [
         {"host": "10.0.0.5", "metrics_address": "10.0.0.5:8002"},
         {"host": "10.0.0.5", "metrics_address": "10.0.0.5:8002"},
         {"host": "10.0.0.6", "metrics_address": "10.0.0.6:8002"},
