@@ -22,7 +22,7 @@ from tests.integration.conftest import PORT_OFFSET
 from tests.processes import read_until
 
 PORT = 28100 + PORT_OFFSET  # outside Ray's worker port range (10002-19999)
-METRICS_PORT = 27810 + PORT_OFFSET
+METRICS_PORT = 27110 + PORT_OFFSET
 
 
 def test_serve_prints_a_working_request_and_stops_on_ctrl_c(tf_store: Path, tmp_path: Path) -> None:
@@ -113,7 +113,7 @@ def test_deploy_to_a_running_cluster(tf_store: Path, tmp_path: Path) -> None:
         "models": [{"name": "rec", "store": str(tf_store), "placement": {"cpus_per_replica": 0.5}}],
         "ingress": {
             "http_port": http_port,
-            "metrics_port": 27820 + PORT_OFFSET,
+            "metrics_port": 27120 + PORT_OFFSET,
             "cpus_per_replica": 0.5,
         },
     }
