@@ -1,6 +1,8 @@
 """Which Ray cluster an ops command talks to, found the same way every time and said aloud.
 
-``mpsserve serve`` records where its cluster is (``<state_dir>/clusters/<app>.json``);
+``mpsserve serve`` records where its cluster is (``<state_dir>/clusters/<app>.json``, with its
+metrics URL) and lists its metrics endpoints for Prometheus beside it
+(``<app>.prometheus.json``, file_sd format);
 ``status`` and ``deploy`` take, in order: ``--address``, Ray's own ``RAY_ADDRESS`` (set for a
 ``ray job submit`` entrypoint), the record of the app while its Ray answers, the config's
 ``ray.address``. Never a bare "auto": on a machine with two clusters it picks one silently.
