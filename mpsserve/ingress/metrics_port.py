@@ -29,6 +29,7 @@ from mpsserve.errors import MetricsUnavailable
 SERVICE_PREFIX = "ray_mpsserve_"
 #: Ray Serve's metrics: kept only where ``application`` names this app.
 SERVE_PREFIX = "ray_serve_"
+_PREFIXES = (SERVICE_PREFIX, SERVE_PREFIX)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: How long one read of the agent may take (Prometheus's default scrape timeout is 10 s).
 AGENT_TIMEOUT_S = 5.0
@@ -96,6 +97,8 @@ def filter_exposition(text: str, app: str) -> str:
                 if named != family:
                     meta, family = [], named
                 meta.append(line)
+            continue
+        if not line.startswith(_PREFIXES):  # most of a node's lines: Ray's own, not parsed
             continue
         parsed = sample_labels(line)
         if parsed is None or not wanted(parsed[0], parsed[1], app):

@@ -175,6 +175,7 @@ def test_prometheus_scrapes_the_port_and_every_dashboard_query_answers(
         concrete = concrete.replace("$node", ".*")
         if not results(prometheus, concrete):
             empty.append(expr)
+    print(f"{len(empty)} of {len(dashboard_exprs())} dashboard queries empty here:", *empty)
     unexpected = [e for e in empty if not any(part in e for part in EVENT_OR_GPU)]
     assert not unexpected, "dashboard queries without data after traffic:\n" + "\n".join(unexpected)
 
