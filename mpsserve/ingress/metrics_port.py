@@ -186,7 +186,12 @@ class AgentMetrics:
 
     async def _read(self) -> str:
         if self._address is None:
-            self._address = await asyncio.to_thread(self.locate)
+            try:
+                self._address = await asyncio.to_thread(self.locate)
+            except Exception as exc:  # Ray's GCS unreachable, say
+                raise MetricsUnavailable(
+                    f"cannot ask Ray where its metrics agent is: {exc}"
+                ) from exc
         if self._address is None:
             raise MetricsUnavailable("Ray has not said where this node's metrics agent listens")
         try:
