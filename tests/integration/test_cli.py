@@ -86,7 +86,10 @@ def _status_finds_the_recorded_cluster(banner: str, env: dict[str, str], state: 
         timeout=120,
     )
     assert f"cluster {address[1]} (session session_" in status.stderr, status.stderr
-    assert json.loads(status.stdout)["app"] == "mpsserve", status.stdout + status.stderr
+    report = json.loads(status.stdout)
+    assert report["app"] == "mpsserve", status.stdout + status.stderr
+    # every node's metrics port, as its ingresses say (one node here)
+    assert [url.rsplit(":", 1)[1] for url in report["metrics"]] == [f"{METRICS_PORT}/metrics"]
 
 
 def _metrics_port_is_printed_recorded_and_listed(banner: str, state: Path) -> None:
