@@ -408,6 +408,19 @@ class IngressConfig(_Strict):
         description="Serve FastAPI's pages (/openapi.json, /docs, /redoc). Off: they list "
         "every route to anyone who asks and are no part of the inference API.",
     )
+    metrics_port: int | None = Field(
+        8002,
+        ge=1,
+        le=65535,
+        description="Port of GET /metrics (Prometheus text format; 8002 as Triton's): the "
+        "service's series (ray_mpsserve_*, and Ray Serve's ray_serve_* of this app) from every "
+        "process of the node, read from the node's Ray metrics agent. Every ingress replica of "
+        "a node answers it (SO_REUSEPORT). Plain HTTP without a token, like Triton's and Ray's "
+        "own metrics ports: bind it where only Prometheus reaches (metrics_host). null: off.",
+    )
+    metrics_host: str | None = Field(
+        None, description="Address the metrics port binds; null = the ingress's host."
+    )
     limits: IngressLimits = Field(default_factory=IngressLimits)
     auth: IngressAuth | None = Field(
         None,
@@ -419,6 +432,14 @@ class IngressConfig(_Strict):
         description="TLS (and optionally mutual TLS) on both ports; null (the default): "
         "plain HTTP and insecure gRPC.",
     )
+
+    @model_validator(mode="after")
+    def _metrics_port_apart(self) -> IngressConfig:
+        if self.metrics_port is not None and self.metrics_port in (self.http_port, self.grpc_port):
+            raise ValueError(
+                f"metrics_port {self.metrics_port} is also the HTTP or gRPC port; give it its own"
+            )
+        return self
 
 
 class TransportConfig(_Strict):

@@ -27,9 +27,12 @@ from mpsserve.ops.cluster import (
     Target,
     Watchdog,
     cluster_line,
+    discovery_path,
     join,
+    read_record,
     remove_record,
     resolve,
+    write_discovery,
     write_record,
 )
 from mpsserve.ops.deploy import (
@@ -262,6 +265,7 @@ def _print_endpoints(
         f"  model metadata:   {base}/v2/models/{model}\n"
         f"  public ports:     {describe(config.ingress.auth, config.ingress.tls)}\n"
         f"                    (ingress.auth, ingress.tls; see docs/security.md)\n"
+        f"{_metrics_line(config)}"
         f"  Ray dashboard:    {cluster.dashboard}\n"
         f"  Ray address:      {cluster.address}  (session {Path(cluster.session_dir).name})\n"
         f"  recorded in:      {record}\n"
@@ -294,6 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cluster = start_ray(config, target)
         record = _record_cluster(config, cluster, args.config)
         deploy_to(config, cluster)
+        _publish_metrics(config)
         request = _write_request(config, config.models[0].name, args.rows)
         _print_endpoints(config, request, args.rows, cluster, record)
         _wait_for_signal()
@@ -320,6 +325,38 @@ def _record_cluster(config: ServiceConfig, cluster: Cluster, config_path: str) -
         started=time.time(),
     )
     return write_record(record)
+
+
+def _publish_metrics(config: ServiceConfig) -> None:
+    """Every node's ingress metrics port, as the ingresses say, into the app's Prometheus
+    targets file and its cluster record (status and the banner read them there)."""
+    if config.ingress.metrics_port is None:
+        return
+    from dataclasses import replace
+
+    from mpsserve.ops.status import ingress_entries, metrics_targets
+
+    app = config.ray.app_name
+    targets = metrics_targets(ingress_entries(app))
+    if not targets:
+        print("no ingress said where its metrics port is; no Prometheus targets written")
+        return
+    write_discovery(app, targets)
+    record = read_record(app)
+    if record is not None and record.pid == os.getpid():
+        write_record(replace(record, metrics_url=f"http://{targets[0]}/metrics"))
+
+
+def _metrics_line(config: ServiceConfig) -> str:
+    """The banner's metrics line: the URL Prometheus scrapes, and its targets file."""
+    if config.ingress.metrics_port is None:
+        return "  metrics:          off (ingress.metrics_port: null)\n"
+    record = read_record(config.ray.app_name)
+    url = record.metrics_url if record and record.metrics_url else "(no ingress answered)"
+    return (
+        f"  metrics:          {url}  (Prometheus text format)\n"
+        f"                    Prometheus targets: {discovery_path(config.ray.app_name)}\n"
+    )
 
 
 def _stop_mps(config: ServiceConfig) -> None:

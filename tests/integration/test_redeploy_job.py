@@ -168,6 +168,7 @@ def service(store: Path, replicas: int, policy: dict[str, Any]) -> dict[str, Any
             "host": "127.0.0.1",
             "http_port": HTTP_PORT,
             "grpc_port": GRPC_PORT,
+            "metrics_port": HTTP_PORT + 1,
             "replicas": 2,  # a rolling update restarts them one at a time
             "cpus_per_replica": 0.5,
         },

@@ -239,6 +239,7 @@ def test_rayservice_structure(path: Path) -> None:
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
         "serve": 8000,
         "grpc": 9000,
+        "metrics": 8002,  # the ingress's GET /metrics (a PodMonitor's target)
     }
     # Serve's proxy is off, so not KubeRay's probe of it (/-/healthz) but the ingress's own.
     probe = container["readinessProbe"]["httpGet"]
