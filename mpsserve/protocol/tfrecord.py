@@ -72,9 +72,7 @@ def _read_one(file: BinaryIO, path: Path, index: int, size: int) -> bytes:
 def encode_record(data: bytes) -> bytes:
     """One record, framed as TensorFlow's writer frames it."""
     length = struct.pack("<Q", len(data))
-    return b"".join(
-        (length, _CRC.pack(masked_crc(length)), data, _CRC.pack(masked_crc(data)))
-    )
+    return b"".join((length, _CRC.pack(masked_crc(length)), data, _CRC.pack(masked_crc(data))))
 
 
 def write_records(path: Path, records: Iterable[bytes]) -> int:

@@ -45,6 +45,10 @@ from mpsserve.types import InferRequest, InferResponse, RequestedOutput
 SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"  # SignatureDef.method_name of a predict signature
 METADATA_FIELD = "signature_def"  # the one GetModelMetadata field TF Serving knows
+LABELS_UNSUPPORTED = (
+    "version label {label}: version labels are not supported (this server has no label "
+    "configuration); name a version, or none for the served one"
+)
 
 #: TensorFlow DataType name -> the wire datatype of the tensor codec, and the typed field.
 _DTYPES: dict[str, tuple[str, str]] = {
@@ -189,11 +193,8 @@ def requested_version(spec: Any) -> str | None:
     """The version a ``ModelSpec`` names (None: the served one); a label is refused."""
     choice = spec.WhichOneof("version_choice")
     if choice == "version_label":
-        raise InvalidInput(
-            f"model_spec.version_label {quote(spec.version_label)}: version labels are not "
-            "supported (this server has no label configuration); name a version in "
-            "model_spec.version, or none for the served one"
-        )
+        label = quote(spec.version_label)
+        raise InvalidInput("model_spec." + LABELS_UNSUPPORTED.format(label=label))
     return str(spec.version.value) if choice == "version" else None
 
 
@@ -202,8 +203,7 @@ def check_signature(spec: Any) -> str:
     signature = spec.signature_name or SIGNATURE
     if signature != SIGNATURE:
         raise InvalidInput(
-            f"signature_name {quote(signature)} not found; this model serves "
-            f'"{SIGNATURE}" only'
+            f'signature_name {quote(signature)} not found; this model serves "{SIGNATURE}" only'
         )
     return signature
 
