@@ -59,7 +59,10 @@ def _read_one(file: BinaryIO, path: Path, index: int, size: int) -> bytes:
         raise corrupt("has a corrupt header: its length fails its CRC")
     left = size - file.tell() - _CRC.size
     if length > left:  # never allocate for a length the file cannot hold
-        raise corrupt(f"claims {length} bytes of data; the file has {max(left, 0)} left")
+        raise corrupt(
+            f"is cut short or corrupt: it claims {length} bytes of data; the file has "
+            f"{max(left, 0)} left"
+        )
     data = file.read(length)
     footer = file.read(_CRC.size)
     if len(data) < length or len(footer) < _CRC.size:
