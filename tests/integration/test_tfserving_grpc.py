@@ -20,7 +20,7 @@ import pytest
 import requests
 import tensorflow as tf
 import tritonclient.grpc as triton
-from tensorflow.core.framework import tensor_pb2
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -76,9 +76,7 @@ def test_warmup_file_then_a_corrupt_one(tf_store: Path, tmp_path: Path) -> None:
         data[-10] ^= 0xFF  # inside the last record's data
         corrupt.write_bytes(bytes(data))
         (tmp_path / "v2").rename(store / "2")
-        failed = until(
-            lambda: replica(svc)["store"]["failed"].get("2"), 120, "version 2 refused"
-        )
+        failed = until(lambda: replica(svc)["store"]["failed"].get("2"), 120, "version 2 refused")
         assert str(store / "2" / WARMUP_FILE) in failed
         assert f"record {WARMUP_REQUESTS - 1} (at byte" in failed and "fail their CRC" in failed
         with grpc.insecure_channel(f"127.0.0.1:{SERVICE_HTTP + 1000}") as channel:
@@ -118,7 +116,7 @@ def predict_request(
         if typed:
             proto = tensor_pb2.TensorProto(dtype=tf.as_dtype(array.dtype).as_datatype_enum)
             proto.tensor_shape.dim.extend(
-                tensor_pb2.tensor__shape__pb2.TensorShapeProto.Dim(size=n) for n in array.shape
+                tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in array.shape
             )
             field = "float_val" if array.dtype == np.float32 else "int64_val"
             getattr(proto, field).extend(array.ravel().tolist())
