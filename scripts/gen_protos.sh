@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerate the committed gRPC stubs of mpsserve/protocol/grpc_service.proto.
+# Regenerate the committed gRPC stubs of mpsserve/protocol/grpc_service.proto, and the
+# descriptor set of TF Serving's trimmed protos (mpsserve/protocol/tfserving_descriptors.py).
 #
 # Needs grpcio-tools in the environment (the dev extra), at a version whose bundled protoc is no
 # newer than the installed protobuf runtime (the generated code checks this on import).
