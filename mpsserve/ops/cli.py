@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--warmup-requests",
-        type=int,
+        type=_warmup_requests,
         default=0,
         metavar="N",
         help="also write N requests (1-1000) to the version's TF Serving warm-up file, "
@@ -164,6 +164,13 @@ def _parser() -> argparse.ArgumentParser:
         help="load this op library (.so) before the model; repeat for several (default: none)",
     )
     return parser
+
+
+def _warmup_requests(text: str) -> int:
+    """``--warmup-requests``: 0..1000, TF Serving's most records in a warm-up file."""
+    if not text.isdigit() or int(text) > 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 0..1000 (TF Serving's limit)")
+    return int(text)
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:

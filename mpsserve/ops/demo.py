@@ -209,6 +209,8 @@ def write_demo_model(
     """Build the demo into ``out/<version>/``; the version appears only when complete.
     ``warmup_requests``: that many requests in a TF Serving warm-up file (either format)."""
     spec = spec or DemoSpec()
+    if not 0 <= warmup_requests <= MAX_RECORDS:
+        raise ValueError(f"warm-up requests must be 0..{MAX_RECORDS} (TF Serving's limit)")
     final = out / str(version)
     if final.exists():
         raise FileExistsError(f"{final} already exists")

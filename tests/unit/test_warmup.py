@@ -132,3 +132,18 @@ def test_a_corrupt_file_keeps_the_serving_version(store: Path) -> None:
     assert f"{store / '2' / WARMUP_FILE}: record 1 (at byte {second}) has corrupt data" in reason
     version, _ = served.infer(make_request(SMALL, rows=2, seed=4))
     assert version == "1"
+
+
+def test_demo_model_command_writes_a_warmup_file(tmp_path: Path) -> None:
+    from mpsserve.ops import cli
+    from mpsserve.protocol.tfrecord import read_records
+
+    with pytest.raises(SystemExit):
+        cli.main(["demo-model", "--out", str(tmp_path), "--warmup-requests", "1001"])
+    assert not any(tmp_path.iterdir())  # refused before building anything
+    args = ["--format", "torch", "--table-rows", "1000", "--warmup-requests", "2"]
+    assert cli.main(["demo-model", "--out", str(tmp_path), *args]) == 0
+    records = list(read_records(tmp_path / "1" / WARMUP_FILE))
+    assert len(records) == 2
+    log = prediction_log_pb2.PredictionLog.FromString(records[1])
+    assert log.predict_log.request.inputs["dense"].tensor_shape.dim[0].size == 256
