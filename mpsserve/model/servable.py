@@ -2,9 +2,10 @@
 
 Lifecycle: load -> warm up -> ready -> (watch) -> swap -> unload. A watcher thread polls the
 store; a new target version is fetched, loaded and warmed up beside the serving one (with the
-request shapes the serving one has seen, so a PyTorch version captures its CUDA graphs before
-it takes traffic), then swapped in with one assignment, and the old one is unloaded once its
-in-flight requests have finished, so no request fails because of a swap.
+requests of its TF Serving warm-up file when it ships one, ``warmup.py``, else a synthetic
+one, and the request shapes the serving one has seen, so a PyTorch version captures its CUDA
+graphs before it takes traffic), then swapped in with one assignment, and the old one is
+unloaded once its in-flight requests have finished, so no request fails because of a swap.
 
 Loading a version holds the process's GIL for most of a second (PyTorch deserialises the
 program in Python; measured on an H200: requests beside it waited up to 0.9 s) and unloading
