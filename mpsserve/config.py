@@ -125,7 +125,11 @@ class ModelConfig(_Strict):
         None, description="A file the publisher writes last; versions without it are skipped."
     )
     warmup_rows: int = Field(
-        8, ge=0, description="Rows of the synthetic warm-up request; 0 turns warm-up off."
+        8,
+        ge=0,
+        description="Rows of the synthetic warm-up request; 0 turns it off. A version that "
+        "ships a TF Serving warm-up file (assets.extra/tf_serving_warmup_requests) is warmed "
+        "with its requests instead.",
     )
     max_rows: int = Field(16384, ge=1, description="Most rows accepted in one request.")
     intra_op_threads: int = Field(0, ge=0, description="Runtime intra-op threads; 0 = auto.")

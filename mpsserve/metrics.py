@@ -126,6 +126,19 @@ CPU_OPS = _spec(
     "Ops of a loaded model version placed on the CPU instead of the GPU",
     *("model", "version"),
 )
+WARMUP_REQUESTS = _spec(
+    "mpsserve_warmup_requests_total",
+    "counter",
+    "Requests run to warm a version up before it serves: source=file for those of its TF "
+    "Serving warm-up file (assets.extra/tf_serving_warmup_requests), synthetic for the rest",
+    *("model", "version", "source"),
+)
+WARMUP_SECONDS = _spec(
+    "mpsserve_warmup_seconds_total",
+    "counter",
+    "Time spent warming versions up before they serve, by the source of the requests",
+    *("model", "version", "source"),
+)
 MPS_UP = _spec(
     "mpsserve_mps_daemon_up", "gauge", "1 when the node's MPS control daemon answers", "node"
 )
@@ -159,6 +172,7 @@ METRICS: tuple[MetricSpec, ...] = (
     REQUESTS, ROWS, REQUEST_DURATION, QUEUE_DURATION, INFERENCE_DURATION, STALLED_ATTEMPTS,
     IN_FLIGHT, SERVED_VERSION, LOAD_FAILURES, SWAPS, CPU_OPS, MPS_UP, MPS_RESTARTS, MPS_CLIENTS,
     GPU_UTILIZATION, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_POWER,
+    WARMUP_REQUESTS, WARMUP_SECONDS,
 )  # fmt: skip
 
 
@@ -493,6 +507,13 @@ def count_swap(model: str, version: str) -> None:
 def set_cpu_ops(model: str, version: str, count: int) -> None:
     """Ops of a loaded version that run on the CPU (a GPU host wants 0)."""
     _record(CPU_OPS, count, model=model, version=version)
+
+
+def observe_warmup(model: str, version: str, source: str, requests: int, seconds: float) -> None:
+    """One version's warm-up requests of one source (file or synthetic) and their time."""
+    if requests > 0:  # a Ray counter refuses increments <= 0
+        _record(WARMUP_REQUESTS, requests, model=model, version=version, source=source)
+        _record(WARMUP_SECONDS, max(seconds, 1e-9), model=model, version=version, source=source)
 
 
 def set_mps_daemon(node: str, up: bool, clients: int) -> None:

@@ -119,6 +119,7 @@ async def start_grpc_server(
     (``auth.grpc_server_credentials``), else an insecure port; ``interceptors``: the token
     check when ``ingress.auth`` is on; ``ErrorInterceptor`` is always the innermost."""
     from mpsserve.ingress.grpc_servicer import InferenceServicer
+    from mpsserve.ingress.tfserving_grpc import add_tfserving_services
     from mpsserve.protocol import grpc_service_pb2_grpc
 
     server = grpc.aio.server(
@@ -129,6 +130,7 @@ async def start_grpc_server(
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(dataplane), server
     )
+    add_tfserving_services(server, dataplane)  # TF Serving's gRPC API on the same port
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if credentials is None:
         bound = server.add_insecure_port(address)

@@ -20,7 +20,8 @@ from starlette.exceptions import HTTPException
 
 from mpsserve.errors import InvalidInput, MpsServeError, to_status
 from mpsserve.ingress.dataplane import DataPlane, client_request_id, request_id_for
-from mpsserve.protocol import kserve, tensors, tfserving
+from mpsserve.protocol import kserve, tensors, tfserving, tfserving_grpc
+from mpsserve.text import quote
 from mpsserve.types import InferRequest, InferResponse
 
 OFFLOAD_BYTES = 64 * 1024  # JSON above this is (de)serialised off the event loop
@@ -247,6 +248,7 @@ def _framework_app(dataplane: DataPlane, retry_after_s: int, api_docs: bool) -> 
         return _ready_response(await dataplane.model_ready(name, version))
 
     _add_tfserving_routes(app, dataplane)
+    _add_tfserving_metadata_routes(app, dataplane)
     return app
 
 
@@ -265,6 +267,24 @@ def _add_tfserving_routes(app: FastAPI, dataplane: DataPlane) -> None:
         request_id = request_id_for(request.headers.get(REQUEST_ID), None)
         with dataplane.admission(name, "tfserving", request_id):
             return await _tfs_predict(dataplane, name, version, request, request_id)
+
+
+def _add_tfserving_metadata_routes(app: FastAPI, dataplane: DataPlane) -> None:
+    """TF Serving's REST metadata (its JSON shape, ``tfserving_grpc.metadata_json``); its
+    version-label routes answer that labels are not supported."""
+
+    @app.get("/v1/models/{name}/metadata")
+    @app.get("/v1/models/{name}/versions/{version}/metadata")
+    async def tfs_metadata(name: str, version: str | None = None) -> Response:
+        metadata = await dataplane.model_metadata(name, version)
+        return JSONResponse(tfserving_grpc.metadata_json(metadata))
+
+    @app.get("/v1/models/{name}/labels/{label}")
+    @app.get("/v1/models/{name}/labels/{label}/metadata")
+    @app.post("/v1/models/{name}/labels/{label}:predict")
+    async def tfs_label(name: str, label: str) -> Response:
+        dataplane.backend(name)  # an unknown model is still a 404
+        raise InvalidInput(tfserving_grpc.LABELS_UNSUPPORTED.format(label=quote(label)))
 
 
 async def _tfs_predict(

@@ -2,9 +2,10 @@
 
 Lifecycle: load -> warm up -> ready -> (watch) -> swap -> unload. A watcher thread polls the
 store; a new target version is fetched, loaded and warmed up beside the serving one (with the
-request shapes the serving one has seen, so a PyTorch version captures its CUDA graphs before
-it takes traffic), then swapped in with one assignment, and the old one is unloaded once its
-in-flight requests have finished, so no request fails because of a swap.
+requests of its TF Serving warm-up file when it ships one, ``warmup.py``, else a synthetic
+one, and the request shapes the serving one has seen, so a PyTorch version captures its CUDA
+graphs before it takes traffic), then swapped in with one assignment, and the old one is
+unloaded once its in-flight requests have finished, so no request fails because of a swap.
 
 Loading a version holds the process's GIL for most of a second (PyTorch deserialises the
 program in Python; measured on an H200: requests beside it waited up to 0.9 s) and unloading
@@ -61,6 +62,7 @@ from mpsserve.model.runtime import (
     load_runtime,
 )
 from mpsserve.model.store import ModelStore
+from mpsserve.model.warmup import FileRequests, warmup_file
 from mpsserve.periodic import Periodic
 from mpsserve.settings import settings
 
@@ -157,6 +159,8 @@ class Servable:
         self.skipped: dict[int, str] = {}  # incomplete versions in the store, and why
         self.store_error: str | None = None
         self.swaps = 0
+        #: The served version's warm-up (its file, requests and seconds by source).
+        self.warmup: dict[str, Any] | None = None
         self.serving_since: float | None = None  # time.time() of the last swap
         self.last_poll: float | None = None
         self._poll_lock = threading.Lock()
@@ -257,12 +261,13 @@ class Servable:
     def _swap_to(self, version: int, fingerprint: str | None) -> bool:
         started = time.monotonic()
         try:
-            runtime = self._load_version(version)
+            runtime, warmup = self._load_version(version)
         except Exception as exc:  # whatever a framework raises: report it, retry it later
             self._record_failure(version, fingerprint, exc)
             return False
         self.failed.pop(version, None)
         old, self._current = self._current, Loaded(runtime, version)
+        self.warmup = warmup
         self.serving_since = time.time()
         self.swaps += 1 if old is not None else 0
         name = self.config.name
@@ -299,25 +304,85 @@ class Servable:
         )
         metrics.count_load_failure(self.config.name, str(version))
 
-    def _load_version(self, version: int) -> ModelRuntime:
+    def _load_version(self, version: int) -> tuple[ModelRuntime, dict[str, Any]]:
+        """The version loaded and warmed up, and what its warm-up ran."""
         path = self.store.fetch(version)
         runtime = load_runtime(self.config.runtime, path, self.options)
         try:
-            self._warm_up(runtime)
+            warmup = self._warm_up(runtime, path, version)
         except Exception as exc:
             runtime.close()
-            raise ModelLoadError(f"version {version} failed its warm-up: {exc}") from exc
-        return runtime
+            message = exc.message if isinstance(exc, MpsServeError) else str(exc)
+            raise ModelLoadError(f"version {version} failed its warm-up: {message}") from exc
+        return runtime, warmup
 
-    def _warm_up(self, runtime: ModelRuntime) -> None:
-        """A synthetic request, then one of each shape the serving version has prepared for
-        (its CUDA-graph buckets), so the first real requests find them ready."""
+    def _warm_up(self, runtime: ModelRuntime, path: Path, version: int) -> dict[str, Any]:
+        """The requests of the version's TF Serving warm-up file when it ships one, else a
+        synthetic request; then one of each shape the serving version has prepared for (its
+        CUDA-graph buckets), so the first real requests find them ready. Counted, timed,
+        logged and exported (``metrics.observe_warmup``)."""
+        started = time.monotonic()
+        file = warmup_file(path)
+        from_file = self._warm_up_from_file(runtime, file) if file is not None else 0
+        file_s = time.monotonic() - started
+        synthetic = self._warm_up_synthetic(runtime, fallback=from_file == 0)
+        synthetic_s = time.monotonic() - started - file_s
+        name, label = self.config.name, str(version)
+        metrics.observe_warmup(name, label, "file", from_file, file_s)
+        metrics.observe_warmup(name, label, "synthetic", synthetic, synthetic_s)
+        logger.info(
+            "model %s version %d warmed up with %d requests from %s (%.2fs) and %d synthetic "
+            "ones (%.2fs)",
+            name,
+            version,
+            from_file,
+            file if file is not None else "no warm-up file",
+            file_s,
+            synthetic,
+            synthetic_s,
+        )
+        return {
+            "file": str(file) if file is not None else None,
+            "file_requests": from_file,
+            "file_s": round(file_s, 3),
+            "synthetic_requests": synthetic,
+            "synthetic_s": round(synthetic_s, 3),
+        }
+
+    def _warm_up_from_file(self, runtime: ModelRuntime, file: Path) -> int:
+        """Run every predict request of ``file``; an error names the file and the record."""
+        requests = FileRequests(file)
+        count = 0
+        for index, inputs in requests:
+            try:
+                runtime.predict(prepare_inputs(runtime.signature, inputs, self.config.max_rows))
+            except MpsServeError as exc:
+                raise ModelLoadError(f"{file}: record {index}: {exc.message}") from exc
+            count += 1
+        if requests.skipped:
+            logger.warning(
+                "model %s: %d records of %s are not predict requests; skipped (this server "
+                "serves Predict only)",
+                self.config.name,
+                requests.skipped,
+                file,
+            )
+        return count
+
+    def _warm_up_synthetic(self, runtime: ModelRuntime, fallback: bool) -> int:
+        """The synthetic request (when no file request ran) and the serving version's shapes;
+        ``warmup_rows: 0`` turns both off. Returns how many requests ran."""
         if not self.config.warmup_rows:
-            return
-        runtime.predict(synthetic_inputs(runtime.signature, self.config.warmup_rows))
+            return 0
+        count = 0
+        if fallback:
+            runtime.predict(synthetic_inputs(runtime.signature, self.config.warmup_rows))
+            count += 1
         current = self._current
         for shapes in current.runtime.warm_shapes() if current is not None else ():
             runtime.predict(synthetic_like(runtime.signature, shapes))
+            count += 1
+        return count
 
     def _prune(self, complete: list[int]) -> None:
         """Drop old cached copies. Kept: the served version, pinned ones and the newest few,
@@ -444,6 +509,7 @@ class Servable:
             "serving_since": self.serving_since,
             "converge_within_s": self.converge_within_s,
             "swaps": self.swaps,
+            "warmup": self.warmup,
             "failed": {str(v): f.reason for v, f in sorted(self.failed.items())},
             "skipped": {str(v): r for v, r in sorted(self.skipped.items())},
             "error": self.store_error,

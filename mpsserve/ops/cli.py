@@ -148,6 +148,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--if-missing", action="store_true", help="do nothing if DIR already holds a version"
     )
+    demo.add_argument(
+        "--warmup-requests",
+        type=_warmup_requests,
+        default=0,
+        metavar="N",
+        help="also write N requests (1-1000) to the version's TF Serving warm-up file, "
+        "assets.extra/tf_serving_warmup_requests (default: none)",
+    )
 
     audit = sub.add_parser(
         "audit-ops",
@@ -174,6 +182,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warmup_requests(text: str) -> int:
+    """``--warmup-requests``: 0..1000, TF Serving's most records in a warm-up file."""
+    if not text.isdigit() or int(text) > 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 0..1000 (TF Serving's limit)")
+    return int(text)
+
+
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from mpsserve.ops.demo import DemoSpec, write_demo_model
 
@@ -183,7 +198,9 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
         return 0
     started = time.monotonic()
     spec = DemoSpec(table_rows=args.table_rows)
-    path = write_demo_model(args.out, args.format, args.version, args.seed, spec)
+    path = write_demo_model(
+        args.out, args.format, args.version, args.seed, spec, args.warmup_requests
+    )
     print(f"wrote {args.format} demo model to {path} in {time.monotonic() - started:.1f}s")
     return 0
 

@@ -20,6 +20,9 @@ from typing import Literal
 import numpy as np
 
 from mpsserve.model.runtime.base import Signature, TensorSpec, write_signature_file
+from mpsserve.model.warmup import MAX_RECORDS, WARMUP_FILE
+from mpsserve.protocol.tfrecord import write_records
+from mpsserve.protocol.tfserving_grpc import warmup_record
 
 logger = logging.getLogger(__name__)
 ID_MAX = 2**31 - 1  # ids on the wire are non-negative hashes
@@ -201,9 +204,13 @@ def write_demo_model(
     version: int = 1,
     seed: int = 0,
     spec: DemoSpec | None = None,
+    warmup_requests: int = 0,
 ) -> Path:
-    """Build the demo into ``out/<version>/``; the version appears only when complete."""
+    """Build the demo into ``out/<version>/``; the version appears only when complete.
+    ``warmup_requests``: that many requests in a TF Serving warm-up file (either format)."""
     spec = spec or DemoSpec()
+    if not 0 <= warmup_requests <= MAX_RECORDS:
+        raise ValueError(f"warm-up requests must be 0..{MAX_RECORDS} (TF Serving's limit)")
     final = out / str(version)
     if final.exists():
         raise FileExistsError(f"{final} already exists")
@@ -216,8 +223,29 @@ def write_demo_model(
     write_signature_file(staging, signature(spec))
     about = {"seed": seed, "format": fmt, **asdict(spec)}
     (staging / "demo.json").write_text(json.dumps(about, indent=2) + "\n")
+    if warmup_requests:
+        write_warmup_file(staging, spec, warmup_requests)
     staging.rename(final)
     return final
+
+
+#: Rows of the demo's warm-up requests, in turn: the reference size, then smaller ones.
+WARMUP_ROWS = (2000, 256, 32)
+
+
+def write_warmup_file(version_dir: Path, spec: DemoSpec, count: int) -> Path:
+    """TF Serving's ``assets.extra/tf_serving_warmup_requests`` in ``version_dir``: ``count``
+    PredictionLog records of demo requests (rows from ``WARMUP_ROWS`` in turn)."""
+    if not 0 < count <= MAX_RECORDS:
+        raise ValueError(f"warm-up requests must be 1..{MAX_RECORDS} (TF Serving's limit)")
+    path = version_dir / WARMUP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = (
+        warmup_record(make_request(spec, WARMUP_ROWS[i % len(WARMUP_ROWS)], seed=1000 + i))
+        for i in range(count)
+    )
+    write_records(path, records)
+    return path
 
 
 __all__ = ["DemoSpec", "TensorSpec", "make_request", "reference", "write_demo_model"]

@@ -68,7 +68,7 @@ def gather(app_name: str, timeout_s: float = 5.0) -> dict[str, Any]:
 
 
 #: What each row keeps of a replica's ``metadata["store"]``.
-STORE_FIELDS = ("policy", "swaps", "failed", "serving_since", "converge_within_s")
+STORE_FIELDS = ("policy", "swaps", "failed", "serving_since", "converge_within_s", "warmup")
 #: The split bound assumed for replicas that do not state theirs.
 DEFAULT_CONVERGE_S = 120.0
 

@@ -61,6 +61,8 @@ EXPECTED: list[tuple[str, dict[str, str], float]] = [
     ("ray_mpsserve_mps_daemon_up", {"node": NODE}, 1),
     ("ray_mpsserve_mps_daemon_restarts_total", {"node": NODE}, 2),
     ("ray_mpsserve_mps_clients", {"node": NODE, "gpu": "all"}, 3),
+    ("ray_mpsserve_warmup_requests_total", {"version": "2", "source": "file"}, 3),
+    ("ray_mpsserve_warmup_seconds_total", {"version": "2", "source": "file"}, 0.5),
 ]
 
 
@@ -82,6 +84,7 @@ def record_known_values(state_dir: Path) -> None:
     metrics.count_load_failure("rec", "3")
     metrics.count_swap("rec", "2")
     metrics.set_cpu_ops("rec", "2", 4)
+    metrics.observe_warmup("rec", "2", "file", 3, 0.5)
     servers = {"100": [11, 12, 13]}
     write_state(state_dir, NodeState(node=NODE, up=True, restarts=2, servers=servers))
     NodeSampler(state_dir, node=NODE).sample()
