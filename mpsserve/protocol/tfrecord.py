@@ -16,8 +16,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-import google_crc32c
-
 from mpsserve.errors import ModelLoadError
 
 _HEADER = struct.Struct("<QI")
@@ -27,7 +25,11 @@ _MASK_DELTA = 0xA282EAD8
 
 def masked_crc(data: bytes | memoryview) -> int:
     """TensorFlow's masked CRC-32C (``crc32c::Mask``): rotated right by 15 bits, plus a
-    constant, so a CRC stored inside CRC'd data does not check itself."""
+    constant, so a CRC stored inside CRC'd data does not check itself. google_crc32c is
+    imported here, on the first warm-up file read: a process that never reads one (the GPU
+    host's offline bundle has no google_crc32c) does not need it."""
+    import google_crc32c
+
     crc = google_crc32c.value(bytes(data))
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
