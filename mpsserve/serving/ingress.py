@@ -12,7 +12,10 @@ Serve's long poll of each model deployment's replica set (``serving.replica_set`
 Threads of an ingress replica process: Serve's replica event loop (health checks,
 ``describe``), the ingress loop (``ingress``: uvicorn, grpc.aio, the router), Serve's router
 loop for the model deployments' handles (it receives the replica-set pushes), the transport
-key reloader (``transport-keys``), and grpc.aio's own threads.
+key reloader (``transport-keys``), and grpc.aio's own threads. On the ingress loop, besides
+the servers' own tasks, one task refreshes the health statuses every second
+(``ingress.health``); Triton's statistics and repository calls run Serve's blocking calls
+in worker threads of that loop.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from mpsserve.ingress.router import AttemptPolicy, Router
 from mpsserve.ingress.transport import KeyWatcher, TransportSpec
 from mpsserve.serving import replica_set
 from mpsserve.serving.logs import configure_replica_logging
+from mpsserve.serving.repository import ServeAdmin
 
 logger = logging.getLogger(__name__)
 #: Share of the file limit connections may take (the rest: Ray, logs, replica sockets).
@@ -128,6 +132,8 @@ class Front:
             max_request_bytes=self.max_bytes,
             request_timeout_s=config.request_timeout_s,
             max_in_flight=config.limits.max_in_flight_requests,
+            admin=self._admin(handles),
+            repository_api=config.repository_api,
         )
         self.file_limit = raise_file_limit()
         self.http_cap, self.grpc_cap = connection_caps(config, self.file_limit)
@@ -178,6 +184,7 @@ class Front:
                 self._grpc_limits(),
                 credentials=_auth.grpc_server_credentials(tls) if tls else None,
                 interceptors=[_auth.AuthInterceptor(self.auth)] if self.auth else [],
+                reflection=self.config.grpc_reflection,
             )
             self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
 
@@ -195,6 +202,13 @@ class Front:
             limits.max_in_flight_requests,
         )
         logger.info("public ports: %s", _auth.describe(self.config.auth, self.config.tls))
+
+    @staticmethod
+    def _admin(handles: dict[str, DeploymentHandle]) -> ServeAdmin | None:
+        """Triton's statistics and repository API ask the model replicas through Serve."""
+        if not handles:
+            return None
+        return ServeAdmin(handles, next(iter(handles.values())).app_name)
 
     def _authenticator(self) -> _auth.Authenticator | None:
         """The token check, or None when ``ingress.auth`` is off (nothing then runs)."""
@@ -322,6 +336,7 @@ class Front:
             replica_set.unsubscribe(handle, self._listeners[model])
 
         async def shutdown() -> None:
+            self.dataplane.health.stop()
             if self._http is not None:
                 self._http.should_exit = True
             if self._grpc is not None:
