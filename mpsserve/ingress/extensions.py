@@ -76,7 +76,7 @@ class Extensions:
         states = await self._states(name)
         if not states:  # no admin: what this ingress knows
             states = [{"device": (await self.dataplane.backend(name).metadata()).get("device")}]
-        return triton.model_config(metadata, states)
+        return triton.model_config(name, metadata, states)
 
     # -- statistics -----------------------------------------------------------------------
 

@@ -78,12 +78,11 @@ def instance_groups(name: str, states: Sequence[Mapping[str, Any]]) -> list[dict
 
 
 def model_config(
-    metadata: Mapping[str, Any], states: Sequence[Mapping[str, Any]]
+    name: str, metadata: Mapping[str, Any], states: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
     """Triton's model configuration: what the model takes and returns (``max_batch_size``
     0: ``dims`` include the rows dimension, -1 where it varies), where its replicas run
     (``instance_group``) and its version policy; mpsserve's own knobs are ``parameters``."""
-    name = str(metadata["name"])
     platform = str(metadata.get("platform", ""))
     first = states[0] if states else {}
     config: dict[str, Any] = {
