@@ -141,6 +141,7 @@ class Extensions:
         assert self.admin is not None
         await self.admin.reconfigure(name, change)
         await self._wait(name, lambda states: _loaded(name, states, change.get("version_policy")))
+        self.dataplane.serving[name] = True
         await self.health.set(name, True)
 
     async def unload(self, name: str, parameters: Mapping[str, Any]) -> None:
@@ -149,6 +150,7 @@ class Extensions:
         assert self.admin is not None
         await self.admin.reconfigure(name, {"loaded": False})
         await self._wait(name, _unloaded)
+        self.dataplane.serving[name] = False
         await self.health.set(name, False)
 
     async def _wait(self, name: str, done: Any) -> None:

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from mpsserve.errors import MpsServeError
+from mpsserve.errors import ModelNotReady, MpsServeError
 from mpsserve.ingress.backends import ModelBackend
 
 logger = logging.getLogger(__name__)
@@ -69,10 +69,7 @@ class HealthBoard:
         """Look once; tell the listeners what changed; the statuses now."""
         models = self.dataplane.models()
         looked = await asyncio.gather(*(self.model_serving(m) for m in models))
-        now = {
-            m: self.statuses.get(m, True) if seen is None else seen
-            for m, seen in zip(models, looked, strict=True)
-        }
+        now = dict(zip(models, looked, strict=True))
         now[SERVER] = await self.dataplane.ready()
         for name, value in now.items():
             if self.statuses.get(name) != value:
@@ -82,21 +79,25 @@ class HealthBoard:
     async def set(self, name: str, value: bool) -> None:
         """Record a status (also what a load or unload through this ingress just did)."""
         self.statuses[name] = value
-        if name != SERVER:
-            self.dataplane.serving[name] = value
         for listener in self.listeners:
             await listener(name, value)
 
-    async def model_serving(self, name: str) -> bool | None:
-        """False without a replica to route to or when one says it serves no version; None
-        when it did not answer in time (a busy replica is not a sick one: no change)."""
+    async def model_serving(self, name: str) -> bool:
+        """A replica to route to, and it serves a version. Only a replica's own answer
+        that it has none (ModelNotReady: not loaded, unloaded) makes a model with replicas
+        not serving, and that is what ``DataPlane.serving`` keeps: a replica that is slow
+        to answer (busy, at its bound) is not a sick one, and the router sets aside one
+        that stopped answering, which ``backend.ready`` then says."""
         backend = self.dataplane.backend(name)
         if not await backend.ready():
             return False
         try:
             await asyncio.wait_for(backend.metadata(), METADATA_TIMEOUT_S)
-        except MpsServeError:
+        except ModelNotReady:
+            self.dataplane.serving[name] = False
             return False
-        except TimeoutError:
-            return None
+        except (MpsServeError, TimeoutError) as exc:
+            logger.debug("model %s: no metadata for the health check: %s", name, exc)
+            return self.dataplane.serving.get(name, True)
+        self.dataplane.serving[name] = True
         return True
