@@ -16,6 +16,7 @@ import asyncio
 import logging
 from typing import Any
 
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from mpsserve.errors import ModelLoadError, ModelNotReady
@@ -35,7 +36,9 @@ class ServeAdmin:
         return await self._broadcast(model, "stats")
 
     async def _broadcast(self, model: str, method: str) -> list[dict[str, Any]]:
-        """Every running replica's answer; one that fails or is late is left out."""
+        """Every running replica's answer; one that fails or is late is left out. Serve
+        takes a replica out of its running set while ``reconfigure`` runs (a load after an
+        unload), so a model may briefly have none: no answers, not an error."""
         handle = self.handles[model]
 
         def call() -> list[Any]:
@@ -44,6 +47,8 @@ class ServeAdmin:
 
         try:
             answers = await asyncio.to_thread(call)
+        except DeploymentUnavailableError:  # none running now (one reconfiguring leaves it)
+            return []
         except TimeoutError:
             raise ModelNotReady(
                 f"the replicas of model {model!r} did not answer within {BROADCAST_TIMEOUT_S:g}s"
