@@ -325,7 +325,7 @@ def grpc_server() -> Iterator[tuple[str, MockBackend]]:
     limits = GrpcLimits(1 << 20, 8192, 1.0, 16, 10, 8, 5.0, None, 60.0, 10.0)
     backend = echo_backend()
     plane = DataPlane({"echo": backend}, 1 << 20, 10)
-    plane.health.interval_s = 0.1
+    plane.health.interval_s, plane.health.replica_grace_s = 0.1, 1.0
     loop = asyncio.new_event_loop()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -369,8 +369,11 @@ def test_grpc_health_check_and_watch(grpc_server: tuple[str, MockBackend]) -> No
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
         watch = stub.Watch(health_pb2.HealthCheckRequest(service="echo"), timeout=20)
         assert next(watch).status == serving
-        backend.is_ready = False  # its replicas are gone
-        assert next(watch).status == not_serving
+        backend.is_ready = False  # its replicas are gone (or one is being reconfigured) ...
+        time.sleep(0.3)
+        check = stub.Check(health_pb2.HealthCheckRequest(service="echo"), timeout=5)
+        assert check.status == serving  # ... for less than the grace period: still serving
+        assert next(watch).status == not_serving  # then not
         backend.is_ready = True
         assert next(watch).status == serving
         watch.cancel()
