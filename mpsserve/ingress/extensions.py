@@ -99,7 +99,7 @@ class Extensions:
         answers = await self.admin.replica_stats(model)
         totals = _stats.merge(a["versions"] for a in answers)
         for served in {a["serving"] for a in answers if a.get("serving")}:
-            totals.setdefault(served, _stats.merge([{served: _zero()}])[served])
+            totals.setdefault(served, _stats.empty())
         totals.pop("", None)  # failures while nothing was served
         if version is not None:
             if version not in totals:
@@ -165,10 +165,6 @@ class Extensions:
                     f"{LOAD_TIMEOUT_S:g}s; see the repository index"
                 )
             await asyncio.sleep(LOAD_POLL_S)
-
-
-def _zero() -> dict[str, Any]:
-    return {"last_inference": 0, "inference_count": 0, "execution_count": 0}
 
 
 def _version_key(version: str) -> tuple[int, str]:

@@ -67,7 +67,10 @@ def _refusal(status: int, method: str, path: str, allow: str | None) -> str:
         return f"no endpoint {where} (the README lists the API)"
     if status == 405:
         return f"method not allowed: {where}; allowed: {allow or 'see the README'}"
-    return HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "error"
 
 
 def _parse_header_length(raw: str | None) -> int | None:

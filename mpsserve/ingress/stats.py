@@ -46,7 +46,8 @@ class Timing(NamedTuple):
         )
 
 
-def _empty() -> dict[str, Any]:
+def empty() -> dict[str, Any]:
+    """A version's counters before its first request."""
     return {
         "last_inference": 0,  # ms since the epoch, as Triton reports it
         "inference_count": 0,
@@ -65,7 +66,7 @@ class ReplicaStats:
     def _version(self, version: str) -> dict[str, Any]:
         entry = self._versions.get(version)
         if entry is None:
-            entry = self._versions[version] = _empty()
+            entry = self._versions[version] = empty()
         return entry
 
     def record(self, version: str, timing: Timing) -> None:
@@ -109,7 +110,7 @@ def merge(snapshots: Iterable[dict[str, dict[str, Any]]]) -> dict[str, dict[str,
     total: dict[str, dict[str, Any]] = {}
     for snapshot in snapshots:
         for version, entry in snapshot.items():
-            into = total.setdefault(version, _empty())
+            into = total.setdefault(version, empty())
             into["last_inference"] = max(into["last_inference"], int(entry["last_inference"]))
             for key in ("inference_count", "execution_count"):
                 into[key] += int(entry[key])

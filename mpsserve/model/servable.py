@@ -366,14 +366,9 @@ class Servable:
             return
         logger.info("model %s: unloaded through the repository API", self.config.name)
         metrics.set_served_versions(self.config.name, self.replica, [])
-        with self._away_for_unload():
-            old.close_when_idle()
-
-    @contextmanager
-    def _away_for_unload(self) -> Iterator[None]:
-        self.busy = True
+        self.busy = True  # the collection unloading runs stalls this process
         try:
-            yield
+            old.close_when_idle()
         finally:
             self.busy = False
 
