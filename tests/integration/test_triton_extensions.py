@@ -195,13 +195,20 @@ def test_unload_and_load_as_health_watch_sees_it(svc: Service) -> None:
         health.Check(ask(service="nope"), timeout=10)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     # The port is shared by two ingress replicas (SO_REUSEPORT): the watch is on one
-    # channel, so on one of them; the other's board sees the same replicas.
+    # channel, so on one of them; each ingress looks at the replicas every second, so the
+    # other one's answers follow within a few seconds.
     watch = health.Watch(ask(service="rec"), timeout=LOAD_TIMEOUT_S)
+    loaded = True
     try:
         assert next(watch).status == SERVING
         http_client(HTTP).unload_model("rec")
+        loaded = False
         assert next(watch).status == NOT_SERVING
-        assert not grpc_client(HTTP).is_model_ready("rec")
+        until(
+            lambda: not any(grpc_client(HTTP).is_model_ready("rec") for _ in range(4)),
+            30,
+            "four answers in a row (new connections: both ingresses) saying not ready",
+        )
         with pytest.raises(InferenceServerException) as refused:
             grpc_client(HTTP).infer("rec", grpc_inputs(make_request(SMALL, rows=2, seed=1)))
         assert refused.value.status() == "StatusCode.UNAVAILABLE"
@@ -210,10 +217,13 @@ def test_unload_and_load_as_health_watch_sees_it(svc: Service) -> None:
         assert {e["reason"] for e in index} == {"unloaded"}
         assert health.Check(ask(service=""), timeout=10).status == SERVING  # on purpose
         grpc_client(HTTP).load_model("rec", client_timeout=LOAD_TIMEOUT_S)
+        loaded = True
         assert next(watch).status == SERVING
     finally:
         watch.cancel()
         channel.close()
+        if not loaded:  # leave the model served for the tests after this one
+            grpc_client(HTTP).load_model("rec", client_timeout=LOAD_TIMEOUT_S)
     until(lambda: http_client(HTTP).is_model_ready("rec"), 30, "rec ready on every ingress")
     assert served_version() == "2"
 
