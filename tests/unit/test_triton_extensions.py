@@ -390,3 +390,39 @@ def test_grpc_reflection_lists_the_services(grpc_server: tuple[str, MockBackend]
         [answer] = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
     names = {s.name for s in answer.list_services_response.service}
     assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+
+
+# -- error mapping and the gRPC messages ------------------------------------------------------
+
+
+def test_a_refusal_by_configuration_maps_to_403_and_permission_denied() -> None:
+    from mpsserve.errors import GrpcCode, from_status, to_status
+
+    assert to_status(Forbidden("off")) == (403, GrpcCode.PERMISSION_DENIED, "off")
+    assert grpc.StatusCode.PERMISSION_DENIED.value[0] == GrpcCode.PERMISSION_DENIED
+    assert isinstance(from_status(403, "off"), Forbidden)  # as it crosses a replica's frame
+
+
+def test_documents_become_tritons_messages() -> None:
+    from google.protobuf import json_format
+
+    from mpsserve.protocol import grpc_service_pb2 as pb
+    from mpsserve.protocol import kserve_grpc
+
+    config = triton.model_config("rec", METADATA, [state()])
+    message = kserve_grpc.model_config_response(config).config
+    assert message.input[1].data_type == pb.TYPE_STRING and list(message.input[0].dims) == [-1, 13]
+    assert message.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
+    assert message.parameters["signature_name"].string_value == "serving_default"
+    assert json_format.MessageToDict(message, preserving_proto_field_name=True)["name"] == "rec"
+    one = ReplicaStats()
+    one.record("2", Timing(1, 2, 3, 4))
+    entry = triton.model_statistics("rec", "2", one.snapshot()["2"])
+    stats = kserve_grpc.model_statistics_response([entry]).model_stats[0]
+    assert stats.inference_stats.compute_infer.ns == 3 and stats.execution_count == 1
+    index = kserve_grpc.repository_index_response(triton.index_entries("rec", [state()]))
+    assert [(m.version, m.state) for m in index.models][1] == ("2", "READY")
+    params = pb.RepositoryModelLoadRequest(
+        parameters={"config": pb.ModelRepositoryParameter(string_param="{}")}
+    ).parameters
+    assert kserve_grpc.repository_parameters(params) == {"config": "{}"}
