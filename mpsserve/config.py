@@ -436,6 +436,19 @@ class IngressConfig(_Strict):
         description="TLS (and optionally mutual TLS) on both ports; null (the default): "
         "plain HTTP and insecure gRPC.",
     )
+    repository_api: bool = Field(
+        False,
+        description="Serve the model repository extension's load and unload (Triton's "
+        "POST /v2/repository/models/{name}/load and /unload, gRPC RepositoryModelLoad and "
+        "RepositoryModelUnload): an admin surface that changes what every replica serves "
+        "until the next deploy. Off: they answer 403 / PERMISSION_DENIED. The index is "
+        "always served. Protect it with ingress.auth where clients are not all admins.",
+    )
+    grpc_reflection: bool = Field(
+        False,
+        description="gRPC server reflection on the gRPC port (grpcurl, Postman list and "
+        "describe its services without the .proto files). Off: it lists the API to anyone.",
+    )
 
     @model_validator(mode="after")
     def _metrics_port_apart(self) -> IngressConfig:

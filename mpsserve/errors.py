@@ -24,6 +24,7 @@ class GrpcCode(enum.IntEnum):
     INVALID_ARGUMENT = 3
     DEADLINE_EXCEEDED = 4
     NOT_FOUND = 5
+    PERMISSION_DENIED = 7
     RESOURCE_EXHAUSTED = 8
     FAILED_PRECONDITION = 9
     INTERNAL = 13
@@ -89,6 +90,14 @@ class Unauthenticated(MpsServeError):
 
     http_status = 401
     grpc_code = GrpcCode.UNAUTHENTICATED
+
+
+class Forbidden(MpsServeError):
+    """The request is well formed and authenticated, but what it asks for is turned off by
+    the configuration (the repository API's load and unload: ``ingress.repository_api``)."""
+
+    http_status = 403
+    grpc_code = GrpcCode.PERMISSION_DENIED
 
 
 class ModelNotFound(MpsServeError):
@@ -172,6 +181,7 @@ BY_HTTP_STATUS: dict[int, type[MpsServeError]] = {
     for cls in (
         InvalidInput,
         Unauthenticated,
+        Forbidden,
         ModelNotFound,
         RequestTimeout,
         PayloadTooLarge,

@@ -25,6 +25,8 @@ from mpsserve.errors import (
     PayloadTooLarge,
 )
 from mpsserve.ingress.backends import ModelBackend
+from mpsserve.ingress.extensions import Extensions, ModelAdmin
+from mpsserve.ingress.health import HealthBoard
 from mpsserve.settings import settings
 from mpsserve.text import log_field, new_request_id, quote, valid_request_id
 from mpsserve.types import InferRequest, InferResponse
@@ -32,7 +34,13 @@ from mpsserve.types import InferRequest, InferResponse
 access_log = logging.getLogger("mpsserve.access")
 logger = logging.getLogger(__name__)
 
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_configuration",
+    "statistics",
+    "model_repository",
+    "model_repository(unload_dependents)",
+]
 DTYPES_TTL_S = 10.0  # how long an input-dtype map read from a replica is reused
 QUOTE = "'"  # model names are quoted as repr() quoted them
 
@@ -77,6 +85,8 @@ class DataPlane:
         max_request_bytes: int,
         request_timeout_s: float,
         max_in_flight: int = 2**31,
+        admin: ModelAdmin | None = None,
+        repository_api: bool = False,
     ) -> None:
         self._backends = backends
         self.max_request_bytes = max_request_bytes
@@ -85,6 +95,12 @@ class DataPlane:
         self.in_flight = 0
         self._dtypes: dict[str, tuple[float, dict[str, str]]] = {}
         self.recent = RecentStats()
+        #: Whether each model serves a version, as ``health`` last saw (absent: not known,
+        #: taken as serving when it has a replica).
+        self.serving: dict[str, bool] = {}
+        self.health = HealthBoard(self)
+        #: Triton's extensions: model configuration, statistics, the model repository.
+        self.extensions = Extensions(self, self.health, admin, repository_api)
 
     @staticmethod
     def live() -> bool:
@@ -112,7 +128,7 @@ class DataPlane:
     async def model_ready(self, name: str, version: str | None = None) -> bool:
         backend = self.backend(name)
         if version is None:
-            return await backend.ready()
+            return await backend.ready() and self.serving.get(name, True)
         return await backend.ready() and version in (await backend.metadata())["versions"]
 
     async def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:

@@ -111,13 +111,16 @@ async def start_grpc_server(
     limits: GrpcLimits,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    reflection: bool = False,
 ) -> Any:
     """A started grpc.aio server for KServe v2 on ``host:port`` (SO_REUSEPORT, so every
     ingress replica on the node shares the port). Inference past the data plane's in-flight
     bound is refused with UNAVAILABLE (``DataPlane.admission``); grpc's own RPC cap, a little
     higher so health RPCs still pass, answers RESOURCE_EXHAUSTED. ``credentials``: TLS
     (``auth.grpc_server_credentials``), else an insecure port; ``interceptors``: the token
-    check when ``ingress.auth`` is on; ``ErrorInterceptor`` is always the innermost."""
+    check when ``ingress.auth`` is on; ``ErrorInterceptor`` is always the innermost.
+    ``grpc.health.v1.Health`` is always served (``add_health``); server reflection only with
+    ``reflection`` (``ingress.grpc_reflection``)."""
     from mpsserve.ingress.grpc_servicer import InferenceServicer
     from mpsserve.ingress.tfserving_grpc import add_tfserving_services
     from mpsserve.protocol import grpc_service_pb2_grpc
@@ -131,6 +134,9 @@ async def start_grpc_server(
         InferenceServicer(dataplane), server
     )
     add_tfserving_services(server, dataplane)  # TF Serving's gRPC API on the same port
+    await add_health(server, dataplane)
+    if reflection:
+        add_reflection(server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if credentials is None:
         bound = server.add_insecure_port(address)
@@ -140,3 +146,40 @@ async def start_grpc_server(
         raise OSError(f"gRPC cannot bind {address}")
     await server.start()
     return server
+
+
+async def add_health(server: grpc.aio.Server, dataplane: DataPlane) -> None:
+    """The standard ``grpc.health.v1.Health`` (Check and Watch, what Kubernetes' gRPC probes
+    and load balancers call): service "" is the server (SERVING when every model has a
+    replica to route to), a model's name is that model (SERVING when a replica serves a
+    version of it); kept current by the data plane's ``HealthBoard``, the first look taken
+    before the port opens."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    servicer = health.aio.HealthServicer()
+    status = health_pb2.HealthCheckResponse
+
+    async def publish(name: str, serving: bool) -> None:
+        await servicer.set(name, status.SERVING if serving else status.NOT_SERVING)
+
+    board = dataplane.health
+    board.listeners.append(publish)
+    for name, serving in (await board.refresh()).items():
+        await publish(name, serving)
+    board.start()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+
+
+def add_reflection(server: grpc.aio.Server) -> None:
+    """gRPC server reflection (v1alpha, what grpcurl asks) for the services served here."""
+    from grpc_health.v1 import health_pb2
+    from grpc_reflection.v1alpha import reflection
+
+    from mpsserve.protocol import grpc_service_pb2
+
+    names = [
+        grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    ]
+    reflection.enable_server_reflection(names, server)

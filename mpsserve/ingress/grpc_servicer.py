@@ -84,3 +84,39 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             context.set_trailing_metadata(((REQUEST_ID, request_id),))  # no frame of its own
             result = await self.dataplane.infer(decoded, "grpc", request_id)
             return kserve_grpc.encode_infer_response(result, decoded)
+
+    # -- Triton's extensions (ingress.extensions) -------------------------------------------
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        extensions = self.dataplane.extensions
+        config = await extensions.model_config(request.name, request.version or None)
+        return kserve_grpc.model_config_response(config)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        extensions = self.dataplane.extensions
+        stats = await extensions.statistics(request.name or None, request.version or None)
+        return kserve_grpc.model_statistics_response(stats)
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        entries = await self.dataplane.extensions.index(ready_only=request.ready)
+        return kserve_grpc.repository_index_response(entries)
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        parameters = kserve_grpc.repository_parameters(request.parameters)
+        await self.dataplane.extensions.load(request.model_name, parameters)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        parameters = kserve_grpc.repository_parameters(request.parameters)
+        await self.dataplane.extensions.unload(request.model_name, parameters)
+        return pb.RepositoryModelUnloadResponse()

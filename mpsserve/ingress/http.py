@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -46,17 +47,30 @@ def _error_handler(retry_after_s: int) -> Callable[[Request, Exception], Awaitab
     return handle
 
 
-async def _framework_error(_request: Request, exc: Exception) -> Response:
+async def _framework_error(request: Request, exc: Exception) -> Response:
     """Starlette's own refusals (no such route, wrong method) in the ``{"error": ...}`` body
-    every other error has."""
+    every other error has, which every client decodes (tritonclient reads ``error``)."""
+    headers = getattr(exc, "headers", None)
     if isinstance(exc, RequestValidationError):
         status, message = 400, "the request does not match the route's parameters"
     else:
         status = getattr(exc, "status_code", 500)
-        message = str(getattr(exc, "detail", "error"))
-    headers = getattr(exc, "headers", None)
+        message = _refusal(status, request.method, request.url.path, (headers or {}).get("Allow"))
     body = kserve.encode_error(message)
     return Response(body, status, headers=headers, media_type="application/json")
+
+
+def _refusal(status: int, method: str, path: str, allow: str | None) -> str:
+    """The message of a framework refusal; the client's path is quoted and bounded."""
+    where = f"{quote(method, 16)} {quote(path, 100)}"
+    if status == 404:
+        return f"no endpoint {where} (the README lists the API)"
+    if status == 405:
+        return f"method not allowed: {where}; allowed: {allow or 'see the README'}"
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "error"
 
 
 def _parse_header_length(raw: str | None) -> int | None:
@@ -112,8 +126,11 @@ class InferRoute:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = INFER_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
-        if match is None or scope["method"] != "POST":
+        if match is None:
             await self.app(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            await _not_allowed(scope, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         request_id = client_request_id(headers.get(REQUEST_ID.lower()))
@@ -174,6 +191,19 @@ class InferRoute:
         return payload, response_headers, request_id
 
 
+async def _not_allowed(scope: Scope, send: Send) -> None:
+    """405 for an inference path asked with another method (``GET .../infer``)."""
+    message = _refusal(405, scope["method"], scope["path"], "POST")
+    payload = kserve.encode_error(message)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"allow", b"POST"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 405, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
 async def read_body(
     receive: Receive, content_length: str | None, dataplane: DataPlane
 ) -> bytearray:
@@ -219,6 +249,7 @@ def _framework_app(dataplane: DataPlane, retry_after_s: int, api_docs: bool) -> 
     app.add_exception_handler(Exception, _error_handler(retry_after_s))
     app.add_exception_handler(HTTPException, _framework_error)
     app.add_exception_handler(RequestValidationError, _framework_error)
+    _add_triton_routes(app, dataplane)  # first: /v2/models/stats before /v2/models/{name}
 
     @app.get("/v2/health/live")
     async def live() -> Response:
@@ -250,6 +281,52 @@ def _framework_app(dataplane: DataPlane, retry_after_s: int, api_docs: bool) -> 
     _add_tfserving_routes(app, dataplane)
     _add_tfserving_metadata_routes(app, dataplane)
     return app
+
+
+def _add_triton_routes(app: FastAPI, dataplane: DataPlane) -> None:
+    """Triton's extensions: model configuration, statistics, the model repository."""
+    extensions = dataplane.extensions
+
+    @app.get("/v2/models/{name}/config")
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def model_config(name: str, version: str | None = None) -> Response:
+        return JSONResponse(await extensions.model_config(name, version))
+
+    @app.get("/v2/models/stats")
+    @app.get("/v2/models/{name}/stats")
+    @app.get("/v2/models/{name}/versions/{version}/stats")
+    async def model_stats(name: str | None = None, version: str | None = None) -> Response:
+        return JSONResponse({"model_stats": await extensions.statistics(name, version)})
+
+    @app.post("/v2/repository/index")
+    async def repository_index(request: Request) -> Response:
+        ready = (await _json_body(request)).get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidInput('"ready" must be a boolean')
+        return JSONResponse(await extensions.index(ready_only=ready))
+
+    @app.post("/v2/repository/models/{name}/load")
+    async def repository_load(name: str, request: Request) -> Response:
+        await extensions.load(name, await _parameters(request))
+        return Response(b"", 200)
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def repository_unload(name: str, request: Request) -> Response:
+        await extensions.unload(name, await _parameters(request))
+        return Response(b"", 200)
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    """A small JSON body (an empty one is ``{}``), bounded like every route's."""
+    body = await request.body()
+    return kserve.parse_json_object(body) if body.strip() else {}
+
+
+async def _parameters(request: Request) -> dict[str, Any]:
+    parameters = (await _json_body(request)).get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidInput('"parameters" must be a JSON object')
+    return parameters
 
 
 def _add_tfserving_routes(app: FastAPI, dataplane: DataPlane) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from mpsserve.errors import InvalidInput, PayloadTooLarge
 from mpsserve.model.runtime.base import Signature, TensorSpec
+from mpsserve.protocol.tensors import numpy_to_datatype
 from mpsserve.types import LENGTHS_SUFFIX, VALUES_SUFFIX
 
 
@@ -50,13 +51,30 @@ def _check_missing(signature: Signature, inputs: Mapping[str, np.ndarray]) -> No
         raise InvalidInput(f"missing input {missing[0]!r}; the model takes {expected}")
 
 
+def _dtype_mismatch(name: str, got: np.dtype, want: np.dtype) -> str:
+    """Names the tensor and both types; strings (numpy's ``object``, which no client sent
+    under that name) are named by their wire datatype, BYTES."""
+    if got.kind in "OSU" or want.kind in "OSU":
+        return (
+            f"input {name!r} has datatype {_wire_name(got)}; the model expects {_wire_name(want)}"
+        )
+    return f"input {name!r} has dtype {got.name}; the model expects {want.name}"
+
+
+def _wire_name(dtype: np.dtype) -> str:
+    """``BYTES`` for strings, else the KServe datatype and the numpy name: ``INT64 (int64)``."""
+    try:
+        wire = numpy_to_datatype(dtype)
+    except ValueError:
+        return dtype.name
+    return wire if wire == "BYTES" else f"{wire} ({dtype.name})"
+
+
 def _check_tensor(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
     want = np.dtype(spec.dtype)
     if array.dtype != want:
         if not np.can_cast(array.dtype, want, casting="safe"):
-            raise InvalidInput(
-                f"input {spec.name!r} has dtype {array.dtype.name}; the model expects {want.name}"
-            )
+            raise InvalidInput(_dtype_mismatch(spec.name, array.dtype, want))
         array = array.astype(want)
     if array.ndim != len(spec.shape) or any(
         d != -1 and d != n for d, n in zip(spec.shape, array.shape, strict=True)

@@ -158,6 +158,10 @@ class Servable:
         self.failed: dict[int, Failure] = {}  # versions that would not load here, and why
         self.skipped: dict[int, str] = {}  # incomplete versions in the store, and why
         self.store_error: str | None = None
+        self.complete: list[int] = []  # the store's complete versions at the last poll
+        self.loading: int | None = None  # the version being loaded and warmed now
+        #: Unloaded through the repository API: serves nothing, loads nothing, stays healthy.
+        self.unloaded = False
         self.swaps = 0
         #: The served version's warm-up (its file, requests and seconds by source).
         self.warmup: dict[str, Any] | None = None
@@ -187,9 +191,13 @@ class Servable:
         """Why this process cannot serve (for health checks), or None."""
         if self.fault is not None:
             return f"device fault: {self.fault}"
+        if self.unloaded:
+            return None  # on purpose: replacing the process would not load it
         return None if self._current is not None else f"no loaded version ({self._why_empty()})"
 
     def _why_empty(self) -> str:
+        if self.unloaded:
+            return "it was unloaded through the repository API; load it to serve it again"
         if self.store_error:
             return self.store_error
         if self.failed:
@@ -217,6 +225,9 @@ class Servable:
                 logger.error("model %s: cannot read the store: %s", self.config.name, exc.message)
                 return
             self.store_error, self.skipped = None, dict(scan.skipped)
+            self.complete = list(scan.complete)
+            if self.unloaded:
+                return
             for version in self.policy.candidates(scan.complete):
                 if version == self.version:
                     break
@@ -260,11 +271,14 @@ class Servable:
 
     def _swap_to(self, version: int, fingerprint: str | None) -> bool:
         started = time.monotonic()
+        self.loading = version
         try:
             runtime, warmup = self._load_version(version)
         except Exception as exc:  # whatever a framework raises: report it, retry it later
             self._record_failure(version, fingerprint, exc)
             return False
+        finally:
+            self.loading = None
         self.failed.pop(version, None)
         old, self._current = self._current, Loaded(runtime, version)
         self.warmup = warmup
@@ -407,6 +421,28 @@ class Servable:
                 self.failed.pop(version, None)
             self._watcher.wake()
 
+    def unload(self) -> None:
+        """Serve nothing until ``reload`` (the repository API's unload): requests get
+        ModelNotReady, the version unloads once its requests finish, polls load nothing."""
+        with self._poll_lock:
+            self.unloaded = True
+            old, self._current = self._current, None
+        if old is None:
+            return
+        logger.info("model %s: unloaded through the repository API", self.config.name)
+        metrics.set_served_versions(self.config.name, self.replica, [])
+        self.busy = True  # the collection unloading runs stalls this process
+        try:
+            old.close_when_idle()
+        finally:
+            self.busy = False
+
+    def reload(self) -> None:
+        """Serve again after ``unload``: the next poll (now) loads the policy's version."""
+        if self.unloaded:
+            logger.info("model %s: loaded through the repository API", self.config.name)
+            self.unloaded = False
+
     def start_watching(self) -> None:
         if not self._watcher.is_alive() and not self._watcher.stopping:
             self._watcher.start()
@@ -462,6 +498,8 @@ class Servable:
 
     def _current_for(self, version: str | None) -> Loaded:
         current = self._current
+        if current is None and self.unloaded:
+            raise ModelNotReady(f"model {self.config.name!r} is unloaded (repository API)")
         if current is None:
             raise ModelNotReady(f"model {self.config.name!r} is not loaded yet")
         if version is not None and version != str(current.version):
@@ -499,6 +537,23 @@ class Servable:
             "cpu_ops": current.runtime.cpu_ops,
             "graphs": current.runtime.graph_status(),
             "store": self.store_status(),
+        }
+
+    def repository_state(self) -> dict[str, Any]:
+        """What the repository index, the model configuration and a load's wait read: the
+        version served, the store's complete versions, the policy, failures (no paths)."""
+        return {
+            "serving": None if self.version is None else str(self.version),
+            "versions": [str(v) for v in self.complete],
+            "loading": self.loading,
+            "policy": self.policy.model_dump(mode="json"),
+            "policy_text": self.policy.text(),
+            "failed": {str(v): f.reason for v, f in sorted(self.failed.items())},
+            "unloaded": self.unloaded,
+            "error": self.store_error,
+            "device": self.runtime.device if self.runtime is not None else self.options.device,
+            "signature": self.config.signature,
+            "max_rows": self.config.max_rows,
         }
 
     def store_status(self) -> dict[str, Any]:

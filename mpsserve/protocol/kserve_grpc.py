@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from google.protobuf import json_format
 
 from mpsserve.errors import InferenceError, InvalidInput
 from mpsserve.protocol import grpc_service_pb2 as pb
@@ -255,3 +256,36 @@ def server_metadata_response(metadata: Mapping[str, Any]) -> pb.ServerMetadataRe
         version=str(metadata.get("version", "")),
         extensions=[str(e) for e in metadata.get("extensions", ())],
     )
+
+
+# -- Triton's extensions: the documents of ``protocol.triton`` as messages --------------------
+
+
+def model_config_response(config: Mapping[str, Any]) -> pb.ModelConfigResponse:
+    """A model configuration document (``triton.model_config``) as the message."""
+    return pb.ModelConfigResponse(config=json_format.ParseDict(config, pb.ModelConfig()))
+
+
+def model_statistics_response(stats: Sequence[Mapping[str, Any]]) -> pb.ModelStatisticsResponse:
+    """``model_stats`` entries (``triton.model_statistics``) as the message."""
+    entries = [json_format.ParseDict(entry, pb.ModelStatistics()) for entry in stats]
+    return pb.ModelStatisticsResponse(model_stats=entries)
+
+
+def repository_index_response(
+    entries: Sequence[Mapping[str, Any]],
+) -> pb.RepositoryIndexResponse:
+    """Repository index entries (``triton.index_entries``) as the message."""
+    models = [pb.RepositoryIndexResponse.ModelIndex(**entry) for entry in entries]
+    return pb.RepositoryIndexResponse(models=models)
+
+
+def repository_parameters(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A load or unload request's ``map<string, ModelRepositoryParameter>`` as plain values."""
+    out: dict[str, Any] = {}
+    for key, param in params.items():
+        choice = param.WhichOneof("parameter_choice")
+        if choice is None:
+            raise InvalidInput(f"repository parameter {quote(key, 64)} has no value")
+        out[key] = getattr(param, choice)
+    return out

@@ -13,8 +13,10 @@ Threads of an ingress replica process: Serve's replica event loop (health checks
 ``describe``), the ingress loop (``ingress``: uvicorn on the API port and on the metrics
 port (``serving.metrics_port``), grpc.aio, the router), Serve's router loop for the model
 deployments' handles (it receives the replica-set pushes), the transport key reloader
-(``transport-keys``), the default executor's threads (a scrape's agent lookup and filter),
-and grpc.aio's own threads.
+(``transport-keys``), the default executor's threads (a scrape's agent lookup and filter;
+Triton's statistics and repository calls, which make Serve's blocking calls), and grpc.aio's
+own threads. On the ingress loop, besides the servers' own tasks, one task refreshes the
+health statuses every second (``ingress.health``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from mpsserve.ingress.transport import KeyWatcher, TransportSpec
 from mpsserve.serving import replica_set
 from mpsserve.serving.logs import configure_replica_logging
 from mpsserve.serving.metrics_port import metrics_server
+from mpsserve.serving.repository import ServeAdmin
 
 logger = logging.getLogger(__name__)
 #: Share of the file limit connections may take (the rest: Ray, logs, replica sockets).
@@ -133,6 +136,8 @@ class Front:
             max_request_bytes=self.max_bytes,
             request_timeout_s=config.request_timeout_s,
             max_in_flight=config.limits.max_in_flight_requests,
+            admin=self._admin(handles),
+            repository_api=config.repository_api,
         )
         self.file_limit = raise_file_limit()
         self.http_cap, self.grpc_cap = connection_caps(config, self.file_limit)
@@ -185,6 +190,7 @@ class Front:
                 self._grpc_limits(),
                 credentials=_auth.grpc_server_credentials(tls) if tls else None,
                 interceptors=[_auth.AuthInterceptor(self.auth)] if self.auth else [],
+                reflection=self.config.grpc_reflection,
             )
             self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
             if metrics_sock is not None:
@@ -216,6 +222,13 @@ class Front:
         self._metrics = metrics_server(self.config, serve.get_replica_context().app_name)
         logger.info("metrics: GET /metrics on port %d (this node's service series)", port)
         return sock
+
+    @staticmethod
+    def _admin(handles: dict[str, DeploymentHandle]) -> ServeAdmin | None:
+        """Triton's statistics and repository API ask the model replicas through Serve."""
+        if not handles:
+            return None
+        return ServeAdmin(handles, next(iter(handles.values())).app_name)
 
     def _authenticator(self) -> _auth.Authenticator | None:
         """The token check, or None when ``ingress.auth`` is off (nothing then runs)."""
@@ -353,6 +366,7 @@ class Front:
             replica_set.unsubscribe(handle, self._listeners[model])
 
         async def shutdown() -> None:
+            self.dataplane.health.stop()
             if self._http is not None:
                 self._http.should_exit = True
             if self._metrics is not None:

@@ -34,6 +34,7 @@ from mpsserve import metrics
 from mpsserve.config import ModelConfig, VersionPolicy, parse_model
 from mpsserve.errors import ConfigError, MpsServeError
 from mpsserve.ingress.replica_server import ReplicaServer
+from mpsserve.ingress.stats import ReplicaStats, Timing
 from mpsserve.ingress.transport import KeyWatcher, TransportSpec
 from mpsserve.model.servable import Servable
 from mpsserve.node import hook
@@ -66,7 +67,10 @@ class ModelReplica:
     """The model's settings arrive in the process's environment (``replica_model``): Serve
     starts new replicas when they change. The version policy arrives as ``user_config``:
     Serve calls ``reconfigure`` after the constructor (the first load happens there) and
-    again whenever only the policy changes, without restarting the replica."""
+    again whenever only the policy changes, without restarting the replica.
+    The repository API's load and unload change the same ``user_config`` (``loaded``: false
+    unloads) through Serve's controller (``serving.repository``), so every replica, and any
+    Serve starts later, follows."""
 
     def __init__(self, name: str, transport: TransportSpec | None = None) -> None:
         config = replica_model(name)
@@ -84,11 +88,17 @@ class ModelReplica:
         self._transport = transport or TransportSpec(serve.get_replica_context().app_name)
         self._stall_s = config.placement.inference_stall_s
         self._serve_tags = metrics.ServeTags.of_replica()
+        self._stats = ReplicaStats()  # Triton's statistics, per version (ingress.stats)
         self._server = self._open_data_port(config.placement.max_ongoing_requests)
         self._servable.drain = self._drain
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self._servable.set_policy(VersionPolicy.model_validate(user_config["version_policy"]))
+        if not user_config.get("loaded", True):
+            self._servable.unload()
+            self._servable.start_watching()  # the index still shows the store's versions
+            return
+        self._servable.reload()
         if not self._servable.ready:
             self._servable.load()
             self._mps.verify()
@@ -185,22 +195,54 @@ class ModelReplica:
 
     def _answer(self, op: object, header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
         if op == "infer":
-            started = time.perf_counter()
-            inputs = frame.tensors(header, body)
-            version, outputs = self._servable.infer(
-                inputs, header.get("outputs"), header.get("version")
-            )
-            metrics.observe_inference(
-                self._servable.config.name,
-                version,
-                queue_seconds=started - header["_received"],
-                inference_seconds=time.perf_counter() - started,
-            )
-            answer = {"ok": True, "version": version, "busy": self._servable.busy}
-            return frame.encode(answer, outputs)
+            return self._infer(header, body)
         if op == "metadata":
             return frame.encode({"ok": True, "metadata": self.metadata()})
         raise frame.FrameError(f"unknown operation {op!r}")
+
+    def _infer(self, header: dict[str, Any], body: bytearray) -> list[frame.Buffer]:
+        """One inference frame, timed in Triton's parts (``ingress.stats``)."""
+        started = time.perf_counter_ns()
+        received = int(header["_received"] * 1e9)
+        try:
+            inputs = frame.tensors(header, body)
+            decoded = time.perf_counter_ns()
+            version, outputs = self._servable.infer(
+                inputs, header.get("outputs"), header.get("version")
+            )
+            inferred = time.perf_counter_ns()
+            answer = {"ok": True, "version": version, "busy": self._servable.busy}
+            parts = frame.encode(answer, outputs)
+            encoded = time.perf_counter_ns()
+        except Exception:
+            served = self._servable.version
+            self._stats.failed(str(served or ""), time.perf_counter_ns() - received)
+            raise
+        timing = Timing(
+            started - received, decoded - started, inferred - decoded, encoded - inferred
+        )
+        self._stats.record(version, timing)
+        metrics.observe_inference(
+            self._servable.config.name,
+            version,
+            queue_seconds=(started - received) / 1e9,
+            inference_seconds=(inferred - started) / 1e9,
+        )
+        return parts
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's inference statistics per version and the version it serves
+        (the ingress sums every replica's through Serve's ``broadcast``)."""
+        served = self._servable.version
+        return {
+            "serving": None if served is None else str(served),
+            "versions": self._stats.snapshot(),
+        }
+
+    def repository_state(self) -> dict[str, Any]:
+        """The model repository's view of this replica (``Servable.repository_state``)
+        and where it runs."""
+        return {**self._servable.repository_state(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
     def infer(
         self,
