@@ -341,7 +341,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _start_local(config: ServiceConfig, config_path: str) -> LocalHead:
     """``mpsserve serve``'s own Ray: ``ray start --head`` on the ``ray:`` section's ports."""
     log = state_dir() / "logs" / f"ray-start-{config.ray.app_name}.log"
-    print(f"starting a local Ray (ray start --head; its output: {log}) ...", flush=True)
     return start_local(config.ray, config_path, log)
 
 

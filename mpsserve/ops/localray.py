@@ -135,7 +135,7 @@ def plan_ports(config: RayConfig, source: str) -> dict[str, int]:
             "another Ray cluster on this machine keeps its own"
         )
     for name, port in config.ports().items():
-        if port is None:
+        if port is None and (name != "dashboard_port" or config.dashboard):
             chosen[name] = _unused(set(chosen.values()))
     return chosen
 
@@ -246,6 +246,7 @@ def start_head(config: RayConfig, source: str, log: Path, node_ip: str) -> Local
     """Check the ports, launch ``ray start --head --block`` and wait until its GCS answers."""
     ports = plan_ports(config, source)
     ray_bin = ray_binary()
+    print(f"starting a local Ray (ray start --head; its output: {log}) ...", flush=True)
     command = [
         ray_bin,
         "start",
