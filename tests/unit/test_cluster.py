@@ -312,7 +312,12 @@ def test_serve_records_its_cluster_until_it_stops(
     head = LocalHead(sleeper, "10.0.0.5", ports, "127.0.0.1", True, tmp_path / "log", "token")
     targets: list[Target] = []
     monkeypatch.setattr(cli, "_start_local", lambda config, path: head)
-    monkeypatch.setattr(cli, "start_ray", lambda config, target: targets.append(target) or cluster)
+
+    def start_ray(config: object, target: Target) -> Cluster:
+        targets.append(target)
+        return cluster
+
+    monkeypatch.setattr(cli, "start_ray", start_ray)
     monkeypatch.setattr(cli, "_ray_lines", lambda *_: "")
     monkeypatch.setattr(cli, "deploy_to", lambda config, cluster: None)
     monkeypatch.setattr(cli, "_write_request", lambda *_: tmp_path / "request.json")
