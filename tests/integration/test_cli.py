@@ -27,7 +27,7 @@ def test_serve_prints_a_working_request_and_stops_on_ctrl_c(tf_store: Path, tmp_
     config = {
         "models": [{"name": "rec", "store": str(tf_store), "placement": {"cpus_per_replica": 0.5}}],
         "ingress": {"http_port": PORT, "cpus_per_replica": 0.5},
-        "ray": {"num_cpus": 2},
+        "ray": {"num_cpus": 2, "dashboard_port": PORT + 50},
     }
     (tmp_path / "service.yaml").write_text(yaml.safe_dump(config))
     state = tmp_path / "state"
@@ -87,7 +87,7 @@ def _status_finds_the_recorded_cluster(banner: str, env: dict[str, str], state: 
 
 def test_deploy_to_a_running_cluster(tf_store: Path, tmp_path: Path) -> None:
     """`ray start --head` then `mpsserve deploy`: the app serves and outlives the command."""
-    ray_port, http_port = 26390, 28200
+    ray_port, http_port = 26390 + PORT_OFFSET, 28200 + PORT_OFFSET
     config = {
         "models": [{"name": "rec", "store": str(tf_store), "placement": {"cpus_per_replica": 0.5}}],
         "ingress": {"http_port": http_port, "cpus_per_replica": 0.5},
