@@ -627,12 +627,13 @@ class RayConfig(_Strict):
     @model_validator(mode="after")
     def _check_ports(self) -> RayConfig:
         ports = self.ports()
-        given = [k for k, v in ports.items() if v is not None and k in self.model_fields_set]
+        # a Serve config file carries every field: only a port other than its default counts
+        given = [k for k, v in ports.items() if v != type(self).model_fields[k].default]
         if self.address is not None and given:
             raise ValueError(
                 f"{', '.join(given)}: ports of the "
                 "local Ray that `mpsserve serve` starts; with ray.address set it joins a "
-                "cluster whose ports are its own (leave them out, or null)"
+                "cluster whose ports are its own (leave them out)"
             )
         taken: dict[int, str] = {}
         for name, port in ports.items():

@@ -75,8 +75,11 @@ def test_bad_port_settings_fail_at_load_naming_the_setting(
     assert said in str(caught.value), caught.value
 
 
-def test_a_joined_cluster_keeps_the_default_dashboard_port_without_complaint() -> None:
-    assert RayConfig(address="10.0.0.5:6379").dashboard_port == 8266
+def test_a_joined_cluster_keeps_the_default_ports_without_complaint() -> None:
+    joined = RayConfig(address="10.0.0.5:6379")
+    assert joined.dashboard_port == 8266
+    # a Serve config file carries every field, defaults included: it loads again
+    assert RayConfig.model_validate(joined.model_dump()) == joined
 
 
 # The check before start.
