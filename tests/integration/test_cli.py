@@ -123,6 +123,8 @@ def test_deploy_to_a_running_cluster(tf_store: Path, tmp_path: Path) -> None:
                 f"127.0.0.1:{ray_port}",
             ],
             cwd=tmp_path,
+            # a loaded 2-core box takes ~30 s from `ray start` to a raylet a driver can join
+            env={**os.environ, "MPSSERVE_CONNECT_TIMEOUT_S": "120"},
             capture_output=True,
             text=True,
             timeout=300,
