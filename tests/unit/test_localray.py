@@ -137,3 +137,35 @@ def test_token_auth_follows_ray_auth_mode(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert (token_source(), read_token()) == (str(token), "s3cret")
     monkeypatch.setenv("RAY_AUTH_TOKEN", "inline")
     assert (token_source(), read_token()) == ("$RAY_AUTH_TOKEN", "inline")
+
+
+# The banner: how to reach this Ray, with what Ray's CLI needs.
+
+
+@pytest.mark.parametrize("auth", ["token", "disabled"])
+def test_the_banner_prints_ray_commands_that_carry_the_auth_mode(
+    auth: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mpsserve.ops import cli
+    from mpsserve.ops.deploy import Cluster
+    from mpsserve.ops.localray import LocalHead
+
+    monkeypatch.setattr(cli, "job_server_problem", lambda head: None)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "auth_token"))
+    ports = {"gcs_port": 30010, "dashboard_port": 30011}
+    head = LocalHead(None, "10.0.0.5", ports, "0.0.0.0", True, tmp_path / "log", auth)  # type: ignore[arg-type]
+    cluster = Cluster(0, 2.0, "10.0.0.5:30010", "/tmp/ray/session_x_1", "http://0.0.0.0:30011")
+    lines = cli._ray_lines(cluster, head, "service.yaml")
+    url = "http://127.0.0.1:30011"  # where the dashboard listens on every address
+    assert f"Ray dashboard:    {url}\n" in lines
+    assert "Ray address:      10.0.0.5:30010  (session session_x_1)" in lines
+    assert "Ray job server:   ready" in lines
+    env = "RAY_AUTH_MODE=token " if auth == "token" else ""
+    assert f"{env}{cli._command('serve')} status --address {url}\n" in lines
+    assert f"{env}{cli._command('ray')} job submit --address {url} \\\n" in lines
+    assert f"-- python -m mpsserve.ops.redeploy --config {Path('service.yaml').resolve()}" in lines
+    if auth == "token":
+        assert f"token auth on: paste the token of {tmp_path / 'auth_token'} when it asks" in lines
+    else:
+        assert "token auth off (RAY_AUTH_MODE=disabled)" in lines
