@@ -408,6 +408,19 @@ class IngressConfig(_Strict):
         description="Serve FastAPI's pages (/openapi.json, /docs, /redoc). Off: they list "
         "every route to anyone who asks and are no part of the inference API.",
     )
+    metrics_port: int | None = Field(
+        8002,
+        ge=1,
+        le=65535,
+        description="Port of GET /metrics (Prometheus text format; 8002 as Triton's): the "
+        "service's series (ray_mpsserve_*, and Ray Serve's ray_serve_* of this app) from every "
+        "process of the node, read from the node's Ray metrics agent. Every ingress replica of "
+        "a node answers it (SO_REUSEPORT). Plain HTTP without a token, like Triton's and Ray's "
+        "own metrics ports: bind it where only Prometheus reaches (metrics_host). null: off.",
+    )
+    metrics_host: str | None = Field(
+        None, description="Address the metrics port binds; null = the ingress's host."
+    )
     limits: IngressLimits = Field(default_factory=IngressLimits)
     auth: IngressAuth | None = Field(
         None,
@@ -419,6 +432,14 @@ class IngressConfig(_Strict):
         description="TLS (and optionally mutual TLS) on both ports; null (the default): "
         "plain HTTP and insecure gRPC.",
     )
+
+    @model_validator(mode="after")
+    def _metrics_port_apart(self) -> IngressConfig:
+        if self.metrics_port is not None and self.metrics_port in (self.http_port, self.grpc_port):
+            raise ValueError(
+                f"metrics_port {self.metrics_port} is also the HTTP or gRPC port; give it its own"
+            )
+        return self
 
 
 class TransportConfig(_Strict):
@@ -679,7 +700,20 @@ class ServiceConfig(_Strict):
                 f"{MPS_MAX_CLIENTS_PER_GPU} clients per GPU"
             )
         self._check_mps_budget()
+        self._check_ray_ports()
         return self
+
+    def _check_ray_ports(self) -> None:
+        """The local Ray's ports and the ingress's are bound on the same machine."""
+        ingress = {
+            "ingress.http_port": self.ingress.http_port,
+            "ingress.grpc_port": self.ingress.grpc_port,
+            "ingress.metrics_port": self.ingress.metrics_port,
+        }
+        for name, port in self.ray.ports().items():
+            clash = [k for k, v in ingress.items() if port is not None and v == port]
+            if clash and self.ray.address is None:
+                raise ValueError(f"ray.{name} and {clash[0]} are both {port}")
 
     def _check_mps_budget(self) -> None:
         """A health check may ask a busy daemon for up to mps.command_retry_s; it must still
@@ -698,6 +732,22 @@ class ServiceConfig(_Strict):
         return next(m for m in self.models if m.name == name)
 
 
+class SharedConfig(_Strict):
+    """The service config less its models: what every deployment of the application shares,
+    and what the Serve application's args carry (``serving.app``), while each model's own
+    settings travel with its deployment, so that changing them restarts nothing else. Its
+    fields are ServiceConfig's, models aside (a unit test keeps the two in step)."""
+
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    mps: MpsConfig = Field(default_factory=MpsConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+
+    @classmethod
+    def of(cls, config: ServiceConfig) -> SharedConfig:
+        return cls.model_validate(config.model_dump(exclude={"models"}))
+
+
 def _describe(error: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for item in error.errors():
@@ -712,6 +762,23 @@ def parse_config(data: object, source: str = "<dict>", check_files: bool = True)
     where the config is only passed on to the machines that run it)."""
     try:
         return ServiceConfig.model_validate(data, context={CHECK_FILES: check_files})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from exc
+
+
+def parse_shared(data: object, source: str) -> SharedConfig:
+    """Validate the shared sections (``SharedConfig``); ConfigError naming each bad field.
+    Files are not looked for: the ingress checks them where it runs."""
+    try:
+        return SharedConfig.model_validate(data, context={CHECK_FILES: False})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from exc
+
+
+def parse_model(text: str, source: str) -> ModelConfig:
+    """A model's config from JSON (a replica's ``MPSSERVE_MODEL_CONFIG``); ConfigError if bad."""
+    try:
+        return ModelConfig.model_validate_json(text)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from exc
 

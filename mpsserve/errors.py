@@ -147,6 +147,14 @@ class ClusterError(MpsServeError):
     grpc_code = GrpcCode.UNAVAILABLE
 
 
+class MetricsUnavailable(MpsServeError):
+    """The metrics port cannot read the node's Ray metrics agent now (the message says why)."""
+
+    http_status = 503
+    grpc_code = GrpcCode.UNAVAILABLE
+    retry_after = True
+
+
 class InferenceError(MpsServeError):
     """The runtime failed on a request that passed validation."""
 

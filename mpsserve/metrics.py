@@ -2,9 +2,9 @@
 
 Recorded with ``ray.util.metrics``; each node's Ray metrics agent serves them in Prometheus
 text format at that node's metrics export port (``ray start --metrics-export-port``,
-``ray.init(_metrics_export_port=...)``), beside Ray's own metrics; the head's dashboard lists
-every node's port in ``/tmp/ray/prom_metrics_service_discovery.json`` for Prometheus
-(deployments/prometheus).
+``ray.init(_metrics_export_port=...)``), beside Ray's own metrics. The ingress's metrics port
+(``ingress.metrics_port``, ``mpsserve.ingress.metrics_port``) reads that agent and serves this
+service's series alone on a stable port, which Prometheus scrapes (deployments/prometheus).
 
 Exported names (Ray 2.60, checked by tests/integration/test_metrics_export.py): Ray prefixes
 every name with ``ray_`` (``mpsserve_requests_total`` -> ``ray_mpsserve_requests_total``);

@@ -35,6 +35,11 @@ class Settings:
     #: (``mpsserve.node.hook.replica_runtime_env``) and validated where it is read; the MPS
     #: knobs themselves are declared once, in ``mpsserve.config.MpsConfig``. Empty: MPS off.
     mps_config: str = ""
+    #: This model replica's model: ``ModelConfig`` as JSON (its version policy aside, which
+    #: arrives as ``user_config``), written by the app builder (``serving.app.model_options``)
+    #: into the replica's runtime environment, so that Serve replaces exactly the replicas of
+    #: a model whose settings changed (a changed environment is a new process).
+    model_config: str = ""
     #: A service YAML whose ``mps`` section ``ray_start_hook`` applies on a ``ray start``
     #: node (the daemon up before the raylet); empty: ``mps_config``, else nothing to do.
     service_config: str = ""

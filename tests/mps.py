@@ -110,7 +110,7 @@ def mps_service_config(
                 },
             }
         ],
-        "ingress": {"http_port": port, "cpus_per_replica": cpus},
+        "ingress": {"http_port": port, "metrics_port": port + 1, "cpus_per_replica": cpus},
         "mps": {
             "mode": "on",
             "pipe_dir": str(tmp / "pipe"),

@@ -96,7 +96,8 @@ def service_config(
     **model: Any,
 ) -> dict[str, Any]:
     """A small CPU service for ``Service``: fits a 2-CPU local Ray (0.5 CPU per replica);
-    the gRPC port is the HTTP port + 1000. ``model`` adds or overrides model fields."""
+    the gRPC port is the HTTP port + 1000, the metrics port the HTTP port + 1. ``model`` adds
+    or overrides model fields."""
     return {
         "models": [
             {
@@ -112,6 +113,7 @@ def service_config(
             "host": "127.0.0.1",
             "http_port": http_port,
             "grpc_port": http_port + 1000,
+            "metrics_port": http_port + 1,
             "replicas": ingress_replicas,
             "cpus_per_replica": 0.5,
         },

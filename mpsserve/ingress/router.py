@@ -83,6 +83,7 @@ _FAILURES = (
 WINDOW = 256  # answered exchanges per model behind the P99
 BUSY_S = 1.0  # how long a replica that answered "busy" gets no request another one could take
 FULL_S = 0.02  # how long a replica that answered "full" gets no request from this ingress
+DEFAULT_MAX_IN_FLIGHT = 8  # a model's bound per replica until its replicas publish theirs
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,9 @@ class Router:
         """Replace ``model``'s endpoints with Serve's running replicas of it (keeps live
         counters of those that stay)."""
         fresh = {e["key"]: {**e, "model": model} for e in entries}
+        limits = {int(e["max_in_flight"]) for e in entries if e.get("max_in_flight")}
+        if limits:  # replicas of one deployment share it (min: mid-rollout, the safe one)
+            self.max_in_flight[model] = min(limits)
         for key in [k for k, e in self._endpoints.items() if e.model == model]:
             if key not in fresh:
                 gone = self._endpoints.pop(key)
@@ -441,7 +445,7 @@ class Router:
 
     def _pick(self, model: str, tried: set[str]) -> Endpoint | None:
         """Takes the replica of ``model`` not tried yet that the policy picks, if any."""
-        limit, now = self.max_in_flight.get(model, 8), time.monotonic()
+        limit, now = self.max_in_flight.get(model, DEFAULT_MAX_IN_FLIGHT), time.monotonic()
         untried = [e for e in self.endpoints(model) if e.key not in tried]
         endpoint = self.policy.pick(untried, limit, now)
         if endpoint is not None:

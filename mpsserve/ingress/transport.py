@@ -1,7 +1,7 @@
 """The replica transport's key and bounds, as the app hands them to its deployments.
 
-Where the key lives, and why there. The app builder (``build_app``, which Serve runs again
-at every redeploy that changes the config) generates a fresh key with ``secrets`` and
+Where the key lives, and why there. The app builder (``serving.app``, which Serve runs again
+at every redeploy that changes the application's args) generates a fresh key with ``secrets`` and
 stores the application's keyring (that key and the previous one) in Ray's internal KV,
 under the application's name; the ingress and model replicas read it from there when they
 start and every ``REFRESH_S`` after. The deployments' init args carry only the KV entry's
@@ -29,7 +29,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mpsserve.config import ServiceConfig
+from mpsserve.config import ServiceConfig, SharedConfig
 from mpsserve.errors import ModelNotReady
 from mpsserve.periodic import Periodic
 from mpsserve.protocol.handshake import Keyring
@@ -55,7 +55,7 @@ class WireLimits:
     max_connections: int = 256
 
     @classmethod
-    def of(cls, config: ServiceConfig) -> WireLimits:
+    def of(cls, config: ServiceConfig | SharedConfig) -> WireLimits:
         transport = config.transport
         return cls(
             max_header_bytes=transport.max_header_kb * 2**10,
@@ -78,7 +78,7 @@ class TransportSpec:
     bind_host: str | None = None
 
     @classmethod
-    def of(cls, config: ServiceConfig) -> TransportSpec:
+    def of(cls, config: ServiceConfig | SharedConfig) -> TransportSpec:
         return cls(config.ray.app_name, WireLimits.of(config), config.transport.bind_host)
 
     def hosts(self) -> tuple[str, str]:

@@ -1,6 +1,8 @@
 """Which Ray cluster an ops command talks to, found the same way every time and said aloud.
 
-``mpsserve serve`` records where its cluster is (``<state_dir>/clusters/<app>.json``);
+``mpsserve serve`` records where its cluster is (``<state_dir>/clusters/<app>.json``, with its
+metrics URL) and lists its metrics endpoints for Prometheus beside it
+(``<app>.prometheus.json``, file_sd format);
 ``status`` and ``deploy`` take, in order: ``--address``, Ray's own ``RAY_ADDRESS`` (set for a
 ``ray job submit`` entrypoint), the record of the app while its Ray answers, the config's
 ``ray.address``. Never a bare "auto": on a machine with two clusters it picks one silently.
@@ -51,6 +53,7 @@ class ClusterRecord:
     config_path: str
     pid: int
     started: float
+    metrics_url: str = ""  # the ingress's GET /metrics (ingress.metrics_port); "" when off
     #: The local Ray's ports by setting name (``ray.dashboard_port``, ...), for a serve that
     #: started it; empty for one that joined a cluster.
     ray_ports: dict[str, int] = field(default_factory=dict)
@@ -71,6 +74,7 @@ class ClusterRecord:
             config_path=str(data["config_path"]),
             pid=int(data["pid"]),
             started=float(data["started"]),
+            metrics_url=str(data.get("metrics_url") or ""),
             ray_ports={str(k): int(v) for k, v in (data.get("ray_ports") or {}).items()},
             ray_auth_mode=str(data.get("ray_auth_mode") or ""),
         )
@@ -89,10 +93,33 @@ def record_path(app_name: str) -> Path:
 def write_record(record: ClusterRecord) -> Path:
     """Atomically: a reader sees the old record or the new one, never half of one."""
     path = record_path(record.app_name)
+    _write_atomically(path, asdict(record))
+    return path
+
+
+def _write_atomically(path: Path, data: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps(asdict(record), indent=2) + "\n")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(partial, path)
+
+
+def discovery_path(app_name: str) -> Path:
+    """The app's Prometheus file_sd targets, beside its record (``clusters/*.prometheus.json``
+    is what deployments/prometheus/prometheus.yml reads)."""
+    return record_path(app_name).with_name(f"{app_name}.prometheus.json")
+
+
+def discovery_groups(app_name: str, targets: list[str]) -> list[dict[str, Any]]:
+    """file_sd's format: one group, this app's metrics endpoints, labelled with the app."""
+    return [{"targets": sorted(set(targets)), "labels": {"app": app_name}}] if targets else []
+
+
+def write_discovery(app_name: str, targets: list[str]) -> Path:
+    """List the app's metrics endpoints (``host:port`` of every node's ingress metrics port)
+    for Prometheus; atomically, as Prometheus may read it at any time."""
+    path = discovery_path(app_name)
+    _write_atomically(path, discovery_groups(app_name, targets))
     return path
 
 
@@ -113,6 +140,7 @@ def remove_record(app_name: str, pid: int) -> bool:
     if record is None or record.pid != pid:
         return False
     record_path(app_name).unlink(missing_ok=True)
+    discovery_path(app_name).unlink(missing_ok=True)  # Prometheus drops the targets with it
     return True
 
 

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from mpsserve.config import ServiceConfig, load_config
 from mpsserve.errors import MpsServeError
-from mpsserve.ops.changes import print_changes
+from mpsserve.ops.changes import live_summary, print_changes, say
 from mpsserve.ops.cluster import Target, Watchdog, cluster_line, join, resolve
 from mpsserve.settings import settings
 
@@ -101,16 +101,37 @@ def load_service(path: str) -> ServiceConfig:
 
 
 def deploy(path: str, address: str | None, watchdog: Watchdog | None = None) -> ServiceConfig:
-    """``mpsserve deploy``: the service (YAML or Serve config) onto a running cluster, after
-    logging what the deploy changes there. Returns the config deployed. The cluster: the
-    explicit address, else the app's (``mpsserve.ops.cluster.resolve``)."""
+    """``mpsserve deploy``: the service (YAML or Serve config) onto a running cluster. Logs
+    what the deploy changes there and what Serve will restart for it, per deployment,
+    before deploying; the endpoints and what runs after. Returns the config deployed. The
+    cluster: the explicit address, else the app's (``mpsserve.ops.cluster.resolve``)."""
     config = load_service(path)
     target = resolve(config.ray.app_name, address, config.ray.address, path)
     cluster = start_ray(config, target, watchdog)
-    print_changes(config, cluster.gpus)
+    print_changes(config, cluster.gpus, cluster.cpus)
     deploy_to(config, cluster)
-    print(f"deployed application {config.ray.app_name!r}; HTTP on port {config.ingress.http_port}")
+    say(f"deployed application {config.ray.app_name!r}; HTTP on port {config.ingress.http_port}")
+    for line in endpoint_lines(config, cluster.address.rpartition(":")[0] or "127.0.0.1"):
+        say(f"  {line}")
+    say("now live:")
+    for line in live_summary(config.ray.app_name):
+        say(f"  {line}")
     return config
+
+
+def endpoint_lines(config: ServiceConfig, node: str) -> list[str]:
+    """Where clients reach the service: the ingress's host, or ``node`` (an address of the
+    cluster) where it listens on every address."""
+    ingress = config.ingress
+    host = node if ingress.host in ("0.0.0.0", "::", "") else ingress.host
+    base = f"{'https' if ingress.tls else 'http'}://{host}:{ingress.http_port}"
+    lines = [f"HTTP (KServe v2): {base}/v2/models/{m.name}/infer" for m in config.models]
+    return [
+        *lines,
+        f"gRPC (KServe v2): {host}:{ingress.grpc_port} inference.GRPCInferenceService",
+        f"TF-Serving REST:  {base}/v1/models/{config.models[0].name}:predict",
+        f"health:           {base}/v2/health/ready",
+    ]
 
 
 def run_command(name: str, command: Callable[[], int]) -> int:

@@ -1,7 +1,8 @@
 """``python -m mpsserve.ops.redeploy --config FILE``: a ``ray job submit`` redeploy's entrypoint.
 
-It is ``mpsserve deploy`` (mpsserve/ops/deploy.py: logs what the deploy changes, then deploys)
-that last logs what runs, so the job's log says what changed and what came up.
+It is ``mpsserve deploy`` (mpsserve/ops/deploy.py: logs what the deploy changes and what
+Serve will restart for it, deploys, then logs the endpoints and what runs), so the job's log
+says what changed, what restarted and what came up.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import argparse
 import sys
 
 from mpsserve.ops import deploy
-from mpsserve.ops.changes import live_summary, say
 from mpsserve.ops.cluster import ADDRESS_HELP, Watchdog
 
 
@@ -24,10 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _redeploy(path: str, address: str | None) -> int:
     with Watchdog("deploy") as watchdog:
-        config = deploy.deploy(path, address, watchdog)  # logs the changes first
-        say("now live:")
-        for line in live_summary(config.ray.app_name):
-            say(f"  {line}")
+        deploy.deploy(path, address, watchdog)  # logs the plan first, what runs last
     return 0
 
 

@@ -52,9 +52,7 @@ def gather(app_name: str, timeout_s: float = 5.0) -> dict[str, Any]:
         report["ok"] = False
         return report
     deployments = applications[app_name]["deployments"]
-    report["ingresses"] = [
-        e for e in _broadcast(app_name, "ingress", "entry", timeout_s) if "error" not in e
-    ]
+    report["ingresses"] = ingress_entries(app_name, timeout_s)
     report["replicas"] = [
         _replica(answer, name.removeprefix(MODEL_PREFIX))
         for name in sorted(deployments)
@@ -62,6 +60,7 @@ def gather(app_name: str, timeout_s: float = 5.0) -> dict[str, Any]:
         for answer in _broadcast(app_name, name, "metadata", timeout_s)
     ]
     report["traffic"] = _traffic(report["ingresses"])
+    report["metrics"] = metrics_urls(report["ingresses"])
     report["mps_nodes"] = _nodes(report["replicas"])
     report["models"] = _models(report["replicas"], report["time"])
     report["ok"], report["verdict"] = _verdict(report)
@@ -88,6 +87,21 @@ def _broadcast(app_name: str, deployment: str, method: str, timeout_s: float) ->
         {"error": f"{type(a).__name__}: {str(a)[:300]}"} if isinstance(a, BaseException) else a
         for a in answers
     ]
+
+
+def metrics_targets(ingresses: list[dict[str, Any]]) -> list[str]:
+    """Every node's metrics port (``host:port``) as the ingresses say (one per node: the
+    ingress replicas of a node share it)."""
+    return sorted({str(e["metrics_address"]) for e in ingresses if e.get("metrics_address")})
+
+
+def metrics_urls(ingresses: list[dict[str, Any]]) -> list[str]:
+    return [f"http://{target}/metrics" for target in metrics_targets(ingresses)]
+
+
+def ingress_entries(app_name: str, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+    """Every ingress replica's ``entry`` (where it listens) that answers in time."""
+    return [e for e in _broadcast(app_name, "ingress", "entry", timeout_s) if "error" not in e]
 
 
 def _replica(metadata: dict[str, Any], model: str) -> dict[str, Any]:
@@ -280,6 +294,9 @@ def render(report: dict[str, Any]) -> str:
         f"{traffic['requests_per_s']:g} req/s, worst P99 {traffic['worst_p99_ms']:g} ms, "
         f"{traffic['errors']} error(s)"
     )
+    if report["ingresses"]:
+        urls = ", ".join(report.get("metrics") or []) or "off (ingress.metrics_port: null)"
+        lines.append(f"metrics: {urls}")
     for node, state in report["mps_nodes"].items():
         lines.append(
             f"MPS daemon on {node}: {'up' if state['up'] else 'DOWN'}, pid {state['daemon_pid']}, "

@@ -11,13 +11,23 @@ from typing import Any
 from ray.serve import Application, Deployment
 from ray.serve.config import RequestRouterConfig
 
-from mpsserve.config import ModelConfig, MpsConfig, ServiceConfig, load_config, parse_config
+from mpsserve.config import (
+    ModelConfig,
+    MpsConfig,
+    ServiceConfig,
+    SharedConfig,
+    load_config,
+    parse_config,
+    parse_model,
+    parse_shared,
+)
 from mpsserve.errors import ConfigError, DeadlineExceeded, ModelLoadError, ModelNotReady
 from mpsserve.ingress import transport as _transport
 from mpsserve.node.hook import replica_runtime_env
 from mpsserve.serving import ingress as _ingress
 from mpsserve.serving import model as _model
 from mpsserve.serving.replica_set import ROUTER_CLASS
+from mpsserve.settings import to_env
 
 # serve.deployment turns the classes into Deployments; their stubs do not say so.
 logger = logging.getLogger(__name__)
@@ -41,6 +51,12 @@ def with_process_env(runtime_env: dict[str, Any]) -> dict[str, Any]:
     return {**runtime_env, "env_vars": {**PROCESS_ENV, **runtime_env.get("env_vars", {})}}
 
 
+def model_env(model: ModelConfig) -> dict[str, str]:
+    """The model's settings in its replicas' environment (``MPSSERVE_MODEL_CONFIG``): Serve
+    starts new processes for a deployment whose environment changed, and only for it."""
+    return to_env(model_config=model.model_dump_json(exclude={"version_policy"}))
+
+
 def model_options(
     model: ModelConfig, cluster_gpus: int, mps: MpsConfig | None = None
 ) -> dict[str, Any]:
@@ -57,12 +73,13 @@ def model_options(
         ),
         "health_check_period_s": placement.health_check_period_s,
         "health_check_timeout_s": placement.health_check_timeout_s,
+        "user_config": {"version_policy": model.version_policy.model_dump(mode="json")},
     }
     if cluster_gpus == 0:
         actor = {
             "num_cpus": placement.cpus_per_replica,
             "num_gpus": 0,
-            "runtime_env": {"env_vars": dict(PROCESS_ENV)},
+            "runtime_env": {"env_vars": {**PROCESS_ENV, **model_env(model)}},
         }
         return {"num_replicas": placement.cpu_replicas, "ray_actor_options": actor, **common}
     gpus = cluster_gpus if placement.gpus == "auto" else placement.gpus
@@ -71,10 +88,12 @@ def model_options(
             f"model {model.name!r}: placement.gpus is {gpus} "
             f"but the cluster has {cluster_gpus} GPU(s)"
         )
+    runtime_env = with_process_env(replica_runtime_env(mps or MpsConfig(), placement))
+    runtime_env["env_vars"].update(model_env(model))
     gpu_actor: dict[str, Any] = {
         "num_cpus": placement.cpus_per_replica,
         "num_gpus": placement.num_gpus_per_replica(),
-        "runtime_env": with_process_env(replica_runtime_env(mps or MpsConfig(), placement)),
+        "runtime_env": runtime_env,
     }
     return {
         "num_replicas": placement.replicas_per_gpu * gpus,
@@ -125,37 +144,82 @@ def check_cpus(
         )
 
 
-def build_app(config: ServiceConfig, cluster_gpus: int, cluster_cpus: float) -> Application:
-    """One model deployment per model and the ingress, which learns the model replicas'
-    data ports from Serve's replica set of each (``serving.replica_set``)."""
+def surge_percent(
+    model: ModelConfig, options: dict[str, dict[str, Any]], free_cpus: float, free_gpus: float
+) -> int:
+    """Serve's ``max_surge_percent`` for the model: one replica beyond the target (its new
+    replicas start and turn ready before old ones stop, so a replacement never leaves fewer
+    serving) when the cluster has room for one more; else 0, as Serve's default: old ones
+    stop first and the ingresses' requests wait for a replica (``ingress.request_timeout_s``).
+    Room is judged from this app's reservations; surging into room another app holds would
+    leave the new replica pending and the rollout stalled."""
+    mine = options[model.name]
+    actor = mine["ray_actor_options"]
+    if free_cpus + 1e-9 < actor["num_cpus"] or free_gpus + 1e-9 < actor["num_gpus"]:
+        return 0
+    return max(100 // max(int(mine["num_replicas"]), 1), 1)
+
+
+def deployment_options(
+    config: ServiceConfig, cluster_gpus: int, cluster_cpus: float
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """Every model deployment's Serve options and the ingress replica count, for this
+    cluster; refuses what the cluster cannot place."""
     check_mps_mode(config, cluster_gpus)
     options = {m.name: model_options(m, cluster_gpus, config.mps) for m in config.models}
     ingresses = ingress_replicas(config, options, cluster_cpus)
     check_cpus(config, options, cluster_cpus, ingresses)
-    logger.info(
-        "ingress replicas: %d%s", ingresses, " (auto)" if config.ingress.replicas == "auto" else ""
+    free_cpus = cluster_cpus - ingresses * config.ingress.cpus_per_replica - _model_cpus(options)
+    free_gpus = cluster_gpus - sum(
+        o["num_replicas"] * o["ray_actor_options"]["num_gpus"] for o in options.values()
     )
-    _transport.rotate(config.ray.app_name)  # each build a new data-port key (see transport)
-    transport = _transport.TransportSpec.of(config)
+    for m in config.models:
+        options[m.name]["max_surge_percent"] = surge_percent(m, options, free_cpus, free_gpus)
+    return options, ingresses
+
+
+def _application(
+    shared: SharedConfig,
+    names: list[str],
+    options: dict[str, dict[str, Any]],
+    ingresses: int = MIN_INGRESS_REPLICAS,
+) -> Application:
+    """The application's graph: one deployment per model (``options``: each one's Serve
+    options, or none where the Serve config's deployment overrides give them) and the
+    ingress, which learns the model replicas' data ports from Serve's replica set of each
+    (``serving.replica_set``). The init args hold only what ``shared`` and ``names`` say:
+    a model's settings reach its replicas through its options (``model_options``)."""
+    _transport.rotate(shared.ray.app_name)  # each build a new data-port key (see transport)
+    transport = _transport.TransportSpec.of(shared)
+    router = RequestRouterConfig(request_router_class=ROUTER_CLASS)  # type: ignore[arg-type]
     models = {
-        m.name: ModelReplica.options(
-            name=f"model-{m.name}",
-            user_config={"version_policy": m.version_policy.model_dump(mode="json")},
-            **options[m.name],
-        ).bind(m.model_dump(mode="json", exclude={"version_policy"}), transport)
-        for m in config.models
+        name: ModelReplica.options(
+            name=f"model-{name}",
+            **{"request_router_config": router, **options.get(name, {})},
+        ).bind(name, transport)
+        for name in names
     }
     ingress = Ingress.options(
         num_replicas=ingresses,
         # Time for requests in flight to finish when Serve replaces an ingress replica.
-        graceful_shutdown_timeout_s=config.ingress.request_timeout_s + 15,
+        graceful_shutdown_timeout_s=shared.ingress.request_timeout_s + 15,
         ray_actor_options={
-            "num_cpus": config.ingress.cpus_per_replica,
+            "num_cpus": shared.ingress.cpus_per_replica,
             "runtime_env": {"env_vars": dict(PROCESS_ENV)},
         },
     )
-    limits = {m.name: m.placement.max_ongoing_requests for m in config.models}
-    return ingress.bind(limits, config.ingress.model_dump(mode="json"), models, transport)
+    return ingress.bind(names, shared.ingress.model_dump(mode="json"), models, transport)
+
+
+def build_app(config: ServiceConfig, cluster_gpus: int, cluster_cpus: float) -> Application:
+    """The whole application with every option in code (``serve.run``, and the app builder
+    of a Serve config that carries the whole service config in its args)."""
+    options, ingresses = deployment_options(config, cluster_gpus, cluster_cpus)
+    logger.info(
+        "ingress replicas: %d%s", ingresses, " (auto)" if config.ingress.replicas == "auto" else ""
+    )
+    names = [m.name for m in config.models]
+    return _application(SharedConfig.of(config), names, options, ingresses)
 
 
 def serve_options(config: ServiceConfig) -> dict[str, Any]:
@@ -169,11 +233,23 @@ APP_BUILDER = "mpsserve.serving.app:app_builder"
 
 def app_builder(args: dict[str, Any]) -> Application:
     """Serve's application builder (``import_path``), for ``serve deploy FILE``, KubeRay's
-    ``serveConfigV2`` and ``mpsserve deploy``. ``args`` holds the service config inline
-    (``config``) or a YAML path on the cluster's nodes (``config_file``); ``cluster_gpus`` and
-    ``cluster_cpus`` default to what the Ray cluster has when the app is built."""
+    ``serveConfigV2`` and ``mpsserve deploy``. ``args`` holds either
+
+    - ``config`` (the shared sections: ingress, mps, ray, transport) and ``models`` (the
+      model names): each model's settings and Serve options are its deployment's overrides
+      in the Serve config (``application_schema`` with the cluster's counts), so a change
+      to one model's settings leaves the args, and every other deployment, as they are; or
+    - the whole service config inline (``config``, models included) or a YAML path on the
+      cluster's nodes (``config_file``), for a cluster whose shape was not known when the
+      file was written: options are computed here, and ``cluster_gpus`` and
+      ``cluster_cpus`` default to what the Ray cluster has now. Any change but a version
+      policy then changes the args, and Serve replaces every replica.
+    """
     if ("config" in args) == ("config_file" in args):
         raise ConfigError("the application's args need exactly one of 'config', 'config_file'")
+    if "models" in args:
+        shared = parse_shared(args["config"], "the application's args")
+        return _application(shared, [str(n) for n in args["models"]], {})
     # Built on any node of the cluster: the token and certificate files are checked by the
     # ingress replicas, where they are used.
     if "config_file" in args:
@@ -190,13 +266,56 @@ def app_builder(args: dict[str, Any]) -> Application:
     return build_app(config, int(gpus), float(cpus))
 
 
+#: A model deployment's options that its override in a Serve config carries (the request
+#: router stays in code: Serve hashes an override's router into every deployment's version).
+OVERRIDES = (
+    "num_replicas",
+    "max_ongoing_requests",
+    "health_check_period_s",
+    "health_check_timeout_s",
+    "max_surge_percent",
+    "user_config",
+    "ray_actor_options",
+)
+
+
 def application_schema(
     config: ServiceConfig, cluster_gpus: int | None = None, cluster_cpus: float | None = None
 ) -> dict[str, Any]:
-    """The Serve application config for ``config``. Version policies travel as each model
-    deployment's ``user_config`` override, outside the builder's args: Serve hashes the args
-    into the code version, so a policy change alone reconfigures replicas in place while any
-    other change redeploys them."""
+    """The Serve application config for ``config``.
+
+    With the cluster's GPU and CPU counts (``mpsserve deploy``, ``mpsserve serve``, the
+    redeploy job, ``serve-config --cluster-gpus N --cluster-cpus C``): the args carry only
+    the shared sections and the model names; each model deployment's override carries its
+    Serve options, its version policy (``user_config``: a change reconfigures replicas in
+    place) and its settings (``ray_actor_options``' environment: a change replaces that
+    model's replicas, rolling, and nothing else); the ingress's override its replica count.
+    Serve hashes the args into the code version of every deployment, so only a change to
+    the shared sections or to the set of models restarts everything.
+
+    Without them: the whole config in the args (see ``app_builder``), version policies as
+    overrides."""
+    if cluster_gpus is None or cluster_cpus is None:
+        return _whole_config_schema(config, cluster_gpus, cluster_cpus)
+    options, ingresses = deployment_options(config, cluster_gpus, cluster_cpus)
+    models = [
+        {"name": f"model-{name}", **{k: o[k] for k in OVERRIDES}} for name, o in options.items()
+    ]
+    return {
+        "name": config.ray.app_name,
+        "route_prefix": None,  # no Serve proxy: the ingress binds its own ports
+        "import_path": APP_BUILDER,
+        "args": {
+            "config": SharedConfig.of(config).model_dump(mode="json"),
+            "models": [m.name for m in config.models],
+        },
+        "deployments": [{"name": "ingress", "num_replicas": ingresses}, *models],
+    }
+
+
+def _whole_config_schema(
+    config: ServiceConfig, cluster_gpus: int | None, cluster_cpus: float | None
+) -> dict[str, Any]:
     body = config.model_dump(mode="json")
     for model in body["models"]:
         model.pop("version_policy")
@@ -220,10 +339,13 @@ def application_schema(
     }
 
 
-def serve_config(config: ServiceConfig) -> dict[str, Any]:
-    """A Serve config file (``serve deploy FILE``) for ``config``: the cluster's GPU and CPU
-    counts are read when the application is built, on the cluster."""
-    return {**serve_options(config), "applications": [application_schema(config)]}
+def serve_config(
+    config: ServiceConfig, cluster_gpus: int | None = None, cluster_cpus: float | None = None
+) -> dict[str, Any]:
+    """A Serve config file (``serve deploy FILE``) for ``config``: for a cluster of these
+    counts, or, without them, one whose counts are read when the application is built."""
+    app = application_schema(config, cluster_gpus, cluster_cpus)
+    return {**serve_options(config), "applications": [app]}
 
 
 def service_config_from_serve(
@@ -241,10 +363,13 @@ def service_config_from_serve(
     args = app.get("args") or {}
     if "config_file" in args:
         return load_config(args["config_file"], check_files)
+    overrides = {d.get("name"): d for d in app.get("deployments") or []}
     body = dict(args.get("config") or {})
+    if "models" in args:
+        body["models"] = [_model_from_override(overrides, str(n), source) for n in args["models"]]
     policies = {
         d["name"].removeprefix("model-"): d["user_config"]["version_policy"]
-        for d in app.get("deployments") or []
+        for d in overrides.values()
         if "version_policy" in (d.get("user_config") or {})
     }
     body["models"] = [
@@ -252,6 +377,24 @@ def service_config_from_serve(
         for m in body.get("models") or []
     ]
     return parse_config(body, source, check_files)
+
+
+def _model_from_override(overrides: dict[str, Any], name: str, source: str) -> dict[str, Any]:
+    """A model's settings as its deployment's override carries them (``model_env``)."""
+    override = overrides.get(f"model-{name}") or {}
+    env = ((override.get("ray_actor_options") or {}).get("runtime_env") or {}).get("env_vars")
+    text = (env or {}).get(MODEL_CONFIG_VAR)
+    if not isinstance(text, str):
+        raise ConfigError(
+            f"{source}: deployment 'model-{name}' has no {MODEL_CONFIG_VAR} in its "
+            "ray_actor_options.runtime_env.env_vars (the model's settings)"
+        )
+    return parse_model(text, f"{source}, model-{name}").model_dump(
+        mode="json", exclude={"version_policy"}
+    )
+
+
+MODEL_CONFIG_VAR = next(iter(to_env(model_config="")))
 
 
 def deploy(
@@ -267,9 +410,6 @@ def deploy(
     from ray.serve.context import _get_global_client  # what `serve deploy` reaches, in-process
     from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
-    check_mps_mode(config, cluster_gpus)
-    options = {m.name: model_options(m, cluster_gpus) for m in config.models}
-    check_cpus(config, options, cluster_cpus, ingress_replicas(config, options, cluster_cpus))
     schema = ServeDeploySchema.parse_obj(
         {"applications": [application_schema(config, cluster_gpus, cluster_cpus)]}
     )

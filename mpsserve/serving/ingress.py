@@ -10,9 +10,11 @@ store is involved. Which model replicas exist, and where their data ports are, c
 Serve's long poll of each model deployment's replica set (``serving.replica_set``).
 
 Threads of an ingress replica process: Serve's replica event loop (health checks,
-``describe``), the ingress loop (``ingress``: uvicorn, grpc.aio, the router), Serve's router
-loop for the model deployments' handles (it receives the replica-set pushes), the transport
-key reloader (``transport-keys``), and grpc.aio's own threads.
+``describe``), the ingress loop (``ingress``: uvicorn on the API port and on the metrics
+port (``serving.metrics_port``), grpc.aio, the router), Serve's router loop for the model
+deployments' handles (it receives the replica-set pushes), the transport key reloader
+(``transport-keys``), the default executor's threads (a scrape's agent lookup and filter),
+and grpc.aio's own threads.
 """
 
 from __future__ import annotations
@@ -40,11 +42,13 @@ from mpsserve.ingress.dataplane import DataPlane
 from mpsserve.ingress.grpc import GrpcLimits, start_grpc_server
 from mpsserve.ingress.guard import GuardLimits, guarded_protocol
 from mpsserve.ingress.http import create_http_app
+from mpsserve.ingress.metrics_port import host_port
 from mpsserve.ingress.replica_server import new_event_loop
-from mpsserve.ingress.router import AttemptPolicy, Router
+from mpsserve.ingress.router import DEFAULT_MAX_IN_FLIGHT, AttemptPolicy, Router
 from mpsserve.ingress.transport import KeyWatcher, TransportSpec
 from mpsserve.serving import replica_set
 from mpsserve.serving.logs import configure_replica_logging
+from mpsserve.serving.metrics_port import metrics_server
 
 logger = logging.getLogger(__name__)
 #: Share of the file limit connections may take (the rest: Ray, logs, replica sockets).
@@ -99,7 +103,7 @@ class Front:
     def __init__(
         self,
         config: IngressConfig,
-        models: dict[str, int],
+        models: list[str],
         handles: dict[str, DeploymentHandle],
         transport: TransportSpec,
     ) -> None:
@@ -108,7 +112,8 @@ class Front:
         self.loop = new_event_loop()
         self.max_bytes = int(config.max_request_mb * 2**20)
         self.router = Router(
-            dict(models),
+            # each model's bound per replica arrives with its replicas (their metadata)
+            dict.fromkeys(models, DEFAULT_MAX_IN_FLIGHT),
             # While Serve replaces replicas (an MPS daemon restart replaces them all) a request
             # waits for one up to its own deadline, less a second, so that it fails with
             # "no replica is reachable" rather than a bare timeout.
@@ -139,6 +144,7 @@ class Front:
         }
         self._http: Any = None
         self._grpc: Any = None
+        self._metrics: Any = None  # the metrics port's server (ingress.metrics_port)
         self._node_ip = ray.util.get_node_ip_address()
 
     def start(self) -> None:
@@ -163,6 +169,7 @@ class Front:
             http_config.load()
             http_config.ssl = _auth.server_ssl_context(self.config.tls)
         self._http = uvicorn.Server(http_config)
+        metrics_sock = self._bind_metrics_port()
         self._thread.start()
         self.keys.start()
         for model, handle in self.handles.items():
@@ -180,6 +187,10 @@ class Front:
                 interceptors=[_auth.AuthInterceptor(self.auth)] if self.auth else [],
             )
             self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
+            if metrics_sock is not None:
+                self._metrics_task = asyncio.ensure_future(
+                    self._metrics.serve(sockets=[metrics_sock])
+                )
 
         asyncio.run_coroutine_threadsafe(serve(), self.loop).result(timeout=30)
         logger.info(
@@ -195,6 +206,16 @@ class Front:
             limits.max_in_flight_requests,
         )
         logger.info("public ports: %s", _auth.describe(self.config.auth, self.config.tls))
+
+    def _bind_metrics_port(self) -> socket.socket | None:
+        """The metrics port's socket and server (None: ``ingress.metrics_port`` is off)."""
+        port = self.config.metrics_port
+        if port is None:
+            return None
+        sock = reuse_port_socket(self.config.metrics_host or self.config.host, port)
+        self._metrics = metrics_server(self.config, serve.get_replica_context().app_name)
+        logger.info("metrics: GET /metrics on port %d (this node's service series)", port)
+        return sock
 
     def _authenticator(self) -> _auth.Authenticator | None:
         """The token check, or None when ``ingress.auth`` is off (nothing then runs)."""
@@ -264,9 +285,19 @@ class Front:
             "node": socket.gethostname(),
             "http_port": self.config.http_port,
             "grpc_port": self.config.grpc_port,
+            "metrics_port": self.config.metrics_port,
+            "metrics_address": self._metrics_address(),
             "recent": self.dataplane.recent.snapshot(),
             "replicas_routed": len(self.router.endpoints()),
         }
+
+    def _metrics_address(self) -> str | None:
+        """``host:port`` where Prometheus reaches this node's metrics port (None: off)."""
+        if self.config.metrics_port is None:
+            return None
+        bind = self.config.metrics_host or self.config.host
+        host = self._node_ip if bind in ("0.0.0.0", "::", "") else bind
+        return host_port(host, self.config.metrics_port)
 
     @property
     def alive(self) -> bool:
@@ -324,6 +355,8 @@ class Front:
         async def shutdown() -> None:
             if self._http is not None:
                 self._http.should_exit = True
+            if self._metrics is not None:
+                self._metrics.should_exit = True
             if self._grpc is not None:
                 await self._grpc.stop(grace=self.config.request_timeout_s)
             task = getattr(self, "_http_task", None)
@@ -344,14 +377,16 @@ class Front:
 class Ingress:
     def __init__(
         self,
-        models: dict[str, int],
+        models: list[str],
         ingress: dict[str, Any],
         deployments: dict[str, DeploymentHandle],
         transport: TransportSpec | None = None,
     ) -> None:
-        """``models``: each model's name and the requests one of its replicas takes at a
-        time; ``deployments``: each model's deployment handle (its replica set is what the
-        ingress routes over); ``transport``: the data ports' key and bounds."""
+        """``models``: the model names, and nothing else of the models' settings, so that
+        a change to one model's settings leaves the ingress running (the bound of each
+        replica comes with Serve's replica set); ``deployments``: each model's deployment
+        handle (its replica set is what the ingress routes over); ``transport``: the data
+        ports' key and bounds."""
         configure_replica_logging()
         spec = transport or TransportSpec(serve.get_replica_context().app_name)
         # the token, certificate and key files must be readable where the ingress runs

@@ -31,8 +31,8 @@ import ray
 from ray import serve
 
 from mpsserve import metrics
-from mpsserve.config import ModelConfig, VersionPolicy
-from mpsserve.errors import MpsServeError
+from mpsserve.config import ModelConfig, VersionPolicy, parse_model
+from mpsserve.errors import ConfigError, MpsServeError
 from mpsserve.ingress.replica_server import ReplicaServer
 from mpsserve.ingress.transport import KeyWatcher, TransportSpec
 from mpsserve.model.servable import Servable
@@ -46,14 +46,30 @@ from mpsserve.settings import settings
 logger = logging.getLogger(__name__)
 
 
+def replica_model(name: str) -> ModelConfig:
+    """This replica's model settings, from its environment (``serving.app.model_env``)."""
+    text = settings().model_config
+    if not text:
+        raise ConfigError(
+            f"model {name!r}: the replica has no model settings in its environment "
+            "(MPSSERVE_MODEL_CONFIG; the app builder and the Serve config's deployment "
+            "overrides set it)"
+        )
+    config = parse_model(text, f"model-{name}'s MPSSERVE_MODEL_CONFIG")
+    if config.name != name:
+        raise ConfigError(f"deployment model-{name} was given the settings of {config.name!r}")
+    return config
+
+
 @serve.deployment(name="model")
 class ModelReplica:
-    """The version policy arrives as ``user_config``: Serve calls ``reconfigure`` after the
-    constructor (the first load happens there) and again whenever only the policy changes,
-    without restarting the replica."""
+    """The model's settings arrive in the process's environment (``replica_model``): Serve
+    starts new replicas when they change. The version policy arrives as ``user_config``:
+    Serve calls ``reconfigure`` after the constructor (the first load happens there) and
+    again whenever only the policy changes, without restarting the replica."""
 
-    def __init__(self, model: dict[str, Any], transport: TransportSpec | None = None) -> None:
-        config = ModelConfig.model_validate(model)
+    def __init__(self, name: str, transport: TransportSpec | None = None) -> None:
+        config = replica_model(name)
         configure_replica_logging()
         hook.worker_setup()  # the daemon and this process's limits, before any CUDA call
         gpus = [str(g) for g in ray.get_gpu_ids()]
@@ -105,6 +121,8 @@ class ModelReplica:
             "port": self._server.port,
             "pid": os.getpid(),
             "node": socket.gethostname(),
+            # the requests one ingress sends it at once (``Router``): its data port's bound
+            "max_in_flight": self._server.max_in_flight,
         }
 
     def _drain(self) -> None:

@@ -101,7 +101,7 @@ else
     > "$OUT/job.txt" 2>&1
   echo "redeploy exit code: $?" | tee -a "$OUT/summary.txt"
 fi
-grep -A3 "^changes to application" "$OUT/job.txt" | tee -a "$OUT/summary.txt"
+sed -n "/^changes to application/,/^deploying/p" "$OUT/job.txt" | tee -a "$OUT/summary.txt"
 grep -A6 "^now live" "$OUT/job.txt" | tee -a "$OUT/summary.txt"
 sleep 5
 touch "$work/stop"; wait $load

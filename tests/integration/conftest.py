@@ -17,6 +17,7 @@ PORT_OFFSET = int(os.environ.get("MPSSERVE_TEST_PORT_OFFSET", "0"))
 HTTP_PORT = 28000 + PORT_OFFSET  # outside Ray's worker port range (10002-19999)
 GRPC_PORT = 29000 + PORT_OFFSET
 METRICS_PORT = 29100 + PORT_OFFSET  # Ray's Prometheus endpoint for the session's node
+INGRESS_METRICS_PORT = 27100 + PORT_OFFSET  # the ingress's GET /metrics (ingress.metrics_port)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,6 +53,7 @@ def service_config(tf_store: Path) -> dict[str, object]:
         "ingress": {
             "http_port": HTTP_PORT,
             "grpc_port": GRPC_PORT,
+            "metrics_port": INGRESS_METRICS_PORT,
             "host": "127.0.0.1",
             "max_request_mb": 16,
             "cpus_per_replica": 0.5,

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,13 @@ from tests.integration.conftest import PORT_OFFSET
 from tests.processes import read_until
 
 PORT = 28100 + PORT_OFFSET  # outside Ray's worker port range (10002-19999)
+METRICS_PORT = 27110 + PORT_OFFSET
 
 
 def test_serve_prints_a_working_request_and_stops_on_ctrl_c(tf_store: Path, tmp_path: Path) -> None:
     config = {
         "models": [{"name": "rec", "store": str(tf_store), "placement": {"cpus_per_replica": 0.5}}],
-        "ingress": {"http_port": PORT, "cpus_per_replica": 0.5},
+        "ingress": {"http_port": PORT, "metrics_port": METRICS_PORT, "cpus_per_replica": 0.5},
         "ray": {"num_cpus": 2, "dashboard_port": PORT + 50},
     }
     (tmp_path / "service.yaml").write_text(yaml.safe_dump(config))
@@ -58,11 +60,13 @@ def test_serve_prints_a_working_request_and_stops_on_ctrl_c(tf_store: Path, tmp_
         )
         assert result.stdout.startswith("score [2000]"), result.stdout + result.stderr
         _status_finds_the_recorded_cluster(output, env, state)
+        _metrics_port_is_printed_recorded_and_listed(output, state)
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, rest
         assert "stopped." in rest
         assert not (state / "clusters" / "mpsserve.json").exists()  # removed at stop
+        assert not (state / "clusters" / "mpsserve.prometheus.json").exists()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -82,7 +86,27 @@ def _status_finds_the_recorded_cluster(banner: str, env: dict[str, str], state: 
         timeout=120,
     )
     assert f"cluster {address[1]} (session session_" in status.stderr, status.stderr
-    assert json.loads(status.stdout)["app"] == "mpsserve", status.stdout + status.stderr
+    report = json.loads(status.stdout)
+    assert report["app"] == "mpsserve", status.stdout + status.stderr
+    # every node's metrics port, as its ingresses say (one node here)
+    assert [url.rsplit(":", 1)[1] for url in report["metrics"]] == [f"{METRICS_PORT}/metrics"]
+
+
+def _metrics_port_is_printed_recorded_and_listed(banner: str, state: Path) -> None:
+    """The banner's metrics URL answers with the service's series; the record holds it and
+    Prometheus's targets file lists its port, labelled with the app."""
+    url = re.search(r"metrics:\s+(http://\S+/metrics)", banner)
+    assert url and url[1].endswith(f":{METRICS_PORT}/metrics"), banner
+    assert json.loads((state / "clusters" / "mpsserve.json").read_text())["metrics_url"] == url[1]
+    groups = json.loads((state / "clusters" / "mpsserve.prometheus.json").read_text())
+    assert groups == [{"targets": [url[1].split("/")[2]], "labels": {"app": "mpsserve"}}]
+    assert str(state / "clusters" / "mpsserve.prometheus.json") in banner
+    deadline, text = time.monotonic() + 60, ""
+    while "ray_mpsserve_served_version" not in text and time.monotonic() < deadline:
+        answer = requests.get(url[1], timeout=30)  # 503 while the agent is not read yet
+        text = answer.text if answer.status_code == 200 else ""
+        time.sleep(0 if text else 1)
+    assert "ray_mpsserve_served_version" in text
 
 
 def test_deploy_to_a_running_cluster(tf_store: Path, tmp_path: Path) -> None:
@@ -90,7 +114,11 @@ def test_deploy_to_a_running_cluster(tf_store: Path, tmp_path: Path) -> None:
     ray_port, http_port = 26390 + PORT_OFFSET, 28200 + PORT_OFFSET
     config = {
         "models": [{"name": "rec", "store": str(tf_store), "placement": {"cpus_per_replica": 0.5}}],
-        "ingress": {"http_port": http_port, "cpus_per_replica": 0.5},
+        "ingress": {
+            "http_port": http_port,
+            "metrics_port": 27120 + PORT_OFFSET,
+            "cpus_per_replica": 0.5,
+        },
     }
     (tmp_path / "service.yaml").write_text(yaml.safe_dump(config))
     ray_bin = str(Path(sys.executable).with_name("ray"))

@@ -5,7 +5,8 @@ Ray runs in a subprocess of its own (this file, run as a script): the session's 
 needs nor disturbs it. An actor there records known values through mpsserve.metrics (and the
 node sampler, from a guardian state file); the test scrapes the node's metrics export port,
 parses the Prometheus text and compares. A real Prometheus, where one is installed, scrapes
-the same port through deployments/prometheus/prometheus.yml and runs every dashboard query.
+the same port as the whole-Ray option of deployments/prometheus/prometheus.yml does and runs
+every dashboard query.
 """
 
 from __future__ import annotations
@@ -246,13 +247,16 @@ def scalar(result: dict[str, Any]) -> float | None:
 
 
 def prometheus_config(tmp: Path, port: int) -> Path:
-    """The shipped config, scraping every second, its discovery file listing our Ray node."""
+    """The shipped config's whole-Ray option (its commented ``ray`` job: Ray's discovery
+    file, here listing only our Ray node), scraping every second. The service's own path, the
+    ingress's metrics port, is tests/integration/test_metrics_port.py."""
     discovery = tmp / "prom_metrics_service_discovery.json"  # as Ray writes it
     discovery.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": [f"127.0.0.1:{port}"]}]))
     config = yaml.safe_load(PROMETHEUS_YML.read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    (ray_job,) = [job for job in config["scrape_configs"] if job["job_name"] == "ray"]
-    ray_job["file_sd_configs"] = [{"files": [str(discovery)], "refresh_interval": "1s"}]
+    assert "# - job_name: ray" in PROMETHEUS_YML.read_text()  # documented there, commented
+    sd = {"files": [str(discovery)], "refresh_interval": "1s"}
+    config["scrape_configs"] = [{"job_name": "ray", "file_sd_configs": [sd]}]
     path = tmp / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     return path

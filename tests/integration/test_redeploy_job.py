@@ -31,22 +31,24 @@ import yaml
 from mpsserve.ops.demo import make_request, write_demo_model
 from mpsserve.protocol.kserve import encode_json_request
 from tests.conftest import SEED, SMALL
+from tests.integration.conftest import PORT_OFFSET
 
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-# Every port above 19999 (Ray's worker ports are 10002-19999) and apart from the other tests'.
-GCS_PORT, DASHBOARD_PORT = 36379, 38265
-HTTP_PORT, GRPC_PORT = 30800, 30900
+# Every port above 19999 (Ray's worker ports are 10002-19999) and apart from the other tests',
+# shifted by MPSSERVE_TEST_PORT_OFFSET like theirs.
+GCS_PORT, DASHBOARD_PORT = 36379 + PORT_OFFSET, 38265 + PORT_OFFSET
+HTTP_PORT, GRPC_PORT = 30800 + PORT_OFFSET, 30900 + PORT_OFFSET
 RAY_PORTS = {
-    "--ray-client-server-port": 36380,
-    "--dashboard-agent-listen-port": 36381,
-    "--dashboard-agent-grpc-port": 36382,
-    "--metrics-export-port": 36383,
-    "--runtime-env-agent-port": 36384,
-    "--node-manager-port": 36385,
-    "--object-manager-port": 36386,
+    "--ray-client-server-port": 36380 + PORT_OFFSET,
+    "--dashboard-agent-listen-port": 36381 + PORT_OFFSET,
+    "--dashboard-agent-grpc-port": 36382 + PORT_OFFSET,
+    "--metrics-export-port": 36383 + PORT_OFFSET,
+    "--runtime-env-agent-port": 36384 + PORT_OFFSET,
+    "--node-manager-port": 36385 + PORT_OFFSET,
+    "--object-manager-port": 36386 + PORT_OFFSET,
 }
 DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"
 INFER = f"http://127.0.0.1:{HTTP_PORT}/v2/models/rec/infer"
@@ -166,6 +168,7 @@ def service(store: Path, replicas: int, policy: dict[str, Any]) -> dict[str, Any
             "host": "127.0.0.1",
             "http_port": HTTP_PORT,
             "grpc_port": GRPC_PORT,
+            "metrics_port": HTTP_PORT + 1,
             "replicas": 2,  # a rolling update restarts them one at a time
             "cpus_per_replica": 0.5,
         },
@@ -296,21 +299,23 @@ def test_redeploy_by_ray_job_submit_loses_no_request(
         client.join(timeout=60)
 
     during = [o for o in client.outcomes if submitted <= o[0] <= ended]
-    said = logs[logs.find("changes to application") : logs.find("now live:") + 400]
+    said = logs[logs.find("changes to application") : logs.find("now live:") + 200]
     print(said)
     print(f"job ran {ended - submitted:.1f}s, {len(during)} requests meanwhile, ", end="")
     print(f"{len(client.outcomes)} in all; outcomes:", client.timeline(submitted))
     assert "succeeded" in logs
     assert "changes to application 'mpsserve':" in logs
     assert "model rec: replicas 1 -> 2; version_policy latest 1 -> specific [1]" in logs
-    assert "rollout: rolling update" in logs and "now live:" in logs
+    assert "what restarts:" in logs and "  ingress: unchanged" in logs
+    assert "  model-rec: rolling replace of 1 replica(s)" in logs and "now live:" in logs
     assert len(during) >= 10, "the client was not sending while the job ran"
     assert client.failures() == [], f"{len(client.failures())} of {len(client.outcomes)} failed"
     # The new config is live when the job ends: two replicas, and version 1 pinned.
     app = application()
     assert app["status"] == "RUNNING"
     assert running_replicas(app, "model-rec") == 2
-    policy = app["deployed_app_config"]["deployments"][0]["user_config"]["version_policy"]
+    (rec,) = [d for d in app["deployed_app_config"]["deployments"] if d["name"] == "model-rec"]
+    policy = rec["user_config"]["version_policy"]
     assert policy["specific"] == [1]
     after = [o[1] for o in client.outcomes if o[0] > ended + SETTLE_S]
     assert after and set(after) == {"1"}, client.timeline(submitted)

@@ -4,6 +4,7 @@ command would join, ``join`` is replaced; the dead-address tests fail before Ray
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -19,10 +20,11 @@ import pytest
 import yaml
 
 from mpsserve.errors import ClusterError
-from mpsserve.ops import cli
+from mpsserve.ops import cli, status
 from mpsserve.ops.cluster import (
     ClusterRecord,
     Target,
+    discovery_path,
     endpoint,
     probe,
     read_record,
@@ -94,6 +96,14 @@ def test_record_is_written_read_and_removed_by_its_writer_only(state: Path) -> N
     assert remove_record("shop", pid=os.getpid())
     assert not path.exists() and read_record("shop") is None
     assert not remove_record("shop", pid=os.getpid())  # nothing left: no error
+
+
+def test_a_record_from_before_the_metrics_port_still_reads(state: Path) -> None:
+    old = {k: v for k, v in vars(record("shop", "10.0.0.5:6379")).items() if k != "metrics_url"}
+    record_path("shop").parent.mkdir(parents=True)
+    record_path("shop").write_text(json.dumps(old))
+    found = read_record("shop")
+    assert found is not None and found.metrics_url == ""
 
 
 def test_unreadable_record_is_ignored_and_odd_app_names_refused(state: Path) -> None:
@@ -310,11 +320,11 @@ def test_serve_records_its_cluster_until_it_stops(
     ports = {"gcs_port": 6379, "dashboard_port": 8266, "dashboard_agent_listen_port": 40001}
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     head = LocalHead(sleeper, "10.0.0.5", ports, "127.0.0.1", True, tmp_path / "log", "token")
-    targets: list[Target] = []
+    joined: list[Target] = []
     monkeypatch.setattr(cli, "_start_local", lambda config, path: head)
 
     def start_ray(config: object, target: Target) -> Cluster:
-        targets.append(target)
+        joined.append(target)
         return cluster
 
     monkeypatch.setattr(cli, "start_ray", start_ray)
@@ -322,16 +332,29 @@ def test_serve_records_its_cluster_until_it_stops(
     monkeypatch.setattr(cli, "deploy_to", lambda config, cluster: None)
     monkeypatch.setattr(cli, "_write_request", lambda *_: tmp_path / "request.json")
     monkeypatch.setattr(cli, "_print_endpoints", lambda *_: None)
-    monkeypatch.setattr(cli, "_wait_for_signal", lambda: seen.append(read_record("shop")))
+    entries = [{"metrics_address": "10.0.0.5:8002"}, {"metrics_address": "10.0.0.6:8002"}]
+    monkeypatch.setattr(status, "ingress_entries", lambda app: entries)
+    targets: list[Any] = []
+
+    def serving() -> None:
+        seen.append(read_record("shop"))
+        targets.append(json.loads(discovery_path("shop").read_text()))
+
+    monkeypatch.setattr(cli, "_wait_for_signal", serving)
     monkeypatch.setattr(cli, "_stop_mps", lambda config: None)
     assert cli.main(["serve", "--config", str(config)]) == 0
     [written] = seen
+    # Prometheus's targets: every node's metrics port, labelled with the app; the URL recorded
+    want = [{"targets": ["10.0.0.5:8002", "10.0.0.6:8002"], "labels": {"app": "shop"}}]
+    assert targets == [want]
+    assert written is not None and written.metrics_url == "http://10.0.0.5:8002/metrics"
+    assert not discovery_path("shop").exists()  # removed with the record
     assert written is not None and written.pid == os.getpid()
     assert (written.address, written.session_name) == ("10.0.0.5:6379", "session_y_2")
     assert written.config_path == str(config.resolve())
     assert written.dashboard_url == "http://127.0.0.1:8266"  # the local head's
     assert (written.ray_ports, written.ray_auth_mode) == (ports, "token")
-    assert [t.address for t in targets] == ["10.0.0.5:6379"]
+    assert [t.address for t in joined] == ["10.0.0.5:6379"]
     assert read_record("shop") is None  # removed when serve stopped
     assert sleeper.wait(timeout=10) == -signal.SIGTERM  # the local head stopped with it
 

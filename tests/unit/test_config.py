@@ -142,3 +142,15 @@ def test_a_version_policy_selects_and_names_itself() -> None:
     assert latest.candidates([1, 3, 2]) == [3, 2, 1] and pinned.candidates([1, 2, 3]) == [3, 1]
     with pytest.raises(ValidationError):
         VersionPolicy(specific=[])  # pinned to nothing: a mistake, not a policy
+
+
+def test_shared_config_is_the_service_config_less_its_models() -> None:
+    """The app's args carry SharedConfig: it must stay ServiceConfig's sections, field for
+    field, or a section would silently not reach the deployments."""
+    from mpsserve.config import ServiceConfig, SharedConfig
+
+    service = ServiceConfig.model_fields
+    shared = SharedConfig.model_fields
+    assert set(service) - {"models"} == set(shared)
+    for name, field in shared.items():
+        assert field.annotation == service[name].annotation, name

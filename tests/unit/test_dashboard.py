@@ -1,25 +1,33 @@
 """The Grafana dashboard and the Prometheus scrape config in deployments/ match the metrics.
 
 Every PromQL expression may name only metrics that mpsserve/metrics.py defines (as Ray exports
-them) and the few of Ray's own metrics listed here. That the expressions run on a real
-Prometheus is tests/integration/test_metrics_export.py.
+them) and Ray Serve's request metrics the replicas record, all of them series the ingress's
+metrics port serves. That the expressions run on a real Prometheus scraping that port is
+tests/integration/test_metrics_port.py (and test_metrics_export.py for Ray's export).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
-from pathlib import Path
+from fnmatch import fnmatch
 
 import pytest
 import yaml
 
 from mpsserve import metrics
+from mpsserve.ingress.metrics_port import wanted
+from mpsserve.ops.cluster import discovery_path, state_dir
 from tests.observability import PROMETHEUS_YML, find, load_dashboard, panels
 
-#: Ray's own metrics the dashboard shows on purpose.
-RAY_NAMES = {"ray_node_cpu_utilization"}
-DISCOVERY_FILE = "/tmp/ray/prom_metrics_service_discovery.json"
+#: Ray Serve's request metrics (``metrics.SERVE_*``) as Ray exports them: counters get _total.
+SERVE_NAMES = {
+    "ray_serve_deployment_request_counter_total",
+    "ray_serve_deployment_error_counter_total",
+    *metrics.SERVE_LATENCY.exported,
+}
+RAY_DISCOVERY_FILE = "/tmp/ray/prom_metrics_service_discovery.json"
 
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and"}
 _KEYWORDS |= {"or", "unless", "offset", "inf", "nan", "le"}
@@ -48,7 +56,9 @@ def test_the_name_extractor() -> None:
 
 
 def test_every_panel_queries_only_defined_metrics() -> None:
-    known = metrics.exported_names() | RAY_NAMES
+    known = metrics.exported_names() | SERVE_NAMES
+    # all of them served by the metrics port (its filter keeps the app's Serve series)
+    assert all(wanted(name, {"application": "mpsserve"}, "mpsserve") for name in known)
     used: set[str] = set()
     for panel in panels(load_dashboard()):
         assert panel["targets"], f"panel {panel['title']!r} has no query"
@@ -80,15 +90,33 @@ def test_dashboard_variables_and_layout() -> None:
         assert box["x"] + box["w"] <= 24
 
 
-def test_prometheus_config_names_rays_discovery_file() -> None:
-    from ray._private import ray_constants
+def test_dashboard_loads_as_a_provisioned_file_in_rays_grafana() -> None:
+    """Ray's Grafana (``/tmp/ray/session_latest/metrics/grafana``, a file provider over its
+    dashboards folder, one Prometheus data source) loads a dashboard JSON as it is: the model
+    itself, not an export wrapper, no numeric id, no import-time ``__inputs`` placeholders,
+    every data source the ``${datasource}`` variable (Ray's own dashboards do the same)."""
+    dashboard = load_dashboard()
+    assert "dashboard" not in dashboard and "__inputs" not in dashboard
+    assert dashboard.get("id") is None and dashboard["title"] == "mpsserve"
+    text = json.dumps(dashboard)
+    assert "DS_PROMETHEUS" not in text
+    for panel in panels(dashboard):
+        assert all(t["datasource"] == panel["datasource"] for t in panel["targets"])
+        assert all(t["refId"] for t in panel["targets"])
 
+
+def test_prometheus_config_reads_the_files_serve_writes() -> None:
+    """The shipped config scrapes what `mpsserve serve` lists (its state dir's
+    clusters/<app>.prometheus.json, read relative to the config), never Ray's discovery file,
+    which lists every Ray cluster of the host."""
     config = yaml.safe_load(PROMETHEUS_YML.read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    files = [f for sd in jobs["ray"]["file_sd_configs"] for f in sd["files"]]
-    assert files == [DISCOVERY_FILE]
-    assert Path(DISCOVERY_FILE).name == ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE
-    assert jobs["ray-static"]["static_configs"][0]["targets"] == []
+    assert set(jobs) == {"mpsserve", "mpsserve-static"}
+    files = [f for sd in jobs["mpsserve"]["file_sd_configs"] for f in sd["files"]]
+    written = discovery_path("shop").relative_to(state_dir())
+    assert files == ["clusters/*.prometheus.json"] and fnmatch(str(written), files[0])
+    assert jobs["mpsserve-static"]["static_configs"][0]["targets"] == []
+    assert RAY_DISCOVERY_FILE not in json.dumps(config)  # only in a comment, as an option
 
 
 def test_promtool_accepts_the_config() -> None:

@@ -239,6 +239,7 @@ def test_rayservice_structure(path: Path) -> None:
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
         "serve": 8000,
         "grpc": 9000,
+        "metrics": 8002,  # the ingress's GET /metrics (a PodMonitor's target)
     }
     # Serve's proxy is off, so not KubeRay's probe of it (/-/healthz) but the ingress's own.
     probe = container["readinessProbe"]["httpGet"]
@@ -317,3 +318,21 @@ def test_generator_script_is_idempotent_on_the_manifests(tmp_path: Path) -> None
     )
     for path in MANIFESTS:
         assert (tmp_path / path.name).read_text() == path.read_text()
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_serve_config_for_a_known_cluster_round_trips(
+    name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`serve-config --cluster-gpus N --cluster-cpus C`: each model's settings in its own
+    deployment's overrides, read back into the same service config."""
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
+    path = f"deployments/{name}.yaml"
+    args = ["serve-config", "--config", path, "--cluster-gpus", "2", "--cluster-cpus", "64"]
+    assert main(args) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    (app,) = validate_serve(data).applications
+    assert set(app.args) == {"config", "models"}
+    assert "models" not in app.args["config"]
+    assert service_config_from_serve(data, name, check_files=False) == load_config(ROOT / path)

@@ -75,6 +75,16 @@ def test_bad_port_settings_fail_at_load_naming_the_setting(
     assert said in str(caught.value), caught.value
 
 
+def test_a_ray_port_may_not_be_an_ingress_port(tmp_path: Path) -> None:
+    body = {
+        "models": [{"name": "rec", "store": str(tmp_path)}],
+        "ingress": {"http_port": 30100},
+        "ray": {"dashboard_port": 30100},
+    }
+    with pytest.raises(ConfigError, match=r"ray\.dashboard_port and ingress\.http_port are both"):
+        parse_config(body, "service.yaml")
+
+
 def test_a_joined_cluster_keeps_the_default_ports_without_complaint() -> None:
     joined = RayConfig(address="10.0.0.5:6379")
     assert joined.dashboard_port == 8266

@@ -6,7 +6,7 @@ import pytest
 
 from mpsserve.config import ModelConfig, parse_config
 from mpsserve.errors import ConfigError
-from mpsserve.serving.app import PROCESS_ENV, build_app, model_options
+from mpsserve.serving.app import MODEL_CONFIG_VAR, PROCESS_ENV, build_app, model_options
 
 
 def model(**placement: object) -> ModelConfig:
@@ -18,7 +18,9 @@ def test_no_gpu_gives_cpu_replicas() -> None:
     assert got["num_replicas"] == 2
     actor = got["ray_actor_options"]
     assert (actor["num_cpus"], actor["num_gpus"]) == (0.5, 0)
-    assert actor["runtime_env"]["env_vars"] == PROCESS_ENV
+    env = actor["runtime_env"]["env_vars"]
+    assert env == {**PROCESS_ENV, MODEL_CONFIG_VAR: env[MODEL_CONFIG_VAR]}
+    assert ModelConfig.model_validate_json(env[MODEL_CONFIG_VAR]).placement.cpu_replicas == 2
 
 
 def test_gpu_replicas_keep_the_mps_env_and_get_the_malloc_settings() -> None:

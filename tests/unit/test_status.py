@@ -171,3 +171,11 @@ def test_one_ingress_and_graphs_turned_off_are_noted() -> None:
     )
     rows = {line.split()[3]: line for line in render(seen).splitlines() if line.startswith("rec ")}
     assert " on 12 " in rows["1"] and " off " in rows["2"]
+
+
+def test_the_screen_shows_every_nodes_metrics_port() -> None:
+    seen = report(replica("2", 500, pid=1))
+    seen["metrics"] = ["http://10.0.0.5:8002/metrics", "http://10.0.0.6:8002/metrics"]
+    assert "metrics: http://10.0.0.5:8002/metrics, http://10.0.0.6:8002/metrics\n" in render(seen)
+    seen["metrics"] = []
+    assert "metrics: off (ingress.metrics_port: null)\n" in render(seen)
