@@ -51,6 +51,7 @@ def service(store: Path, policy: dict[str, Any], ray: dict[str, Any]) -> dict[st
             "host": "127.0.0.1",
             "http_port": HTTP_PORT,
             "grpc_port": GRPC_PORT,
+            "metrics_port": HTTP_PORT + 1,
             "cpus_per_replica": 0.5,
         },
         "mps": {"mode": "off"},
