@@ -290,6 +290,11 @@ def _ray_lines(cluster: Cluster, head: LocalHead | None, config_path: str) -> st
             f"  Ray dashboard:    {cluster.dashboard}\n"
             f"  Ray address:      {cluster.address}  (session {session}, joined: ray.address)\n"
         )
+    if not head.dashboard:
+        return (
+            "  Ray dashboard:    off (ray.dashboard: false): no job server, no `serve status`\n"
+            f"  Ray address:      {cluster.address}  (session {session})\n"
+        )
     url = head.dashboard_url
     if head.auth == "token":
         login = (

@@ -179,3 +179,15 @@ def test_the_banner_prints_ray_commands_that_carry_the_auth_mode(
         assert f"token auth on: paste the token of {tmp_path / 'auth_token'} when it asks" in lines
     else:
         assert "token auth off (RAY_AUTH_MODE=disabled)" in lines
+
+
+def test_the_banner_says_when_the_dashboard_is_off(tmp_path: Path) -> None:
+    from mpsserve.ops import cli
+    from mpsserve.ops.deploy import Cluster
+    from mpsserve.ops.localray import LocalHead
+
+    head = LocalHead(None, "10.0.0.5", {"gcs_port": 30010}, "127.0.0.1", False, tmp_path, "token")  # type: ignore[arg-type]
+    cluster = Cluster(0, 2.0, "10.0.0.5:30010", "/tmp/ray/session_x_1")
+    lines = cli._ray_lines(cluster, head, "service.yaml")
+    assert "Ray dashboard:    off (ray.dashboard: false)" in lines
+    assert "job submit" not in lines
