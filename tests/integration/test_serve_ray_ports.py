@@ -64,6 +64,7 @@ def held(port: int) -> Iterator[bool]:
     """Listen on ``port`` on every address, as another cluster's server would; False where
     something else holds it already (then it is busy all the same)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(("0.0.0.0", port))
         sock.listen()
@@ -184,7 +185,8 @@ def test_a_busy_port_stops_serve_before_ray_starts_naming_the_setting(
     tf_store: Path, tmp_path: Path
 ) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other:
-        other.bind(("0.0.0.0", AGENT_PORT))
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: the
+        other.bind(("0.0.0.0", AGENT_PORT))  # port may be in TIME_WAIT from the test before
         other.listen()
         config = tmp_path / "service.yaml"
         body = service(tf_store, {"latest": 1}, {"dashboard_agent_listen_port": AGENT_PORT})
