@@ -599,8 +599,35 @@ class ReplicaMpsConfig(_Strict):
             raise ConfigError(_describe(exc, "MPSSERVE_MPS_CONFIG")) from exc
 
 
+#: Ray's default --min-worker-port and --max-worker-port: its workers take ports from here.
+RAY_WORKER_PORTS = (10002, 19999)
+#: RayConfig's port fields, each the ``ray start --head`` flag of the same name.
+RAY_PORT_FIELDS = (
+    "gcs_port",
+    "dashboard_port",
+    "dashboard_agent_listen_port",
+    "dashboard_agent_grpc_port",
+    "metrics_export_port",
+    "ray_client_server_port",
+    "runtime_env_agent_port",
+    "node_manager_port",
+    "object_manager_port",
+)
+
+
+def _ray_port(default: int | None, what: str) -> int | None:
+    return Field(
+        default,
+        ge=1024,
+        le=65535,
+        description=f"Local Ray (ray.address null): port of {what}; null: a free port "
+        "chosen at start. Checked free before Ray starts.",
+    )
+
+
 class RayConfig(_Strict):
-    """Where Ray runs; ``address: null`` starts a local cluster for ``mpsserve serve``."""
+    """Where Ray runs; ``address: null`` starts a local cluster for ``mpsserve serve``
+    (``ray start --head`` with the ports below, stopped with the service)."""
 
     address: str | None = Field(None, description="Ray address to join; null = start local.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; null = all.")
@@ -611,6 +638,58 @@ class RayConfig(_Strict):
     dashboard: bool = Field(
         True, description="Start the Ray dashboard with a local Ray (needs its web client)."
     )
+    dashboard_host: str = Field(
+        "127.0.0.1",
+        description="Local Ray: the address the dashboard (and its job server) listens on; "
+        "0.0.0.0 for every interface.",
+    )
+    dashboard_port: int | None = _ray_port(
+        8266,
+        "the dashboard, its job server (`ray job submit --address http://HOST:PORT`) and "
+        "Serve's REST API (`serve status --address`); not Ray's 8265, which a `ray start` "
+        "cluster on the same machine keeps",
+    )
+    gcs_port: int | None = _ray_port(None, "the GCS, the cluster's address (HOST:PORT)")
+    dashboard_agent_listen_port: int | None = _ray_port(
+        None, "the dashboard agent's HTTP server, which runs submitted jobs (Ray's 52365)"
+    )
+    dashboard_agent_grpc_port: int | None = _ray_port(None, "the dashboard agent's gRPC server")
+    metrics_export_port: int | None = _ray_port(
+        None, "the node's Prometheus endpoint (Ray's metrics and mpsserve's, ray_ prefixed)"
+    )
+    ray_client_server_port: int | None = _ray_port(None, "the Ray Client server (Ray's 10001)")
+    runtime_env_agent_port: int | None = _ray_port(None, "the runtime env agent")
+    node_manager_port: int | None = _ray_port(None, "the raylet")
+    object_manager_port: int | None = _ray_port(None, "the object manager")
+
+    @model_validator(mode="after")
+    def _check_ports(self) -> RayConfig:
+        ports = self.ports()
+        # a Serve config file carries every field: only a port other than its default counts
+        given = [k for k, v in ports.items() if v != type(self).model_fields[k].default]
+        if self.address is not None and given:
+            raise ValueError(
+                f"{', '.join(given)}: ports of the "
+                "local Ray that `mpsserve serve` starts; with ray.address set it joins a "
+                "cluster whose ports are its own (leave them out)"
+            )
+        taken: dict[int, str] = {}
+        for name, port in ports.items():
+            if port is None:
+                continue
+            if RAY_WORKER_PORTS[0] <= port <= RAY_WORKER_PORTS[1]:
+                raise ValueError(
+                    f"{name} {port} is in Ray's worker port range "
+                    f"{RAY_WORKER_PORTS[0]}-{RAY_WORKER_PORTS[1]}; pick a port outside it"
+                )
+            if port in taken:
+                raise ValueError(f"{name} and {taken[port]} are both {port}")
+            taken[port] = name
+        return self
+
+    def ports(self) -> dict[str, int | None]:
+        """The local Ray's port settings by field name (``None``: a free port at start)."""
+        return {name: getattr(self, name) for name in RAY_PORT_FIELDS}
 
 
 class ServiceConfig(_Strict):
@@ -638,7 +717,20 @@ class ServiceConfig(_Strict):
                 f"{MPS_MAX_CLIENTS_PER_GPU} clients per GPU"
             )
         self._check_mps_budget()
+        self._check_ray_ports()
         return self
+
+    def _check_ray_ports(self) -> None:
+        """The local Ray's ports and the ingress's are bound on the same machine."""
+        ingress = {
+            "ingress.http_port": self.ingress.http_port,
+            "ingress.grpc_port": self.ingress.grpc_port,
+            "ingress.metrics_port": self.ingress.metrics_port,
+        }
+        for name, port in self.ray.ports().items():
+            clash = [k for k, v in ingress.items() if port is not None and v == port]
+            if clash and self.ray.address is None:
+                raise ValueError(f"ray.{name} and {clash[0]} are both {port}")
 
     def _check_mps_budget(self) -> None:
         """A health check may ask a busy daemon for up to mps.command_retry_s; it must still

@@ -121,6 +121,19 @@ def service_config(
     }
 
 
+#: The dashboard port of a test's own `mpsserve serve`: not the default 8266, which two
+#: checkouts running the tier at once (MPSSERVE_TEST_PORT_OFFSET) would share.
+SERVE_DASHBOARD_PORT = 28700 + int(os.environ.get("MPSSERVE_TEST_PORT_OFFSET", "0"))
+
+
+def with_dashboard_port(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``ray.dashboard_port`` set, unless it sets one or joins a cluster."""
+    ray = dict(config.get("ray") or {})
+    if "address" not in ray:
+        ray.setdefault("dashboard_port", SERVE_DASHBOARD_PORT)
+    return {**config, "ray": ray}
+
+
 class Service:
     """``mpsserve serve --config service.yaml`` in ``cwd``, as a user starts it: a context
     manager that waits for the banner and stops it with Ctrl-C (its own Ray goes with it)."""
@@ -133,7 +146,7 @@ class Service:
         env: dict[str, str] | None = None,
     ) -> None:
         self.cwd, self.timeout_s, self.env = cwd, timeout_s, env or {}
-        (cwd / "service.yaml").write_text(yaml.safe_dump(config))
+        (cwd / "service.yaml").write_text(yaml.safe_dump(with_dashboard_port(config)))
         self.http_port = int(config["ingress"]["http_port"])
         self.address = ""
         self.banner = ""  # what it printed up to "Ctrl-C stops"

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -32,6 +33,7 @@ from mpsserve.ops.cluster import (
     read_record,
     remove_record,
     resolve,
+    state_dir,
     write_discovery,
     write_record,
 )
@@ -44,6 +46,7 @@ from mpsserve.ops.deploy import (
     start_ray,
     use_cluster_token,
 )
+from mpsserve.ops.localray import LocalHead, job_server_problem, start_local, token_source
 
 logger = logging.getLogger("mpsserve")
 DEFAULT_CONFIG = "deployments/local.yaml"
@@ -261,7 +264,7 @@ def _curl_flags(config: ServiceConfig) -> tuple[str, str]:
 
 
 def _print_endpoints(
-    config: ServiceConfig, request: Path, rows: int, cluster: Cluster, record: Path
+    config: ServiceConfig, request: Path, rows: int, cluster: Cluster, record: Path, ray: str
 ) -> None:
     from mpsserve.ingress.auth import describe
 
@@ -283,8 +286,7 @@ def _print_endpoints(
         f"  public ports:     {describe(config.ingress.auth, config.ingress.tls)}\n"
         f"                    (ingress.auth, ingress.tls; see docs/security.md)\n"
         f"{_metrics_line(config)}"
-        f"  Ray dashboard:    {cluster.dashboard}\n"
-        f"  Ray address:      {cluster.address}  (session {Path(cluster.session_dir).name})\n"
+        f"{ray}"
         f"  recorded in:      {record}\n"
         f"                    (mpsserve status / deploy --config FILE find this cluster there)\n\n"
         f"Try it: a {rows}-row request written from the model's signature to {request}:\n"
@@ -293,6 +295,51 @@ def _print_endpoints(
         f"Ctrl-C stops the service and the local Ray.\n{'=' * 78}",
         flush=True,
     )
+
+
+def _ray_lines(cluster: Cluster, head: LocalHead | None, config_path: str) -> str:
+    """The banner's Ray part: the dashboard with how to log in, the cluster, and Ray's own
+    CLI against it, written so that they work as printed (token auth included)."""
+    session = Path(cluster.session_dir).name
+    pad = " " * 20
+    if head is None:
+        return (
+            f"  Ray dashboard:    {cluster.dashboard}\n"
+            f"  Ray address:      {cluster.address}  (session {session}, joined: ray.address)\n"
+        )
+    if not head.dashboard:
+        return (
+            "  Ray dashboard:    off (ray.dashboard: false): no job server, no `serve status`\n"
+            f"  Ray address:      {cluster.address}  (session {session})\n"
+        )
+    url = head.dashboard_url
+    if head.auth == "token":
+        login = (
+            f"{pad}token auth on: paste the token of {token_source()} when it asks\n"
+            f"{pad}(`{_command('ray')} get-auth-token` prints it)\n"
+        )
+        env = "RAY_AUTH_MODE=token "
+    else:
+        login = f"{pad}token auth off (RAY_AUTH_MODE=disabled): anyone reaching it runs code\n"
+        env = ""
+    problem = job_server_problem(head)
+    jobs = "ready" if problem is None else f"NOT AVAILABLE: {problem}"
+    config = Path(config_path).resolve()
+    return (
+        f"  Ray dashboard:    {url}\n{login}"
+        f"  Ray address:      {cluster.address}  (session {session})\n"
+        f"  Ray job server:   {jobs}\n"
+        f"  Ray CLI:          {env}{_command('serve')} status --address {url}\n"
+        f"{pad}{env}{_command('ray')} job submit --address {url} \\\n"
+        f"{pad}  -- python -m mpsserve.ops.redeploy --config {config}\n"
+    )
+
+
+def _command(name: str) -> str:
+    """``name`` where PATH finds this environment's, else its full path."""
+    mine = Path(sys.executable).with_name(name)
+    found = shutil.which(name)
+    return name if found and Path(found).resolve() == mine.resolve() else str(mine)
 
 
 def _wait_for_signal() -> None:
@@ -304,42 +351,66 @@ def _wait_for_signal() -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import ray
-    from ray import serve
-
     config = load_config(args.config)
     app = config.ray.app_name
     joining = config.ray.address
-    target = Target(joining, f"ray.address of {args.config}", app) if joining else None
+    head: LocalHead | None = None
     try:
+        if joining:
+            target = Target(joining, f"ray.address of {args.config}", app)
+        else:
+            head = _start_local(config, args.config)
+            target = Target(head.address, "the local Ray this command started", app)
         cluster = start_ray(config, target)
-        record = _record_cluster(config, cluster, args.config)
+        record = _record_cluster(config, cluster, args.config, head)
         deploy_to(config, cluster)
         _publish_metrics(config)
         request = _write_request(config, config.models[0].name, args.rows)
-        _print_endpoints(config, request, args.rows, cluster, record)
+        ray = _ray_lines(cluster, head, args.config)
+        _print_endpoints(config, request, args.rows, cluster, record, ray)
         _wait_for_signal()
         print("\nstopping ...", flush=True)
     finally:
         remove_record(app, os.getpid())
-        if ray.is_initialized():
-            serve.shutdown()
-            ray.shutdown()
+        _stop_ray(head)
         _stop_mps(config)
     print("stopped.")
     return 0
 
 
-def _record_cluster(config: ServiceConfig, cluster: Cluster, config_path: str) -> Path:
+def _start_local(config: ServiceConfig, config_path: str) -> LocalHead:
+    """``mpsserve serve``'s own Ray: ``ray start --head`` on the ``ray:`` section's ports."""
+    log = state_dir() / "logs" / f"ray-start-{config.ray.app_name}.log"
+    return start_local(config.ray, config_path, log)
+
+
+def _stop_ray(head: LocalHead | None) -> None:
+    """Serve and this driver, then the local head (only its processes) if we started one."""
+    if "ray" in sys.modules:
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+    if head is not None:
+        head.stop()
+
+
+def _record_cluster(
+    config: ServiceConfig, cluster: Cluster, config_path: str, head: LocalHead | None
+) -> Path:
     """Where this serve's cluster is, for ``status`` and ``deploy`` (removed when it stops)."""
     record = ClusterRecord(
         app_name=config.ray.app_name,
         address=cluster.address,
         session_dir=cluster.session_dir,
-        dashboard_url=cluster.dashboard,
+        dashboard_url=head.dashboard_url if head is not None else cluster.dashboard,
         config_path=str(Path(config_path).resolve()),
         pid=os.getpid(),
         started=time.time(),
+        ray_ports=dict(head.ports) if head is not None else {},
+        ray_auth_mode=head.auth if head is not None else "",
     )
     return write_record(record)
 

@@ -23,7 +23,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -54,6 +54,11 @@ class ClusterRecord:
     pid: int
     started: float
     metrics_url: str = ""  # the ingress's GET /metrics (ingress.metrics_port); "" when off
+    #: The local Ray's ports by setting name (``ray.dashboard_port``, ...), for a serve that
+    #: started it; empty for one that joined a cluster.
+    ray_ports: dict[str, int] = field(default_factory=dict)
+    #: ``token`` or ``disabled`` for a local Ray; empty for a joined cluster.
+    ray_auth_mode: str = ""
 
     @property
     def session_name(self) -> str:
@@ -70,6 +75,8 @@ class ClusterRecord:
             pid=int(data["pid"]),
             started=float(data["started"]),
             metrics_url=str(data.get("metrics_url") or ""),
+            ray_ports={str(k): int(v) for k, v in (data.get("ray_ports") or {}).items()},
+            ray_auth_mode=str(data.get("ray_auth_mode") or ""),
         )
 
 

@@ -45,28 +45,17 @@ def use_cluster_token() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def start_ray(
-    config: ServiceConfig, target: Target | None, watchdog: Watchdog | None = None
-) -> Cluster:
-    """Join the target cluster (None: start a local one of our own, never one found on the
-    machine), then Serve; returns the cluster's resources and where it is."""
-    if target is not None:
-        use_cluster_token()  # before Ray is imported: it reads the mode once, at import
+def start_ray(config: ServiceConfig, target: Target, watchdog: Watchdog | None = None) -> Cluster:
+    """Join the target cluster (``mpsserve serve``'s own local head, started by
+    ``mpsserve.ops.localray``, or one named by an address), then Serve; returns the
+    cluster's resources and where it is."""
+    use_cluster_token()  # before Ray is imported: it reads the mode once, at import
     import ray
     from ray import serve
 
-    if target is None:
-        context = ray.init(
-            address="local",
-            num_cpus=config.ray.num_cpus,
-            num_gpus=config.ray.num_gpus,
-            include_dashboard=config.ray.dashboard,
-            logging_level=logging.WARNING,
-        )
-    else:
-        # deploy often follows `ray start` at once: a head still coming up gets a few seconds
-        context = join(target, watchdog=watchdog, starting_s=HEAD_STARTING_S)
-        print(cluster_line(target, context.address_info), flush=True)
+    # deploy often follows `ray start` at once: a head still coming up gets a few seconds
+    context = join(target, watchdog=watchdog, starting_s=HEAD_STARTING_S)
+    print(cluster_line(target, context.address_info), flush=True)
     from mpsserve.serving.app import serve_options
 
     serve.start(**serve_options(config))

@@ -29,7 +29,7 @@ def test_serve_prints_a_working_request_and_stops_on_ctrl_c(tf_store: Path, tmp_
     config = {
         "models": [{"name": "rec", "store": str(tf_store), "placement": {"cpus_per_replica": 0.5}}],
         "ingress": {"http_port": PORT, "metrics_port": METRICS_PORT, "cpus_per_replica": 0.5},
-        "ray": {"num_cpus": 2},
+        "ray": {"num_cpus": 2, "dashboard_port": PORT + 50},
     }
     (tmp_path / "service.yaml").write_text(yaml.safe_dump(config))
     state = tmp_path / "state"
@@ -111,7 +111,7 @@ def _metrics_port_is_printed_recorded_and_listed(banner: str, state: Path) -> No
 
 def test_deploy_to_a_running_cluster(tf_store: Path, tmp_path: Path) -> None:
     """`ray start --head` then `mpsserve deploy`: the app serves and outlives the command."""
-    ray_port, http_port = 26390, 28200
+    ray_port, http_port = 26390 + PORT_OFFSET, 28200 + PORT_OFFSET
     config = {
         "models": [{"name": "rec", "store": str(tf_store), "placement": {"cpus_per_replica": 0.5}}],
         "ingress": {
@@ -151,6 +151,8 @@ def test_deploy_to_a_running_cluster(tf_store: Path, tmp_path: Path) -> None:
                 f"127.0.0.1:{ray_port}",
             ],
             cwd=tmp_path,
+            # a loaded 2-core box takes ~30 s from `ray start` to a raylet a driver can join
+            env={**os.environ, "MPSSERVE_CONNECT_TIMEOUT_S": "120"},
             capture_output=True,
             text=True,
             timeout=300,

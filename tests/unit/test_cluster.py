@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from mpsserve.ops.cluster import (
     write_record,
 )
 from mpsserve.ops.deploy import Cluster
+from mpsserve.ops.localray import LocalHead
 from mpsserve.settings import settings
 
 
@@ -315,7 +317,18 @@ def test_serve_records_its_cluster_until_it_stops(
     config.write_text(yaml.safe_dump(body))
     cluster = Cluster(0, 2.0, "10.0.0.5:6379", "/tmp/ray/session_y_2", "http://10.0.0.5:8265")
     seen: list[ClusterRecord | None] = []
-    monkeypatch.setattr(cli, "start_ray", lambda config, target: cluster)
+    ports = {"gcs_port": 6379, "dashboard_port": 8266, "dashboard_agent_listen_port": 40001}
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    head = LocalHead(sleeper, "10.0.0.5", ports, "127.0.0.1", True, tmp_path / "log", "token")
+    joined: list[Target] = []
+    monkeypatch.setattr(cli, "_start_local", lambda config, path: head)
+
+    def start_ray(config: object, target: Target) -> Cluster:
+        joined.append(target)
+        return cluster
+
+    monkeypatch.setattr(cli, "start_ray", start_ray)
+    monkeypatch.setattr(cli, "_ray_lines", lambda *_: "")
     monkeypatch.setattr(cli, "deploy_to", lambda config, cluster: None)
     monkeypatch.setattr(cli, "_write_request", lambda *_: tmp_path / "request.json")
     monkeypatch.setattr(cli, "_print_endpoints", lambda *_: None)
@@ -339,8 +352,11 @@ def test_serve_records_its_cluster_until_it_stops(
     assert written is not None and written.pid == os.getpid()
     assert (written.address, written.session_name) == ("10.0.0.5:6379", "session_y_2")
     assert written.config_path == str(config.resolve())
-    assert written.dashboard_url == "http://10.0.0.5:8265"
+    assert written.dashboard_url == "http://127.0.0.1:8266"  # the local head's
+    assert (written.ray_ports, written.ray_auth_mode) == (ports, "token")
+    assert [t.address for t in joined] == ["10.0.0.5:6379"]
     assert read_record("shop") is None  # removed when serve stopped
+    assert sleeper.wait(timeout=10) == -signal.SIGTERM  # the local head stopped with it
 
 
 # The watchdog ends a command whose main thread does not come back to Python.
