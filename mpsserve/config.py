@@ -691,6 +691,12 @@ class RayConfig(_Strict):
         """The local Ray's port settings by field name (``None``: a free port at start)."""
         return {name: getattr(self, name) for name in RAY_PORT_FIELDS}
 
+    def deployed(self) -> RayConfig:
+        """What of this section the application itself runs with: its name. The rest says
+        how ``mpsserve serve`` starts or joins a cluster, which a running application never
+        reads; kept out of the application's args, a change there restarts no replica."""
+        return RayConfig(app_name=self.app_name, dashboard_port=None)
+
 
 class ServiceConfig(_Strict):
     """The whole service."""
@@ -700,6 +706,12 @@ class ServiceConfig(_Strict):
     mps: MpsConfig = Field(default_factory=MpsConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     transport: TransportConfig = Field(default_factory=TransportConfig)
+
+    def as_deployed(self) -> ServiceConfig:
+        """This config as a running application holds it, and as its Serve config reads
+        back: the ``ray`` section reduced to what the application runs with
+        (``RayConfig.deployed``)."""
+        return self.model_copy(update={"ray": self.ray.deployed()})
 
     @model_validator(mode="after")
     def _check_models(self) -> ServiceConfig:
@@ -762,7 +774,7 @@ class SharedConfig(_Strict):
 
     @classmethod
     def of(cls, config: ServiceConfig) -> SharedConfig:
-        return cls.model_validate(config.model_dump(exclude={"models"}))
+        return cls.model_validate(config.as_deployed().model_dump(exclude={"models"}))
 
 
 def _describe(error: ValidationError, source: str) -> str:

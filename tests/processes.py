@@ -123,7 +123,7 @@ def service_config(
 
 #: The dashboard port of a test's own `mpsserve serve`: not the default 8266, which two
 #: checkouts running the tier at once (MPSSERVE_TEST_PORT_OFFSET) would share.
-SERVE_DASHBOARD_PORT = 28700 + int(os.environ.get("MPSSERVE_TEST_PORT_OFFSET", "0"))
+SERVE_DASHBOARD_PORT = 24700 + int(os.environ.get("MPSSERVE_TEST_PORT_OFFSET", "0"))
 
 
 def with_dashboard_port(config: dict[str, Any]) -> dict[str, Any]:

@@ -63,6 +63,12 @@ def _model_changes(old: ModelConfig, new: ModelConfig, cluster_gpus: int | None)
     return changes
 
 
+def _section(config: ServiceConfig, name: str) -> Any:
+    """A shared section as the application runs it (``ray``: its name only, the rest being
+    how a cluster is started, which a deploy onto a running one does not change)."""
+    return getattr(config.as_deployed(), name)
+
+
 def describe_changes(
     old: ServiceConfig | None, new: ServiceConfig, cluster_gpus: int | None = None
 ) -> list[str]:
@@ -85,8 +91,8 @@ def describe_changes(
             lines.append(f"model {name}: " + "; ".join(changes))
     for section in SECTIONS:
         changes = _field_changes(
-            getattr(old, section).model_dump(mode="json"),
-            getattr(new, section).model_dump(mode="json"),
+            _section(old, section).model_dump(mode="json"),
+            _section(new, section).model_dump(mode="json"),
         )
         if changes:
             lines.append(f"{section}: " + "; ".join(changes))
@@ -223,7 +229,7 @@ def plan(
 
 def _shared_changes(old: ServiceConfig, new: ServiceConfig) -> str:
     """Why the application's args changed (every deployment restarts), in words."""
-    changed = [s for s in SECTIONS if getattr(old, s) != getattr(new, s)]
+    changed = [s for s in SECTIONS if _section(old, s) != _section(new, s)]
     if [m.name for m in old.models] != [m.name for m in new.models]:
         changed.insert(0, "the set of models")
     what = ", ".join(changed) if changed else "their layout (the Serve config's format)"

@@ -317,6 +317,7 @@ def _whole_config_schema(
     config: ServiceConfig, cluster_gpus: int | None, cluster_cpus: float | None
 ) -> dict[str, Any]:
     body = config.model_dump(mode="json")
+    body["ray"] = config.ray.deployed().model_dump(mode="json")
     for model in body["models"]:
         model.pop("version_policy")
     args: dict[str, Any] = {"config": body}
