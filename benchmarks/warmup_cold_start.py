@@ -58,7 +58,7 @@ def _run_trial(trial: Trial, results: Any) -> None:
     config = ModelConfig(
         name="rec",
         store=trial.store,
-        runtime=trial.runtime,  # type: ignore[arg-type]
+        runtime=trial.runtime,
         warmup_rows=0 if trial.case == "none" else 8,
         intra_op_threads=trial.threads,
         poll_interval_s=3600,
