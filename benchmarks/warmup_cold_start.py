@@ -14,7 +14,8 @@ in) and then times its first ``--requests`` real requests of ``--rows`` rows
 
 Trials of the cases are interleaved, so a noisy neighbour hurts them alike. Printed per case,
 medians over trials: the first request, the 2nd-10th requests, the steady state (the second
-half of the requests), the warm-up's seconds, the load's (load + warm-up) and first/steady.
+half of the requests), the warm-up's seconds, the load's (load + warm-up) and the ratio
+first/steady (each trial's, then their median).
 Figures only; nothing is asserted.
 
     python -m benchmarks.warmup_cold_start [--format torch] [--trials 3] [--requests 100]
@@ -146,9 +147,10 @@ def main() -> None:
                     f"steady {ms(statistics.median(lat[requests // 2 :]))} ms"
                 )
     print(
-        f"\nmedians over trials (ms; steady = requests {requests // 2 + 1}-{requests})\n"
+        f"\nmedians over trials (ms; load in s; steady = requests {requests // 2 + 1}-{requests}; "
+        f"first/steady per trial)\n"
         f"{'case':9s} {'first':>8s} {'2nd-10th':>8s} {'steady':>8s} {'warm-up':>8s} "
-        f"{'load':>8s} {'first/steady':>12s}"
+        f"{'load s':>8s} {'first/steady':>12s}"
     )
     for case in CASES:
         runs = seen[case]
@@ -157,9 +159,11 @@ def main() -> None:
         steady = statistics.median(statistics.median(lat[requests // 2 :]) for _, _, lat in runs)
         warmup = statistics.median(w for _, w, _ in runs)
         load = statistics.median(load for load, _, _ in runs)
+        ratio = statistics.median(
+            lat[0] / statistics.median(lat[requests // 2 :]) for *_, lat in runs
+        )
         print(
-            f"{case:9s} {ms(first)} {ms(early)} {ms(steady)} {ms(warmup)} {ms(load)} "
-            f"{first / steady:12.1f}"
+            f"{case:9s} {ms(first)} {ms(early)} {ms(steady)} {ms(warmup)} {load:8.2f} {ratio:12.1f}"
         )
 
 
