@@ -18,7 +18,7 @@ half of the requests), the warm-up's seconds, the load's (load + warm-up) and th
 first/steady (each trial's, then their median).
 Figures only; nothing is asserted.
 
-    python -m benchmarks.warmup_cold_start [--format torch] [--trials 3] [--requests 100]
+    python -m benchmarks.warmup_cold_start [--format torch] [--trials 5] [--requests 100]
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def ms(seconds: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--format", choices=("tensorflow", "torch"), default="tensorflow")
-    parser.add_argument("--trials", type=int, default=3, help="fresh processes per case")
+    parser.add_argument("--trials", type=int, default=5, help="fresh processes per case")
     parser.add_argument("--requests", type=int, default=100, help="timed per trial (>= 20)")
     parser.add_argument("--rows", type=int, default=2000, help="rows per request")
     parser.add_argument("--warmup-requests", type=int, default=8, help="records in the file")
