@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpsserve.errors import InvalidInput
+
 #: Names of tables and version tags: no ':' (the key separator) and no '{' (a hash tag).
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 ROW_DTYPE = np.dtype("<f4")
@@ -35,9 +37,9 @@ MIN_BUCKETS, MAX_BUCKETS = 256, 1 << 20
 
 
 def check_name(kind: str, name: str) -> str:
-    """``name`` if it is a valid table name or version tag; ValueError naming ``kind`` else."""
+    """``name`` if it is a valid table name or version tag; InvalidInput naming ``kind`` else."""
     if not NAME.match(name):
-        raise ValueError(
+        raise InvalidInput(
             f"{kind} {name[:70]!r} must be 1-63 characters of A-Za-z0-9_.- starting with a "
             "letter or digit"
         )

@@ -192,6 +192,8 @@ class EmbeddingStore:
         trip sets many fields of few hashes."""
         order = np.argsort(np.mod(ids, info.buckets), kind="stable")
         batch = self.config.batch_rows
+        if progress is not None:
+            progress(name, 0, len(order))
         for start in range(0, len(order), batch):
             chosen = order[start : start + batch]
             self._write_batch(version, name, info, ids[chosen], rows[chosen])
