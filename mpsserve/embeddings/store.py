@@ -315,21 +315,25 @@ class EmbeddingStore:
     # -- health --------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        """What doctor and status show: each node's cluster state, and the versions."""
-        from redis.cluster import RedisCluster
-
-        with _talking(self.config, "asking for the cluster's state"):
-            infos = self._client.cluster_info(target_nodes=RedisCluster.ALL_NODES)
-        nodes = {
-            str(node): {
-                "state": info.get("cluster_state"),
-                "slots_ok": int(info.get("cluster_slots_ok", 0)),
-                "known_nodes": int(info.get("cluster_known_nodes", 0)),
-            }
-            for node, info in infos.items()
-        }
+        """What doctor and status show: each known node's cluster state as it says, or why
+        it does not answer; ok when every node answers ``cluster_state:ok``."""
+        nodes = {node.name: self._node_state(node) for node in self._client.get_nodes()}
         ok = bool(nodes) and all(n["state"] == "ok" for n in nodes.values())
         return {"ok": ok, "nodes": nodes}
+
+    def _node_state(self, node: Any) -> dict[str, Any]:
+        from redis.exceptions import RedisError
+
+        try:
+            info = self._client.cluster_info(target_nodes=node)
+        except (RedisError, OSError) as exc:
+            return {"state": "unreachable", "role": node.server_type, "error": str(exc)[:200]}
+        return {
+            "state": info.get("cluster_state"),
+            "role": node.server_type,
+            "slots_ok": int(info.get("cluster_slots_ok", 0)),
+            "known_nodes": int(info.get("cluster_known_nodes", 0)),
+        }
 
 
 def _rows(values: Sequence[bytes | None], dim: int, table: str, ids: np.ndarray) -> np.ndarray:
