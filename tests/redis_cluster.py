@@ -84,19 +84,29 @@ class Cluster:
         return [n.address for n in self.nodes]
 
     def start(self, timeout_s: float = 30.0) -> None:
+        """Start the masters and form the cluster; on any failure stop what was started."""
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> None:
         for i in range(self.masters):
             node = Node(free_port(), free_port(), self.directory / f"node-{i}")
             self.nodes.append(node)
             self._launch(node)
         deadline = time.monotonic() + timeout_s
         clients = [self._client(n, deadline) for n in self.nodes]
-        self._assign_slots(clients)
-        for client in clients[1:]:
-            first = self.nodes[0]  # its bus port too: it is not port + 10000
-            client.execute_command("CLUSTER MEET", "127.0.0.1", first.port, first.bus_port)
-        self._wait_ok(clients, deadline)
-        for client in clients:
-            client.close()
+        try:
+            self._assign_slots(clients)
+            for client in clients[1:]:
+                first = self.nodes[0]  # its bus port too: it is not port + 10000
+                client.execute_command("CLUSTER MEET", "127.0.0.1", first.port, first.bus_port)
+            self._wait_ok(clients, deadline)
+        finally:
+            for client in clients:
+                client.close()
 
     def _launch(self, node: Node) -> None:
         node.directory.mkdir(parents=True)
@@ -116,7 +126,8 @@ class Cluster:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password, "--masterauth", self.password]
-        node.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(node.directory / "stderr.log", "wb") as stderr:  # startup errors land here
+            node.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr)
 
     def _client(self, node: Node, deadline: float) -> redis.Redis:
         while True:
@@ -151,8 +162,8 @@ class Cluster:
             time.sleep(0.1)
 
     def log(self, node: Node) -> str:
-        path = node.directory / "redis.log"
-        return path.read_text()[-2000:] if path.exists() else "(no log)"
+        paths = [node.directory / name for name in ("stderr.log", "redis.log")]
+        return "".join(p.read_text()[-2000:] for p in paths if p.exists()) or "(no log)"
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -356,10 +356,16 @@ def _talking(config: EmbeddingsConfig, what: str) -> Iterator[None]:
         yield
     except MpsServeError:
         raise
-    except AuthenticationError as exc:
-        raise EmbeddingStoreError(
-            f"embedding store {where} refused the credentials while {what}"
-        ) from exc
     except (RedisError, RedisClusterException, OSError) as exc:
         detail = bound_message(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, AuthenticationError) or any(m in str(exc) for m in _AUTH_REFUSED):
+            raise EmbeddingStoreError(
+                f"embedding store {where} refused the credentials (embeddings.username, "
+                f"password_env / password_file) while {what}: {detail}"
+            ) from exc
         raise EmbeddingStoreError(f"embedding store {where}: {what} failed: {detail}") from exc
+
+
+#: What Redis answers a connection without the right credentials (the cluster client
+#: wraps some of them in a RedisClusterException).
+_AUTH_REFUSED = ("username-password", "NOAUTH", "client already authenticated", "WRONGPASS")
