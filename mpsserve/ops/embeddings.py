@@ -79,7 +79,7 @@ class ProgressLines:
     """publish's progress as lines: a table's rows written and rate, every PROGRESS_EVERY_S
     and at its end."""
 
-    out: Any = sys.stdout
+    out: Any = None  # None: sys.stdout as it is at each line
     begun: dict[str, float] = field(default_factory=dict)
     shown: dict[str, float] = field(default_factory=dict)
 
@@ -92,7 +92,7 @@ class ProgressLines:
         rate = done / max(now - begun, 1e-9)
         percent = 100 * done / max(total, 1)
         line = f"  {table}: {done}/{total} rows ({percent:.0f}%), {rate:,.0f} rows/s"
-        print(line, file=self.out, flush=True)
+        print(line, file=self.out or sys.stdout, flush=True)
 
 
 def publish(

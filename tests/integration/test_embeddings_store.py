@@ -103,6 +103,30 @@ def test_publish_the_demo_tables_and_look_them_up_exactly(
             store.lookup("v9", "cat", np.array([1]))
 
 
+def test_publish_an_npz_with_its_own_ids(
+    tmp_path: Path,
+    redis_cluster: Cluster,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rng = np.random.default_rng(4)
+    users = rng.standard_normal((500, 12), dtype=np.float32)
+    user_ids = rng.choice(2**40, 500, replace=False) - 2**39  # sparse, some negative
+    items = rng.standard_normal((300, 4), dtype=np.float32)
+    np.savez(tmp_path / "embeddings.npz", users=users, users__ids=user_ids, items=items)
+    config = config_file(tmp_path, redis_cluster)
+    assert cli.main(["embeddings", "publish", "--config", config, "--model-dir",
+                     str(tmp_path), "--version", "npz-1", "--buckets", "64"]) == 0  # fmt: skip
+    assert "published version npz-1: 800 rows" in capsys.readouterr().out
+    with EmbeddingStore.connect(store_config(redis_cluster)) as store:
+        assert store.require("npz-1", {"users": 12, "items": 4}).tables["users"].buckets == 64
+        order = rng.permutation(500)
+        assert np.array_equal(store.lookup("npz-1", "users", user_ids[order]), users[order])
+        assert np.array_equal(store.lookup("npz-1", "items", np.arange(300)), items)
+    assert cli.main(["embeddings", "publish", "--config", config, "--model-dir",
+                     str(tmp_path / "nothing"), "--version", "x"]) == 2  # fmt: skip
+    assert "no embedding tables" in capsys.readouterr().err
+
+
 def test_list_pin_and_delete(
     store: EmbeddingStore,
     tmp_path: Path,

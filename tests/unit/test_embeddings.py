@@ -200,3 +200,22 @@ def test_every_embeddings_action_and_flag_has_help() -> None:
             assert arg.help and arg.help.strip(), (name, arg.option_strings)
             if arg.default not in (None, False, argparse.SUPPRESS) and not arg.required:
                 assert "default" in arg.help, (name, arg.option_strings)
+
+
+def test_status_shows_an_unreachable_store_as_a_problem() -> None:
+    from mpsserve.ops.status import render, with_store
+
+    closed = f"127.0.0.1:{free_port()}"
+    report = {
+        "app": "mpsserve",
+        "applications": {"mpsserve": {"status": "RUNNING", "deployments": {}}},
+        "ok": True,
+        "verdict": "OK: 2 model replica(s) answer, MPS off",
+    }
+    report = with_store(report, EmbeddingsConfig(nodes=[closed]))
+    assert report["ok"] is False and isinstance(report["verdict"], str)
+    assert report["verdict"].startswith(f"PROBLEM: embedding store: {closed}: connecting failed")
+    assert report["verdict"].endswith("; 2 model replica(s) answer, MPS off")
+    screen = render(report)
+    assert f"embedding store: PROBLEM: {closed}: connecting failed" in screen
+    assert with_store({"ok": True, "verdict": "OK: x"}, None) == {"ok": True, "verdict": "OK: x"}
