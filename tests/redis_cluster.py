@@ -10,6 +10,7 @@ Every wait is bounded; processes are stopped by their PID.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -77,6 +79,9 @@ class Cluster:
     directory: Path
     masters: int = 3
     password: str | None = None
+    #: Replicas per master (CLUSTER REPLICATE), for failover tests; the first ``masters``
+    #: nodes are the masters, then each master's replicas in turn.
+    replicas: int = 0
     nodes: list[Node] = field(default_factory=list)
 
     @property
@@ -92,21 +97,49 @@ class Cluster:
             raise
 
     def _start(self, timeout_s: float) -> None:
-        for i in range(self.masters):
+        for i in range(self.masters * (1 + self.replicas)):
             node = Node(free_port(), free_port(), self.directory / f"node-{i}")
             self.nodes.append(node)
             self._launch(node)
         deadline = time.monotonic() + timeout_s
         clients = [self._client(n, deadline) for n in self.nodes]
         try:
-            self._assign_slots(clients)
+            self._assign_slots(clients[: self.masters])
             for client in clients[1:]:
                 first = self.nodes[0]  # its bus port too: it is not port + 10000
                 client.execute_command("CLUSTER MEET", "127.0.0.1", first.port, first.bus_port)
             self._wait_ok(clients, deadline)
+            self._replicate(clients, deadline)
         finally:
             for client in clients:
                 client.close()
+
+    def _replicate(self, clients: list[redis.Redis], deadline: float) -> None:
+        """Each replica follows its master once it knows it; up when every link is."""
+        ids = [c.execute_command("CLUSTER MYID") for c in clients[: self.masters]]
+        for i, client in enumerate(clients[self.masters :]):
+            master = ids[i % self.masters]
+            master_id = master.decode() if isinstance(master, bytes) else str(master)
+            client.execute_command("CLUSTER REPLICATE", master_id)
+        while not all(
+            c.info("replication").get("master_link_status") == "up" for c in clients[self.masters :]
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("replicas did not link to their masters in time")
+            time.sleep(0.1)
+
+    def wait_replicated(self, timeout_s: float = 30.0) -> None:
+        """Until every replica has every write its master has (replication is async)."""
+        deadline = time.monotonic() + timeout_s
+        for i, replica in enumerate(self.nodes[self.masters :]):
+            master = self.nodes[i % self.masters]
+            with self._client(master, deadline) as m, self._client(replica, deadline) as r:
+                while r.info("replication").get("slave_repl_offset") != m.info("replication").get(
+                    "master_repl_offset"
+                ):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"replica {replica.port} behind in time")
+                    time.sleep(0.1)
 
     def _launch(self, node: Node) -> None:
         node.directory.mkdir(parents=True)
@@ -170,15 +203,22 @@ class Cluster:
             node.stop()
 
 
-@pytest.fixture
-def redis_cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """A fresh 3-master cluster for one test (a test may kill its nodes)."""
+@contextlib.contextmanager
+def running_cluster(directory: Path, **options: Any) -> Iterator[Cluster]:
+    """A started cluster (``Cluster``'s options), stopped after; skips without redis-server."""
     binary = redis_binary()
     if binary is None:
         pytest.skip(f"no redis-server: set {BIN_ENV} or run `make` (installs it into the venv)")
-    cluster = Cluster(binary, tmp_path / "redis")
+    cluster = Cluster(binary, directory, **options)
+    cluster.start()
     try:
-        cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A fresh 3-master cluster for one test (a test may kill its nodes)."""
+    with running_cluster(tmp_path / "redis") as cluster:
+        yield cluster

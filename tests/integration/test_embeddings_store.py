@@ -28,7 +28,7 @@ from mpsserve.ops import cli
 from mpsserve.ops.demo import demo_tables
 from mpsserve.ops.status import with_store
 from tests.conftest import SEED, SMALL
-from tests.redis_cluster import Cluster, redis_cluster  # noqa: F401
+from tests.redis_cluster import Cluster, redis_cluster, running_cluster  # noqa: F401
 
 #: A lookup against a dead shard must fail within this (it takes ~0.05 s; a hang would
 #: take the client's timeouts times its retries and more). Generous for a loaded 2-core box.
@@ -190,14 +190,7 @@ def test_a_half_published_version_is_never_used_and_can_be_resumed(
 def test_credentials_come_from_the_config_and_never_show(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.redis_cluster import redis_binary
-
-    binary = redis_binary()
-    if binary is None:
-        pytest.skip("no redis-server")
-    cluster = Cluster(binary, tmp_path / "redis", password="correct-horse-battery")
-    try:
-        cluster.start()
+    with running_cluster(tmp_path / "redis", password="correct-horse-battery") as cluster:
         monkeypatch.setenv("MPSSERVE_TEST_REDIS_PW", "correct-horse-battery")
         good = store_config(cluster, password_env="MPSSERVE_TEST_REDIS_PW")
         with EmbeddingStore.connect(good) as store:
@@ -211,8 +204,38 @@ def test_credentials_come_from_the_config_and_never_show(
         found = probe(store_config(cluster))  # no password at all
         assert not found.ok and "refused the credentials" in found.detail
         assert "correct-horse" not in json.dumps(found.to_dict())
-    finally:
-        cluster.stop()
+
+
+def test_a_killed_master_with_a_replica_fails_over_and_lookups_recover(tmp_path: Path) -> None:
+    with running_cluster(tmp_path / "redis", replicas=1) as cluster:
+        rows = np.random.default_rng(5).standard_normal((30000, 8), dtype=np.float32)
+        ids = np.arange(0, 30000, 13)
+        with EmbeddingStore.connect(store_config(cluster)) as store:
+            store.publish("v1", {"t": Table(rows)})
+            store.require("v1")  # the record read now: the registry's shard may be the victim
+            cluster.wait_replicated()
+            cluster.nodes[1].kill()  # a master: the first `masters` nodes are
+            outcomes = _until_a_lookup_succeeds(store, ids, within_s=60)
+            assert np.array_equal(store.lookup("v1", "t", ids), rows[ids])  # nothing lost
+        assert outcomes, "the first lookup after the kill cannot have succeeded"
+        assert max(outcomes) < FAIL_FAST_S  # each failed lookup failed fast, none hung
+
+
+def _until_a_lookup_succeeds(
+    store: EmbeddingStore, ids: np.ndarray, within_s: float
+) -> list[float]:
+    """Look up every 0.2 s until one succeeds; the seconds each failed one took."""
+    failed: list[float] = []
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        try:
+            store.lookup("v1", "t", ids)
+            return failed
+        except EmbeddingStoreError:
+            failed.append(time.monotonic() - started)
+            time.sleep(0.2)
+    raise AssertionError(f"no failover within {within_s}s ({len(failed)} lookups failed)")
 
 
 def test_a_killed_master_fails_lookups_fast_and_clearly(
