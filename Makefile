@@ -37,7 +37,9 @@ $(VENV)/.prometheus: $(VENV)/.base
 # and to carry to hosts that cannot install packages: Debian's redis-tools (its redis-check-rdb
 # is the server: Debian's redis-server package only links it under that name) and the two
 # libraries it needs, fetched like Prometheus above into $(VENV)/lib/redis, with wrappers in
-# $(VENV)/bin that point the loader there. Without apt the step says so and those tests skip.
+# $(VENV)/bin that point the loader there (relative paths: bin/ and lib/redis/ can be carried
+# together to a host that cannot install packages). Without apt the step says so and those
+# tests skip.
 REDIS_DEB ?= 5:7.0.15-1~deb12u7
 REDIS_TMP := $(VENV)/.redis-deb
 REDIS_LIB := $(abspath $(VENV))/lib/redis
@@ -51,8 +53,8 @@ $(VENV)/.redis: $(VENV)/.base
 	  && cp -L $(REDIS_TMP)/root/usr/lib/x86_64-linux-gnu/liblzf.so.1 \
 	    $(REDIS_TMP)/root/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 $(REDIS_LIB)/ \
 	  && for tool in redis-server redis-cli; do \
-	    printf '#!/bin/sh\nLD_LIBRARY_PATH=%s$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} exec %s/%s "$$@"\n' \
-	      $(REDIS_LIB) $(REDIS_LIB) $$tool > $(VENV)/bin/$$tool && chmod +x $(VENV)/bin/$$tool; done \
+	    printf '#!/bin/sh\nlib="$$(dirname "$$0")/../lib/redis"\nLD_LIBRARY_PATH="$$lib$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" exec "$$lib/%s" "$$@"\n' \
+	      $$tool > $(VENV)/bin/$$tool && chmod +x $(VENV)/bin/$$tool; done \
 	  && $(VENV)/bin/redis-server --version && touch $@; \
 	else echo "redis-server $(REDIS_DEB) not installed (needs apt-get); its tests will skip"; fi
 	@rm -rf $(REDIS_TMP)
