@@ -285,7 +285,16 @@ def _owner_of(cluster: Cluster, key: str) -> str:
     raise AssertionError(f"no owner of slot {slot}")
 
 
-def test_a_healthy_store_in_status_keeps_the_verdict(store: EmbeddingStore) -> None:
+def test_a_healthy_store_in_doctor_and_status(
+    store: EmbeddingStore,
+    tmp_path: Path,
+    redis_cluster: Cluster,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mpsserve.node import doctor
+    from mpsserve.node.gpu import Inventory
+
     store.publish("v1", {"t": Table(np.zeros((10, 2), dtype=np.float32))})
     report = with_store({"ok": True, "verdict": "OK: fine"}, store.config)
     assert report["ok"] and report["verdict"] == "OK: fine"
@@ -294,3 +303,9 @@ def test_a_healthy_store_in_status_keeps_the_verdict(store: EmbeddingStore) -> N
         and "1 complete version(s) ['v1']" in (report["embeddings"]["detail"])
     )
     assert len(report["embeddings"]["nodes"]) == 3
+
+    monkeypatch.setattr(doctor, "inventory", lambda: Inventory(error="no driver"))
+    config = config_file(tmp_path, redis_cluster)
+    assert cli.main(["doctor", "--config", config]) == 0  # mps auto, no GPU: not judged
+    out = capsys.readouterr().out
+    assert "[  ok] embedding store: 3 node(s), cluster_state ok; 1 complete version(s)" in out
