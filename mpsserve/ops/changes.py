@@ -16,7 +16,13 @@ from typing import Any
 from mpsserve.config import ModelConfig, ServiceConfig
 from mpsserve.errors import MpsServeError
 
-SECTIONS = ("ingress", "mps", "ray", "transport")
+SECTIONS = ("ingress", "mps", "ray", "transport", "embeddings")
+
+
+def _section(config: ServiceConfig, section: str) -> Any:
+    """A shared section as plain data ({} for an absent optional one: embeddings)."""
+    value = getattr(config, section)
+    return {} if value is None else value.model_dump(mode="json")
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -84,10 +90,7 @@ def describe_changes(
         if changes:
             lines.append(f"model {name}: " + "; ".join(changes))
     for section in SECTIONS:
-        changes = _field_changes(
-            getattr(old, section).model_dump(mode="json"),
-            getattr(new, section).model_dump(mode="json"),
-        )
+        changes = _field_changes(_section(old, section), _section(new, section))
         if changes:
             lines.append(f"{section}: " + "; ".join(changes))
     return lines or ["no change: the cluster already runs this config"]

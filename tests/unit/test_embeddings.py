@@ -219,3 +219,14 @@ def test_status_shows_an_unreachable_store_as_a_problem() -> None:
     screen = render(report)
     assert f"embedding store: PROBLEM: {closed}: connecting failed" in screen
     assert with_store({"ok": True, "verdict": "OK: x"}, None) == {"ok": True, "verdict": "OK: x"}
+
+
+def test_a_redeploy_says_the_embeddings_section_changed() -> None:
+    from mpsserve.ops import changes
+
+    old = parse_config({"models": MODELS})
+    new = parse_config({"models": MODELS, "embeddings": {"nodes": ["redis-0:6379"]}})
+    lines = changes.describe_changes(old, new)
+    assert any(line.startswith("embeddings: ") and "nodes None -> ['redis-0:6379']" in line
+               for line in lines), lines  # fmt: skip
+    assert "embeddings" in changes._shared_changes(old, new)
