@@ -6,6 +6,7 @@ A bad file fails at load with the dotted path of the bad field and what was expe
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -698,6 +699,95 @@ class RayConfig(_Strict):
         return RayConfig(app_name=self.app_name, dashboard_port=None)
 
 
+_STORE_NODE = r"^[A-Za-z0-9_.\-]{1,253}:[0-9]{1,5}$|^\[[0-9A-Fa-f:.]+\]:[0-9]{1,5}$"
+
+
+class EmbeddingsConfig(_Strict):
+    """The embedding tier's store: a Redis Cluster holding embedding rows by table, version
+    tag and id (docs/embeddings.md). Credentials come from an environment variable or a file
+    named here, never from this YAML, and are never logged. Absent: no embedding tier."""
+
+    nodes: list[Annotated[str, Field(pattern=_STORE_NODE)]] = Field(
+        min_length=1,
+        description="Startup nodes of the cluster as host:port ([v6]:port); the client "
+        "discovers the others (CLUSTER SLOTS), so any one reachable node is enough.",
+    )
+    username: str | None = Field(
+        None, max_length=128, description="ACL user name; null: the default user."
+    )
+    password_env: str | None = Field(
+        None,
+        pattern=_ENV_NAME,
+        description="Name of an environment variable holding the password (AUTH).",
+    )
+    password_file: str | None = Field(
+        None,
+        description="File holding the password (a mounted Secret; surrounding whitespace is "
+        "ignored). Relative paths resolve from the config file.",
+    )
+    key_prefix: str = Field(
+        "mpsserve",
+        pattern=r"^[A-Za-z0-9_.\-]{1,64}$",
+        description="First part of every key, so several services can share one cluster.",
+    )
+    connect_timeout_s: float = Field(
+        2.0, gt=0, description="Deadline to open a connection to one node."
+    )
+    command_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Deadline for one node to answer one command or pipeline; a shard that "
+        "hangs fails the lookup after this, never later.",
+    )
+    retries: int = Field(
+        1,
+        ge=0,
+        le=10,
+        description="Times a failed command is retried after a topology refresh (a moved "
+        "slot, a failover); 0 fails at the first error.",
+    )
+    batch_rows: int = Field(
+        2000,
+        ge=1,
+        le=1_000_000,
+        description="Rows written per pipelined round trip when publishing.",
+    )
+
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> EmbeddingsConfig:
+        if self.password_env is not None and self.password_file is not None:
+            raise ValueError("give password_env or password_file, not both")
+        return self
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _readable(value, info)
+
+    @field_validator("password_env")
+    @classmethod
+    def _password_env(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and _checking_files(info) and not os.environ.get(value):
+            raise ValueError(f"environment variable {value} is not set or empty")
+        return value
+
+    def password(self) -> str | None:
+        """The password from its env var or file (ConfigError if it cannot be read)."""
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env, "")
+            if not value:
+                raise ConfigError(f"embeddings.password_env: {self.password_env} is not set")
+            return value
+        if self.password_file is not None:
+            try:
+                return Path(self.password_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"embeddings.password_file: cannot read {self.password_file}: {exc.strerror}"
+                ) from exc
+        return None
+
+
 class ServiceConfig(_Strict):
     """The whole service."""
 
@@ -706,6 +796,9 @@ class ServiceConfig(_Strict):
     mps: MpsConfig = Field(default_factory=MpsConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     transport: TransportConfig = Field(default_factory=TransportConfig)
+    embeddings: EmbeddingsConfig | None = Field(
+        None, description="The embedding store (Redis Cluster); null: no embedding tier."
+    )
 
     def as_deployed(self) -> ServiceConfig:
         """This config as a running application holds it, and as its Serve config reads
@@ -771,6 +864,9 @@ class SharedConfig(_Strict):
     mps: MpsConfig = Field(default_factory=MpsConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     transport: TransportConfig = Field(default_factory=TransportConfig)
+    embeddings: EmbeddingsConfig | None = Field(
+        None, description="The embedding store (Redis Cluster); null: no embedding tier."
+    )
 
     @classmethod
     def of(cls, config: ServiceConfig) -> SharedConfig:
@@ -846,6 +942,9 @@ def _resolve_stores(data: object, base: Path) -> object:
     """Make relative local paths absolute, so replicas on any cwd find them."""
     if isinstance(data, dict):
         _resolve_ingress_files(data, base)
+        embeddings = data.get("embeddings")
+        if isinstance(embeddings, dict) and isinstance(embeddings.get("password_file"), str):
+            embeddings["password_file"] = _absolute_store(embeddings["password_file"], base)
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
         return data
     for model in data["models"]:

@@ -156,6 +156,22 @@ class ClusterError(MpsServeError):
     grpc_code = GrpcCode.UNAVAILABLE
 
 
+class EmbeddingStoreError(MpsServeError):
+    """The embedding store (a Redis Cluster) cannot answer: unreachable, a shard down, the
+    credentials refused, or a command failed; the message names the store, never a secret."""
+
+    http_status = 503
+    grpc_code = GrpcCode.UNAVAILABLE
+
+
+class EmbeddingVersionMissing(EmbeddingStoreError):
+    """An embedding version or table is not in the store, or not completely published."""
+
+
+class EmbeddingDataError(EmbeddingStoreError):
+    """Rows in the store do not fit what was asked: a wrong dimension, missing ids."""
+
+
 class MetricsUnavailable(MpsServeError):
     """The metrics port cannot read the node's Ray metrics agent now (the message says why)."""
 

@@ -3,7 +3,9 @@
 Read-only: it reports the compute mode and the daemon's state and never changes either. MPS
 is judged only where the config needs it (``mps.mode`` on, or auto on a node with GPUs); with
 mode off, or auto on a node without GPUs (CPU replicas), the same facts are listed, a failed
-check is only information, and the verdict says MPS is not used.
+check is only information, and the verdict says MPS is not used. A config with an
+``embeddings`` section also has its store checked (reachable, cluster state, versions); a
+store that does not answer fails the node in any mode.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from mpsserve.node.hook import control_for
 from mpsserve.node.state import read_state
 
 Status = Literal["ok", "fail", "info"]
+#: The check of the config's embedding store, judged whatever MPS needs.
+STORE_CHECK = "embedding store"
 
 
 @dataclass
@@ -54,12 +58,16 @@ class Report:
 
     @property
     def verdict(self) -> str:
-        if self.not_needed is not None:
-            return self.not_needed
+        """MPS's verdict, then any failed check beyond MPS (the embedding store)."""
         failed = [c for c in self.checks if c.status == "fail"]
-        if failed:
-            return f"MPS cannot work here: {failed[0].name}: {failed[0].detail}"
-        return "MPS can work here: " + next(c.detail for c in self.checks if c.name == "daemon")
+        beyond = "".join(f"; {c.name}: {c.detail}" for c in failed if c.name == STORE_CHECK)
+        mps_failed = [c for c in failed if c.name != STORE_CHECK]
+        if self.not_needed is not None:
+            return self.not_needed + beyond
+        if mps_failed:
+            return f"MPS cannot work here: {mps_failed[0].name}: {mps_failed[0].detail}" + beyond
+        daemon = next(c.detail for c in self.checks if c.name == "daemon")
+        return "MPS can work here: " + daemon + beyond
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -176,8 +184,20 @@ def _why_not_needed(mode: str, inv: Inventory) -> str | None:
     return None
 
 
+def _check_embeddings(report: Report, config: ServiceConfig) -> None:
+    """The embedding store, when the config has one: a store that cannot serve fails the
+    node whatever MPS needs, since split models cannot load without it."""
+    if config.embeddings is None:
+        return
+    from mpsserve.embeddings.probe import probe
+
+    found = probe(config.embeddings)
+    report.add(STORE_CHECK, "ok" if found.ok else "fail", found.detail)
+
+
 def diagnose(config: ServiceConfig, gpus: Inventory | None = None) -> Report:
-    """The checks, judged against ``mps.mode``: ``ok`` is False only where MPS is needed."""
+    """The checks, judged against ``mps.mode``: ``ok`` is False where MPS is needed and
+    cannot work, or where the config's embedding store does not answer."""
     control = control_for(config.mps)
     report = Report()
     inv = gpus if gpus is not None else inventory()
@@ -192,4 +212,5 @@ def diagnose(config: ServiceConfig, gpus: Inventory | None = None) -> Report:
     why = _why_not_needed(config.mps.mode, inv)
     if why is not None:
         report.not_judged(why)
+    _check_embeddings(report, config)
     return report

@@ -16,7 +16,15 @@ from typing import Any
 from mpsserve.config import ModelConfig, ServiceConfig
 from mpsserve.errors import MpsServeError
 
-SECTIONS = ("ingress", "mps", "ray", "transport")
+SECTIONS = ("ingress", "mps", "ray", "transport", "embeddings")
+
+
+def _section(config: ServiceConfig, section: str) -> Any:
+    """A shared section as the application runs it, as plain data: ``ray`` holds only its
+    name (the rest says how a cluster is started, which a deploy onto a running one does not
+    change); {} for an absent optional one (embeddings)."""
+    value = getattr(config.as_deployed(), section)
+    return {} if value is None else value.model_dump(mode="json")
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -63,12 +71,6 @@ def _model_changes(old: ModelConfig, new: ModelConfig, cluster_gpus: int | None)
     return changes
 
 
-def _section(config: ServiceConfig, name: str) -> Any:
-    """A shared section as the application runs it (``ray``: its name only, the rest being
-    how a cluster is started, which a deploy onto a running one does not change)."""
-    return getattr(config.as_deployed(), name)
-
-
 def describe_changes(
     old: ServiceConfig | None, new: ServiceConfig, cluster_gpus: int | None = None
 ) -> list[str]:
@@ -90,10 +92,7 @@ def describe_changes(
         if changes:
             lines.append(f"model {name}: " + "; ".join(changes))
     for section in SECTIONS:
-        changes = _field_changes(
-            _section(old, section).model_dump(mode="json"),
-            _section(new, section).model_dump(mode="json"),
-        )
+        changes = _field_changes(_section(old, section), _section(new, section))
         if changes:
             lines.append(f"{section}: " + "; ".join(changes))
     return lines or ["no change: the cluster already runs this config"]

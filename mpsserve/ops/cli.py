@@ -1,5 +1,5 @@
 """``mpsserve`` command line: serve, deploy, doctor, status, serve-config, demo-model,
-audit-ops (``_parser`` holds each command's help).
+audit-ops, embeddings (``_parser`` holds each command's help).
 
 Commands that need Ray import it lazily, so ``demo-model`` and ``--help`` stay fast.
 """
@@ -182,7 +182,61 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="load this op library (.so) before the model; repeat for several (default: none)",
     )
+    _embeddings_parser(sub, config_help)
     return parser
+
+
+def _embeddings_parser(sub: Any, config_help: str) -> None:
+    """``mpsserve embeddings ACTION``: the embedding store of the config's ``embeddings``."""
+    group = sub.add_parser(
+        "embeddings",
+        help="publish, list, pin and delete embedding versions in the store (Redis Cluster)",
+        description="Manage the embedding versions in the store the config's embeddings "
+        "section names (docs/embeddings.md). Exit 2 when the store cannot be reached or "
+        "refuses (a pinned version, a version that exists).",
+    )
+    actions = group.add_subparsers(
+        dest="action", required=True, metavar="ACTION", help="what to do with the store"
+    )
+    publish = actions.add_parser(
+        "publish",
+        help="write a model's tables into the store under a version tag (bulk, pipelined)",
+        description="Rows are written in pipelined batches with progress lines; the version "
+        "is marked complete only after every row is in, so a failed publish is never used. "
+        "Running it again for an incomplete version resumes (rewrites) it.",
+    )
+    publish.add_argument(
+        "--model-dir",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="an .npz of tables, a directory holding embeddings.npz, or a demo model "
+        "version directory (its tables are made again from demo.json) (required)",
+    )
+    publish.add_argument(
+        "--version",
+        required=True,
+        metavar="TAG",
+        help="version tag, e.g. 2026-12-02T0100 (required)",
+    )
+    publish.add_argument(
+        "--buckets",
+        type=int,
+        default=None,
+        metavar="N",
+        help="hashes per table (default: one per 8192 rows, at least 256)",
+    )
+    publish.add_argument("--pin", action="store_true", help="pin the version once complete")
+    listing = actions.add_parser("list", help="the versions, their tables, state and pins")
+    listing.add_argument("--json", action="store_true", help="print the versions as JSON")
+    delete = actions.add_parser("delete", help="remove a version's rows and record")
+    delete.add_argument("--version", required=True, metavar="TAG", help="version to delete")
+    delete.add_argument("--force", action="store_true", help="delete it even if pinned")
+    for name, text in (("pin", "mark a version in use"), ("unpin", "unmark a version")):
+        action = actions.add_parser(name, help=f"{text} (delete refuses pinned versions)")
+        action.add_argument("--version", required=True, metavar="TAG", help="version tag")
+    for action in actions.choices.values():
+        action.add_argument("--config", default=DEFAULT_CONFIG, help=config_help)
 
 
 def _warmup_requests(text: str) -> int:
@@ -219,6 +273,21 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             print(f"  [{check.status:>4}] {check.name}: {check.detail}")
         print(report.verdict)
     return 0 if report.ok else 1
+
+
+def cmd_embeddings(args: argparse.Namespace) -> int:
+    from mpsserve.ops import embeddings
+
+    store = embeddings.store_config(load_config(args.config), args.config)
+    if args.action == "publish":
+        embeddings.publish(store, args.model_dir, args.version, args.buckets, args.pin)
+    elif args.action == "list":
+        embeddings.list_versions(store, args.json)
+    elif args.action == "delete":
+        embeddings.delete(store, args.version, args.force)
+    else:
+        embeddings.pin(store, args.version, args.action == "pin")
+    return 0
 
 
 def cmd_audit_ops(args: argparse.Namespace) -> int:
@@ -478,13 +547,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     address = config.ray.address if config else None
     target = resolve(app, args.address, address, args.config)
     use_cluster_token()
-    from mpsserve.ops.status import gather, render
+    from mpsserve.ops.status import gather, render, with_store
 
     with Watchdog("status") as watchdog:
         context = join(target, watchdog=watchdog)
         line = cluster_line(target, context.address_info)
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
-        report = gather(app)
+        report = with_store(gather(app), config.embeddings if config else None)
         report["cluster"] = line
     print(json.dumps(report, indent=2, default=str) if args.json else render(report))
     return 0 if report["ok"] else 1
@@ -504,6 +573,7 @@ COMMANDS = {
     "serve-config": cmd_serve_config,
     "status": cmd_status,
     "audit-ops": cmd_audit_ops,
+    "embeddings": cmd_embeddings,
 }
 
 

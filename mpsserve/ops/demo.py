@@ -68,6 +68,14 @@ def make_weights(spec: DemoSpec, seed: int) -> DemoWeights:
     return DemoWeights(tables, history, layers)
 
 
+def demo_tables(spec: DemoSpec, seed: int) -> dict[str, np.ndarray]:
+    """The demo's embedding tables by the names the embedding store publishes them under:
+    ``cat`` (the 26 categorical tables stacked, table i from row i * table_rows, as the
+    model adds its offsets) and ``history``."""
+    weights = make_weights(spec, seed)
+    return {"cat": weights.cat_tables, "history": weights.history_table}
+
+
 def make_request(spec: DemoSpec, rows: int = 2000, seed: int = 0) -> dict[str, np.ndarray]:
     """A reproducible request of the reference workload (history lengths 1..39, mean 20)."""
     rng = np.random.default_rng(seed)

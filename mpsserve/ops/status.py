@@ -20,6 +20,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from mpsserve.config import EmbeddingsConfig
+
 MODEL_PREFIX = "model-"  # the model deployments' names (``serving.app``)
 #: A GPU fault's hit clients still there after this make the report unhealthy.
 LINGER_S = 30.0
@@ -65,6 +67,29 @@ def gather(app_name: str, timeout_s: float = 5.0) -> dict[str, Any]:
     report["models"] = _models(report["replicas"], report["time"])
     report["ok"], report["verdict"] = _verdict(report)
     return report
+
+
+def with_store(report: dict[str, Any], embeddings: EmbeddingsConfig | None) -> dict[str, Any]:
+    """``report`` with the config's embedding store (its ``embeddings`` section) probed: a
+    store that does not answer, or whose cluster is not ok, makes the verdict a PROBLEM."""
+    if embeddings is None:
+        return report
+    from mpsserve.embeddings.probe import probe
+
+    found = probe(embeddings)
+    report["embeddings"] = found.to_dict()
+    if not found.ok:
+        rest = str(report["verdict"]).removeprefix("PROBLEM: ").removeprefix("OK: ")
+        report["ok"] = False
+        report["verdict"] = f"PROBLEM: embedding store: {found.detail}; {rest}"
+    return report
+
+
+def _store_line(report: dict[str, Any]) -> list[str]:
+    store = report.get("embeddings")
+    if store is None:
+        return []
+    return [f"embedding store: {'ok' if store['ok'] else 'PROBLEM'}: {store['detail']}"]
 
 
 #: What each row keeps of a replica's ``metadata["store"]``.
@@ -286,6 +311,7 @@ def render(report: dict[str, Any]) -> str:
             f"{dep} {d['status']} {d['replicas']}" for dep, d in app["deployments"].items()
         )
         lines.append(f"  {name}: {app['status']}  ({deployments})")
+    lines += _store_line(report)
     if "replicas" not in report:
         return "\n".join([*lines, report["verdict"]])
     traffic = report["traffic"]

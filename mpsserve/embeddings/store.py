@@ -1,0 +1,371 @@
+"""The embedding store's client: publish, look up, list and delete versions in a Redis Cluster.
+
+Synchronous on purpose: publishing is a command-line job, and lookups will run on a replica's
+inference thread, never on an event loop. Every redis error leaves this module as an
+``EmbeddingStoreError`` naming the store's nodes and what was being done (never a secret);
+each node has ``connect_timeout_s`` to accept a connection and ``command_timeout_s`` to answer,
+and a failed command is retried ``retries`` times after a topology refresh, so a dead shard
+fails a call within a bounded time instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from mpsserve.config import EmbeddingsConfig
+from mpsserve.embeddings.layout import (
+    ID_DTYPE,
+    ROW_DTYPE,
+    Layout,
+    check_name,
+    default_buckets,
+    encode_ids,
+    group_by_bucket,
+)
+from mpsserve.embeddings.registry import TableInfo, VersionRecord
+from mpsserve.errors import (
+    EmbeddingDataError,
+    EmbeddingStoreError,
+    EmbeddingVersionMissing,
+    MpsServeError,
+)
+from mpsserve.text import bound_message
+
+logger = logging.getLogger(__name__)
+
+#: publish's progress callback: (table, rows written so far, rows of the table).
+Progress = Callable[[str, int, int], None]
+#: Keys unlinked per pipelined round trip when deleting a version.
+DELETE_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table to publish: ``rows`` [n, dim] float32; ``ids`` [n] (default 0..n-1)."""
+
+    rows: np.ndarray
+    ids: np.ndarray | None = None
+
+    def checked(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids as int64, rows as contiguous little-endian float32), or EmbeddingDataError."""
+        if self.rows.ndim != 2 or self.rows.shape[1] < 1:
+            raise EmbeddingDataError(f"table {name}: rows must be [n, dim], got {self.rows.shape}")
+        ids = np.arange(len(self.rows), dtype=ID_DTYPE) if self.ids is None else self.ids
+        ids = np.asarray(ids).astype(ID_DTYPE, casting="same_kind")
+        if ids.shape != (len(self.rows),):
+            raise EmbeddingDataError(f"table {name}: {ids.shape} ids for {len(self.rows)} rows")
+        if len(np.unique(ids)) != len(ids):
+            raise EmbeddingDataError(f"table {name}: ids repeat")
+        return ids, np.ascontiguousarray(self.rows, dtype=ROW_DTYPE)
+
+
+def _client(config: EmbeddingsConfig) -> Any:
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.cluster import ClusterNode, RedisCluster
+    from redis.retry import Retry
+
+    addresses = [node.rsplit(":", 1) for node in config.nodes]
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host.strip("[]"), int(port)) for host, port in addresses],
+        username=config.username,
+        password=config.password(),
+        socket_connect_timeout=config.connect_timeout_s,
+        socket_timeout=config.command_timeout_s,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), config.retries),
+        require_full_coverage=True,
+    )
+
+
+class EmbeddingStore:
+    """One connection pool to the cluster (per node), and the registry's view of versions."""
+
+    def __init__(self, config: EmbeddingsConfig, client: Any) -> None:
+        self.config = config
+        self.layout = Layout(config.key_prefix)
+        self._client = client
+        self._complete: dict[str, VersionRecord] = {}  # complete records never change
+
+    @classmethod
+    def connect(cls, config: EmbeddingsConfig) -> EmbeddingStore:
+        """Connect and learn the cluster's slots; EmbeddingStoreError if no node answers."""
+        with _talking(config, "connecting"):
+            return cls(config, _client(config))
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> EmbeddingStore:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- registry ------------------------------------------------------------------------
+
+    def versions(self) -> list[VersionRecord]:
+        """Every version the registry holds, oldest first, complete or not."""
+        with _talking(self.config, "listing versions"):
+            raw = self._client.hgetall(self.layout.versions_key)
+        records = [VersionRecord.from_json(v) for v in raw.values()]
+        return sorted(records, key=lambda r: (r.created, r.version))
+
+    def record(self, version: str) -> VersionRecord | None:
+        with _talking(self.config, f"reading version {version}"):
+            raw = self._client.hget(self.layout.versions_key, version)
+        return None if raw is None else VersionRecord.from_json(raw)
+
+    def pins(self) -> set[str]:
+        with _talking(self.config, "reading pins"):
+            return {p.decode() for p in self._client.smembers(self.layout.pins_key)}
+
+    def pin(self, version: str, pinned: bool = True) -> None:
+        """Mark ``version`` in use (``delete`` then refuses it without force), or not."""
+        if pinned and self.record(version) is None:
+            raise EmbeddingVersionMissing(f"no embedding version {version!r} to pin")
+        with _talking(self.config, f"pinning {version}"):
+            change = self._client.sadd if pinned else self._client.srem
+            change(self.layout.pins_key, version)
+
+    def _put(self, record: VersionRecord) -> None:
+        with _talking(self.config, f"recording version {record.version}"):
+            self._client.hset(self.layout.versions_key, record.version, record.to_json())
+
+    # -- publish -------------------------------------------------------------------------
+
+    def publish(
+        self,
+        version: str,
+        tables: Mapping[str, Table],
+        progress: Progress | None = None,
+        buckets: int | None = None,
+    ) -> VersionRecord:
+        """Write every table's rows under ``version``, then mark it complete: until then no
+        lookup uses it, so a publish that fails half way is never served. Publishing an
+        incomplete version again overwrites its rows (a resume); a complete one is refused."""
+        check_name("version", version)
+        checked = {check_name("table", n): t.checked(n) for n, t in tables.items()}
+        infos = {
+            name: TableInfo(len(ids), rows.shape[1], buckets or default_buckets(len(ids)))
+            for name, (ids, rows) in checked.items()
+        }
+        record = self._begin(version, infos)
+        for name, (ids, rows) in checked.items():
+            self._write_table(version, name, infos[name], ids, rows, progress)
+        self._verify(record)
+        done = replace(record, state="complete", completed=time.time())
+        self._put(done)
+        return done
+
+    def _begin(self, version: str, infos: dict[str, TableInfo]) -> VersionRecord:
+        existing = self.record(version)
+        if existing is not None and existing.state != "publishing":
+            raise EmbeddingDataError(
+                f"embedding version {version!r} already exists ({existing.state}); delete it "
+                "first or publish under a new tag"
+            )
+        if existing is not None and existing.tables != infos:
+            raise EmbeddingDataError(
+                f"embedding version {version!r} was begun with other tables or sizes; delete "
+                "it first or publish under a new tag"
+            )
+        record = existing or VersionRecord(version, infos)
+        self._put(record)
+        return record
+
+    def _write_table(
+        self,
+        version: str,
+        name: str,
+        info: TableInfo,
+        ids: np.ndarray,
+        rows: np.ndarray,
+        progress: Progress | None,
+    ) -> None:
+        """Rows in bucket order, ``batch_rows`` per pipelined round trip, so that each round
+        trip sets many fields of few hashes."""
+        order = np.argsort(np.mod(ids, info.buckets), kind="stable")
+        batch = self.config.batch_rows
+        if progress is not None:
+            progress(name, 0, len(order))
+        for start in range(0, len(order), batch):
+            chosen = order[start : start + batch]
+            self._write_batch(version, name, info, ids[chosen], rows[chosen])
+            if progress is not None:
+                progress(name, min(start + batch, len(order)), len(order))
+
+    def _write_batch(
+        self, version: str, name: str, info: TableInfo, ids: np.ndarray, rows: np.ndarray
+    ) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        width = info.dim * ROW_DTYPE.itemsize
+        for group in group_by_bucket(ids, info.buckets):
+            raw = rows[group.positions].tobytes()
+            values = [raw[i : i + width] for i in range(0, len(raw), width)]
+            fields = encode_ids(ids[group.positions])
+            key = self.layout.row_key(version, name, group.bucket)
+            pipe.hset(key, mapping=dict(zip(fields, values, strict=True)))
+        with _talking(self.config, f"writing {name} of version {version}"):
+            pipe.execute()
+
+    def _verify(self, record: VersionRecord) -> None:
+        """Every table holds exactly its rows (a resumed publish of other ids would not)."""
+        for name, info in record.tables.items():
+            keys = list(self.layout.table_keys(record.version, name, info.buckets))
+            found = sum(self._per_key("hlen", keys, f"counting {name}"))
+            if found != info.rows:
+                raise EmbeddingDataError(
+                    f"table {name} of version {record.version} holds {found} rows, "
+                    f"{info.rows} were published; the version stays incomplete"
+                )
+
+    def _per_key(self, command: str, keys: Sequence[str], what: str) -> list[Any]:
+        """``command`` on each key, pipelined DELETE_BATCH keys per round trip."""
+        answers: list[Any] = []
+        for start in range(0, len(keys), DELETE_BATCH):
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys[start : start + DELETE_BATCH]:
+                getattr(pipe, command)(key)
+            with _talking(self.config, what):
+                answers += pipe.execute()
+        return answers
+
+    # -- delete --------------------------------------------------------------------------
+
+    def delete(self, version: str, force: bool = False) -> int:
+        """Remove a version's rows and record; refused for a pinned one unless ``force``.
+        The record is marked ``deleting`` first, so nobody starts using it meanwhile.
+        Returns the number of row hashes removed."""
+        record = self.record(version)
+        if record is None:
+            raise EmbeddingVersionMissing(f"no embedding version {version!r} to delete")
+        if version in self.pins() and not force:
+            raise EmbeddingDataError(
+                f"embedding version {version!r} is pinned (in use); unpin it or pass --force"
+            )
+        self._put(replace(record, state="deleting"))
+        self._complete.pop(version, None)
+        keys = [
+            key
+            for name, info in record.tables.items()
+            for key in self.layout.table_keys(version, name, info.buckets)
+        ]
+        removed = sum(self._per_key("unlink", keys, f"deleting version {version}"))
+        with _talking(self.config, f"forgetting version {version}"):
+            self._client.hdel(self.layout.versions_key, version)
+            self._client.srem(self.layout.pins_key, version)
+        return int(removed)
+
+    # -- lookup --------------------------------------------------------------------------
+
+    def require(self, version: str, dims: Mapping[str, int] | None = None) -> VersionRecord:
+        """The complete ``version``, holding each table of ``dims`` at that dimension;
+        EmbeddingVersionMissing or EmbeddingDataError otherwise (what a model checks at load)."""
+        record = self._complete.get(version) or self.record(version)
+        if record is None:
+            raise EmbeddingVersionMissing(f"no embedding version {version!r} in the store")
+        if not record.complete:
+            raise EmbeddingVersionMissing(
+                f"embedding version {version!r} is {record.state}, not complete"
+            )
+        self._complete[version] = record
+        for table, dim in (dims or {}).items():
+            info = record.tables.get(table)
+            if info is None:
+                raise EmbeddingVersionMissing(f"embedding version {version!r} has no table {table}")
+            if info.dim != dim:
+                raise EmbeddingDataError(
+                    f"table {table} of embedding version {version!r} has dim {info.dim}, "
+                    f"expected {dim}"
+                )
+        return record
+
+    def lookup(self, version: str, table: str, ids: np.ndarray) -> np.ndarray:
+        """The rows of ``ids`` (any shape) as float32 [*ids.shape, dim]: each distinct id is
+        fetched once, one HMGET per bucket, pipelined per node. A missing id is an
+        EmbeddingDataError (the version's tables are complete by construction)."""
+        info = self._table(version, table)
+        ids = np.asarray(ids, dtype=ID_DTYPE)
+        unique, inverse = np.unique(ids.reshape(-1), return_inverse=True)
+        found = np.empty((len(unique), info.dim), dtype=ROW_DTYPE)
+        groups = group_by_bucket(unique, info.buckets)
+        pipe = self._client.pipeline(transaction=False)
+        for group in groups:
+            key = self.layout.row_key(version, table, group.bucket)
+            pipe.hmget(key, encode_ids(unique[group.positions]))
+        with _talking(self.config, f"looking up {len(unique)} ids in {table}"):
+            answers = pipe.execute() if groups else []
+        for group, values in zip(groups, answers, strict=True):
+            found[group.positions] = _rows(values, info.dim, table, unique[group.positions])
+        return found[inverse].reshape(*ids.shape, info.dim)
+
+    def _table(self, version: str, table: str) -> TableInfo:
+        record = self.require(version)
+        info = record.tables.get(table)
+        if info is None:
+            raise EmbeddingVersionMissing(f"embedding version {version!r} has no table {table}")
+        return info
+
+    # -- health --------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """What doctor and status show: each known node's cluster state as it says, or why
+        it does not answer; ok when every node answers ``cluster_state:ok``."""
+        nodes = {node.name: self._node_state(node) for node in self._client.get_nodes()}
+        ok = bool(nodes) and all(n["state"] == "ok" for n in nodes.values())
+        return {"ok": ok, "nodes": nodes}
+
+    def _node_state(self, node: Any) -> dict[str, Any]:
+        from redis.exceptions import RedisError
+
+        try:
+            info = self._client.cluster_info(target_nodes=node)
+        except (RedisError, OSError) as exc:
+            return {"state": "unreachable", "role": node.server_type, "error": str(exc)[:200]}
+        return {
+            "state": info.get("cluster_state"),
+            "role": node.server_type,
+            "slots_ok": int(info.get("cluster_slots_ok", 0)),
+            "known_nodes": int(info.get("cluster_known_nodes", 0)),
+        }
+
+
+def _rows(values: Sequence[bytes | None], dim: int, table: str, ids: np.ndarray) -> np.ndarray:
+    missing = [int(i) for i, v in zip(ids, values, strict=True) if v is None]
+    if missing:
+        raise EmbeddingDataError(f"{len(missing)} id(s) not in table {table}, e.g. {missing[:3]}")
+    raw = b"".join(values)  # type: ignore[arg-type]  # no None left
+    if len(raw) != len(values) * dim * ROW_DTYPE.itemsize:
+        raise EmbeddingDataError(f"rows of table {table} in the store are not {dim} float32")
+    return np.frombuffer(raw, dtype=ROW_DTYPE).reshape(len(values), dim)
+
+
+@contextlib.contextmanager
+def _talking(config: EmbeddingsConfig, what: str) -> Iterator[None]:
+    """Translate redis's errors into EmbeddingStoreError naming the store and ``what``."""
+    from redis.exceptions import AuthenticationError, RedisClusterException, RedisError
+
+    where = ", ".join(config.nodes[:3]) + (" ..." if len(config.nodes) > 3 else "")
+    try:
+        yield
+    except MpsServeError:
+        raise
+    except (RedisError, RedisClusterException, OSError) as exc:
+        detail = bound_message(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, AuthenticationError) or any(m in str(exc) for m in _AUTH_REFUSED):
+            raise EmbeddingStoreError(
+                f"embedding store {where} refused the credentials (embeddings.username, "
+                f"password_env / password_file) while {what}: {detail}"
+            ) from exc
+        raise EmbeddingStoreError(f"embedding store {where}: {what} failed: {detail}") from exc
+
+
+#: What Redis answers a connection without the right credentials (the cluster client
+#: wraps some of them in a RedisClusterException).
+_AUTH_REFUSED = ("username-password", "NOAUTH", "client already authenticated", "WRONGPASS")
