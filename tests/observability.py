@@ -6,12 +6,14 @@ or at $MPSSERVE_PROMETHEUS_BIN, and skip without one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +74,26 @@ def reaches(count: Callable[[], float], want: float, deadline_s: float = 40.0) -
         if got >= want or time.monotonic() > deadline:
             return got
         time.sleep(1)
+
+
+@contextlib.contextmanager
+def running_prometheus(binary: str, config_file: Path, tmp_path: Path, port: int) -> Iterator[str]:
+    """A real Prometheus on ``config_file``, listening on loopback ``port``, its data and log
+    under ``tmp_path``; yields its URL, stops it (by its pid) and prints its log if it failed."""
+    log = tmp_path / "prometheus.log"
+    args = [
+        binary,
+        f"--config.file={config_file}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+    ]
+    with log.open("w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    if proc.returncode not in (0, -15):
+        print(log.read_text())

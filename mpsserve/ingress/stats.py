@@ -18,17 +18,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-#: The durations Triton reports per model version, in its order.
-DURATIONS = (
-    "success",
-    "fail",
-    "queue",
-    "compute_input",
-    "compute_infer",
-    "compute_output",
-    "cache_hit",
-    "cache_miss",
-)
+from mpsserve.protocol.triton import DURATIONS
 
 
 class Timing(NamedTuple):

@@ -19,6 +19,18 @@ from mpsserve.errors import InvalidInput
 from mpsserve.protocol.tensors import DATATYPE_TO_NUMPY, numpy_to_datatype
 from mpsserve.text import quote
 
+#: The durations Triton reports per model version, in its order.
+DURATIONS = (
+    "success",
+    "fail",
+    "queue",
+    "compute_input",
+    "compute_infer",
+    "compute_output",
+    "cache_hit",
+    "cache_miss",
+)
+
 #: A ``VersionPolicy`` as JSON: ``{"latest": N, "specific": [..] | None}``.
 PolicyDict = dict[str, Any]
 
@@ -109,17 +121,7 @@ def model_config(
 def model_statistics(name: str, version: str, counters: Mapping[str, Any]) -> dict[str, Any]:
     """One ``model_stats`` entry (counts and nanoseconds as Triton sums them)."""
     durations = {
-        key: {"count": int(counters[key][0]), "ns": int(counters[key][1])}
-        for key in (
-            "success",
-            "fail",
-            "queue",
-            "compute_input",
-            "compute_infer",
-            "compute_output",
-            "cache_hit",
-            "cache_miss",
-        )
+        key: {"count": int(counters[key][0]), "ns": int(counters[key][1])} for key in DURATIONS
     }
     return {
         "name": name,

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from mpsserve import metrics
-from tests.observability import PROMETHEUS_YML, ROOT, dashboard_exprs, find
+from tests.observability import PROMETHEUS_YML, ROOT, dashboard_exprs, find, running_prometheus
 
 NODE = "test-node"
 REPORT_INTERVAL_MS = 1000  # Ray's metrics report interval in the test's Ray (10 s by default)
@@ -270,23 +270,9 @@ def prometheus_url(ray_metrics: RayMetrics, tmp_path: Path) -> Iterator[str]:
     binary = find()
     if binary is None:
         pytest.skip("no prometheus binary: set MPSSERVE_PROMETHEUS_BIN or run `make` (installs it)")
-    port, log = free_port(), tmp_path / "prometheus.log"
-    args = [
-        binary,
-        f"--config.file={prometheus_config(tmp_path, ray_metrics.port)}",
-        f"--storage.tsdb.path={tmp_path / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        "--log.level=warn",
-    ]
-    with log.open("w") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    if proc.returncode not in (0, -15):
-        print(log.read_text())
+    config_file = prometheus_config(tmp_path, ray_metrics.port)
+    with running_prometheus(binary, config_file, tmp_path, free_port()) as url:
+        yield url
 
 
 def test_prometheus_scrapes_it_and_the_dashboard_queries_run(prometheus_url: str) -> None:

@@ -7,7 +7,6 @@ and answers every query of the Grafana dashboard after some traffic."""
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from tests.integration.test_metrics_export import (
     scrape,
     value_of,
 )
-from tests.observability import PROMETHEUS_YML, dashboard_exprs, find, reaches
+from tests.observability import PROMETHEUS_YML, dashboard_exprs, find, reaches, running_prometheus
 
 REQUESTS = "ray_mpsserve_requests_total"
 SERVE_REQUESTS = "ray_serve_deployment_request_counter_total"
@@ -127,21 +126,10 @@ def prometheus(base_url: str, tmp_path: Path) -> Iterator[str]:
             sd["refresh_interval"] = "1s"
     config_file = targets.parent.parent / "prometheus.yml"  # the state dir
     config_file.write_text(yaml.safe_dump(config))
-    port, log = free_port(), tmp_path / "prometheus.log"
-    args = [
-        binary,
-        f"--config.file={config_file}",
-        f"--storage.tsdb.path={tmp_path / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        "--log.level=warn",
-    ]
-    with log.open("w") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
     try:
-        yield f"http://127.0.0.1:{port}"
+        with running_prometheus(binary, config_file, tmp_path, free_port()) as url:
+            yield url
     finally:
-        proc.terminate()
-        proc.wait(30)
         config_file.unlink()
 
 
