@@ -73,7 +73,7 @@ from typing import Any, Protocol, TextIO
 
 import numpy as np
 
-from mpsserve.ops.demo import DemoSpec, make_request
+from mpsserve.ops.demo import DemoSpec, ZipfIds, make_request
 from mpsserve.protocol.kserve import HEADER_LENGTH
 
 DEFAULT_SERVER_PATTERN = r"ray::|raylet|gcs_server|mpsserve"
@@ -135,6 +135,8 @@ class ClientConfig:
     ca_file: str | None = None  # TLS: the CA of the server's certificate (ingress.tls)
     cert_file: str | None = None  # mutual TLS: this client's certificate and key
     key_file: str | None = None
+    zipf_ids: int | None = None  # ids from this many distinct ones, Zipf-skewed (else uniform)
+    zipf_exponent: float = 1.05
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The HTTPS client context, for an https:// URL."""
@@ -412,7 +414,8 @@ async def client_loop(index: int, config: ClientConfig, conn: Connection, counte
     target = make_target(config)
     spec = DemoSpec(table_rows=config.table_rows)
     seeds = [index * SEED_STRIDE + k for k in range(config.requests)]
-    bodies = [target.prepare(make_request(spec, config.rows, seed)) for seed in seeds]
+    ids = ZipfIds(config.zipf_ids, config.zipf_exponent) if config.zipf_ids else None
+    bodies = [target.prepare(make_request(spec, config.rows, seed, ids)) for seed in seeds]
     await target.open()
     try:
         conn.send(("ready", None))
@@ -931,6 +934,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="regex on /proc/<pid>/cmdline of the server processes (CPU accounting)",
     )
     p.add_argument("--timeout-s", type=positive(float), default=60.0, help="per request")
+    p.add_argument(
+        "--zipf-ids",
+        type=positive(int),
+        help="draw ids from this many distinct ones, Zipf-skewed as real traffic is (for "
+        "embedding caches); default: uniform over the whole id space",
+    )
+    p.add_argument(
+        "--zipf-exponent",
+        type=positive(float),
+        default=1.05,
+        help="the skew of --zipf-ids (default: %(default)s)",
+    )
     p.add_argument("--token-file", help="ingress.auth: send the first token of this file")
     p.add_argument("--ca-file", help="ingress.tls: the CA of the server's certificate")
     p.add_argument("--cert-file", help="mutual TLS: this client's certificate (PEM)")
@@ -959,6 +974,8 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         ca_file=args.ca_file,
         cert_file=args.cert_file,
         key_file=args.key_file,
+        zipf_ids=args.zipf_ids,
+        zipf_exponent=args.zipf_exponent,
     )
 
 

@@ -76,14 +76,55 @@ def demo_tables(spec: DemoSpec, seed: int) -> dict[str, np.ndarray]:
     return {"cat": weights.cat_tables, "history": weights.history_table}
 
 
-def make_request(spec: DemoSpec, rows: int = 2000, seed: int = 0) -> dict[str, np.ndarray]:
-    """A reproducible request of the reference workload (history lengths 1..39, mean 20)."""
+class ZipfIds:
+    """Ids whose popularity follows Zipf's law, as recommendation traffic's does: the id of
+    popularity rank ``r`` (1-based, of ``distinct``) is drawn with probability proportional
+    to ``r ** -exponent``. Ranks map to ids through a fixed bijection of [0, ID_MAX), so hot
+    ids are scattered over the id space (and over a store's shards) rather than 0, 1, 2...
+    Drawing is an inverse-CDF lookup: ``searchsorted`` on the cumulative weights."""
+
+    def __init__(self, distinct: int, exponent: float = 1.05) -> None:
+        if not 1 <= distinct <= ID_MAX or exponent <= 0:
+            raise ValueError(f"need 1 <= distinct <= {ID_MAX} and exponent > 0")
+        weights = np.arange(1, distinct + 1, dtype=np.float64) ** -exponent
+        self.cdf = np.cumsum(weights / weights.sum())
+        self.cdf[-1] = 1.0  # no rounding gap at the top
+
+    def share_of_top(self, ranks: int) -> float:
+        """The expected share of draws that fall on the ``ranks`` hottest ids."""
+        return float(self.cdf[min(ranks, len(self.cdf)) - 1])
+
+    def draw(self, rng: np.random.Generator, shape: int | tuple[int, ...]) -> np.ndarray:
+        ranks = np.searchsorted(self.cdf, rng.random(shape), side="right")
+        return rank_to_id(ranks)
+
+
+def rank_to_id(ranks: np.ndarray) -> np.ndarray:
+    """A bijection of [0, ID_MAX) (ID_MAX = 2**31 - 1 is prime: multiplying by a unit mod a
+    prime permutes the non-zero residues), so distinct ranks stay distinct ids."""
+    return ((ranks.astype(np.int64) + 1) * _ID_MULTIPLIER % ID_MAX - 1).astype(np.int64)
+
+
+_ID_MULTIPLIER = 48271  # a primitive root mod 2**31 - 1 (Park-Miller): products fit in int64
+
+
+def make_request(
+    spec: DemoSpec, rows: int = 2000, seed: int = 0, ids: ZipfIds | None = None
+) -> dict[str, np.ndarray]:
+    """A reproducible request of the reference workload (history lengths 1..39, mean 20);
+    ids uniform over [0, ID_MAX), or drawn from ``ids`` (popularity-skewed, for caches)."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 2 * spec.history_mean, rows, dtype=np.int64)
+
+    def draw(shape: int | tuple[int, ...]) -> np.ndarray:
+        if ids is None:
+            return rng.integers(0, ID_MAX, shape, dtype=np.int64)
+        return ids.draw(rng, shape)
+
     return {
         "dense": rng.standard_normal((rows, spec.n_dense), dtype=np.float32),
-        "cat": rng.integers(0, ID_MAX, (rows, spec.n_cat), dtype=np.int64),
-        "history_values": rng.integers(0, ID_MAX, int(lengths.sum()), dtype=np.int64),
+        "cat": draw((rows, spec.n_cat)),
+        "history_values": draw(int(lengths.sum())),
         "history_lengths": lengths,
     }
 
