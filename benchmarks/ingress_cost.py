@@ -73,16 +73,7 @@ def _serve_ingress(ring: Keyring, replica_port: int, http_port: int) -> None:
         "rec", [{"key": "stub", "model": "rec", "host": "127.0.0.1", "port": replica_port}]
     )
     plane = DataPlane({"rec": ReplicaBackend("rec", router)}, max_bytes, 30.0, max_in_flight=256)
-    limits = config.limits
-    guard = GuardLimits(
-        header_timeout_s=limits.header_timeout_s,
-        body_idle_timeout_s=limits.body_idle_timeout_s,
-        max_header_bytes=limits.max_header_kb * 1024,
-        max_headers=limits.max_headers,
-        max_connections=1024,
-        max_body_bytes=max_bytes,
-        retry_after_s=limits.retry_after_s,
-    )
+    guard = GuardLimits.of(config.limits, 1024, max_bytes)
     server = uvicorn.Server(
         uvicorn.Config(
             create_http_app(plane),
@@ -94,7 +85,7 @@ def _serve_ingress(ring: Keyring, replica_port: int, http_port: int) -> None:
             access_log=False,
             http=guarded_protocol(guard),
             loop="none",
-            timeout_keep_alive=math.ceil(limits.keepalive_timeout_s),
+            timeout_keep_alive=math.ceil(config.limits.keepalive_timeout_s),
         )
     )
     loop = new_event_loop()

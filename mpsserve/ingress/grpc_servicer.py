@@ -12,25 +12,13 @@ that imports the ingress only to build the Serve app (a test, the CLI) must not 
 
 from __future__ import annotations
 
-import time
-
 import grpc
 
-from mpsserve.errors import MpsServeError
-from mpsserve.ingress.dataplane import DataPlane, client_request_id, request_id_for
+from mpsserve.ingress.dataplane import DataPlane
+from mpsserve.ingress.grpc_infer import infer_rpc
 from mpsserve.protocol import grpc_service_pb2 as pb
 from mpsserve.protocol import kserve_grpc
 from mpsserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceServicer
-
-#: The metadata key of a request's id (in: the client's; out: a trailing entry).
-REQUEST_ID = "x-request-id"
-
-
-def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
-    for item in context.invocation_metadata() or ():
-        if item.key == key:
-            return str(item.value)
-    return None
 
 
 class InferenceServicer(GRPCInferenceServiceServicer):
@@ -69,21 +57,18 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        started, request_id = time.perf_counter(), client_request_id(_metadata(context, REQUEST_ID))
-        with self.dataplane.admission(request.model_name, "grpc", request_id):
+        decoded, result = await infer_rpc(
+            self.dataplane,
+            context,
+            "grpc",
+            request.model_name,
             # The tensors' bytes are the message's size: cheaper than ByteSize(), which walks
             # it; the server's max_receive_message_length bounds the rest.
-            try:
-                self.dataplane.check_size(sum(len(raw) for raw in request.raw_input_contents))
-                self.dataplane.backend(request.model_name)  # unknown model: NOT_FOUND first
-                decoded = kserve_grpc.decode_infer_request(request)
-            except MpsServeError as exc:
-                self.dataplane.rejected(request.model_name, "grpc", request_id, exc, started)
-                raise
-            request_id = request_id_for(request_id, decoded.id)
-            context.set_trailing_metadata(((REQUEST_ID, request_id),))  # no frame of its own
-            result = await self.dataplane.infer(decoded, "grpc", request_id)
-            return kserve_grpc.encode_infer_response(result, decoded)
+            lambda: sum(len(raw) for raw in request.raw_input_contents),
+            lambda: request.model_name,
+            lambda: kserve_grpc.decode_infer_request(request),
+        )
+        return kserve_grpc.encode_infer_response(result, decoded)
 
     # -- Triton's extensions (ingress.extensions) -------------------------------------------
 

@@ -44,6 +44,7 @@ from mpsserve.errors import (
 from mpsserve.protocol.kserve import encode_error
 
 if TYPE_CHECKING:
+    from mpsserve.config import IngressLimits
     from mpsserve.ingress.auth import Authenticator
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,20 @@ class GuardLimits:
     max_connections: int
     max_body_bytes: int
     retry_after_s: int
+
+    @classmethod
+    def of(cls, limits: IngressLimits, max_connections: int, max_body_bytes: int) -> GuardLimits:
+        """The config's ``ingress.limits`` for one listening port, with its own connection
+        cap and body bound."""
+        return cls(
+            header_timeout_s=limits.header_timeout_s,
+            body_idle_timeout_s=limits.body_idle_timeout_s,
+            max_header_bytes=limits.max_header_kb * 1024,
+            max_headers=limits.max_headers,
+            max_connections=max_connections,
+            max_body_bytes=max_body_bytes,
+            retry_after_s=limits.retry_after_s,
+        )
 
 
 def guarded_protocol(

@@ -14,26 +14,17 @@ are registered as generic ones with the classes' own (de)serialisers.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
-from mpsserve.errors import MpsServeError
-from mpsserve.ingress.dataplane import DataPlane, client_request_id, request_id_for
+from mpsserve.ingress.dataplane import DataPlane
+from mpsserve.ingress.grpc_infer import infer_rpc
 from mpsserve.protocol import tfserving_grpc as codec
 from mpsserve.protocol import tfserving_pb as pb
 
 PROTOCOL = "tfserving_grpc"  # the ``protocol`` label of its requests in metrics and the log
-REQUEST_ID = "x-request-id"
-
-
-def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
-    for item in context.invocation_metadata() or ():
-        if item.key == key:
-            return str(item.value)
-    return None
 
 
 class TfServingServicer:
@@ -43,21 +34,16 @@ class TfServingServicer:
         self.dataplane = dataplane
 
     async def Predict(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        started = time.perf_counter()
-        request_id = client_request_id(_metadata(context, REQUEST_ID))
-        name = request.model_spec.name
-        with self.dataplane.admission(name, PROTOCOL, request_id):
-            try:
-                self.dataplane.check_size(request.ByteSize())
-                self.dataplane.backend(codec.model_name(request.model_spec))  # NOT_FOUND first
-                decoded = codec.decode_predict(request)
-            except MpsServeError as exc:
-                self.dataplane.rejected(name, PROTOCOL, request_id, exc, started)
-                raise
-            request_id = request_id_for(request_id, None)
-            context.set_trailing_metadata(((REQUEST_ID, request_id),))
-            result = await self.dataplane.infer(decoded, PROTOCOL, request_id)
-            return codec.encode_predict(result)
+        _, result = await infer_rpc(
+            self.dataplane,
+            context,
+            PROTOCOL,
+            request.model_spec.name,
+            request.ByteSize,
+            lambda: codec.model_name(request.model_spec),
+            lambda: codec.decode_predict(request),
+        )
+        return codec.encode_predict(result)
 
     async def GetModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         spec = request.model_spec

@@ -173,12 +173,13 @@ def _from_contents(name: str, datatype: str, shape: list[int], contents: Any) ->
 
 
 def _parameters(params: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """A ``map<string, InferParameter>`` as plain Python values."""
+    """A ``map<string, InferParameter>`` (or ``ModelRepositoryParameter``: the same oneof)
+    as plain Python values."""
     out: dict[str, Any] = {}
     for key, param in params.items():
         choice = param.WhichOneof("parameter_choice")
         if choice is None:
-            raise InvalidInput(f'{what} parameter "{key}" has no value')
+            raise InvalidInput(f"{what} parameter {quote(key)} has no value")
         out[key] = getattr(param, choice)
     return out
 
@@ -282,10 +283,4 @@ def repository_index_response(
 
 def repository_parameters(params: Mapping[str, Any]) -> dict[str, Any]:
     """A load or unload request's ``map<string, ModelRepositoryParameter>`` as plain values."""
-    out: dict[str, Any] = {}
-    for key, param in params.items():
-        choice = param.WhichOneof("parameter_choice")
-        if choice is None:
-            raise InvalidInput(f"repository parameter {quote(key, 64)} has no value")
-        out[key] = getattr(param, choice)
-    return out
+    return _parameters(params, "repository")

@@ -237,16 +237,7 @@ class Front:
         return _auth.Authenticator.of(self.config.auth, _auth.refused_now(self.dataplane.rejected))
 
     def _guard_limits(self) -> GuardLimits:
-        limits = self.config.limits
-        return GuardLimits(
-            header_timeout_s=limits.header_timeout_s,
-            body_idle_timeout_s=limits.body_idle_timeout_s,
-            max_header_bytes=limits.max_header_kb * 1024,
-            max_headers=limits.max_headers,
-            max_connections=self.http_cap,
-            max_body_bytes=self.max_bytes,
-            retry_after_s=limits.retry_after_s,
-        )
+        return GuardLimits.of(self.config.limits, self.http_cap, self.max_bytes)
 
     def _grpc_limits(self) -> GrpcLimits:
         limits = self.config.limits

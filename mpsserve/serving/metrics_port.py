@@ -51,16 +51,7 @@ def metrics_server(config: IngressConfig, app_name: str) -> Any:
     """The uvicorn server of the metrics port (serve it with ``sockets=[...]``)."""
     import uvicorn
 
-    limits = config.limits
-    guard = GuardLimits(
-        header_timeout_s=limits.header_timeout_s,
-        body_idle_timeout_s=limits.body_idle_timeout_s,
-        max_header_bytes=limits.max_header_kb * 1024,
-        max_headers=limits.max_headers,
-        max_connections=MAX_CONNECTIONS,
-        max_body_bytes=MAX_BODY_BYTES,
-        retry_after_s=limits.retry_after_s,
-    )
+    guard = GuardLimits.of(config.limits, MAX_CONNECTIONS, MAX_BODY_BYTES)
     source = AgentMetrics(node_agent_address, app_name)
     return uvicorn.Server(
         uvicorn.Config(

@@ -25,13 +25,14 @@ from tritonclient.utils import InferenceServerException
 from mpsserve.ops.demo import make_request, write_demo_model
 from tests.conftest import SEED, SMALL
 from tests.integration.conftest import PORT_OFFSET
+from tests.integration.test_grpc import triton_inputs as grpc_inputs
+from tests.integration.test_serving import triton_inputs
 from tests.processes import Service, service_config, until
 
 HTTP = 28350 + PORT_OFFSET  # gRPC: HTTP + 1000
 HTTP_DEFAULTS = 28360 + PORT_OFFSET
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-DATATYPES = {"dense": "FP32"}
 LOAD_TIMEOUT_S = 300.0
 
 
@@ -85,21 +86,7 @@ def svc(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servi
 
 
 def http_inputs(req: dict[str, np.ndarray]) -> list[triton_http.InferInput]:
-    inputs = []
-    for name, array in req.items():
-        item = triton_http.InferInput(name, list(array.shape), DATATYPES.get(name, "INT64"))
-        item.set_data_from_numpy(array, binary_data=True)
-        inputs.append(item)
-    return inputs
-
-
-def grpc_inputs(req: dict[str, np.ndarray]) -> list[triton_grpc.InferInput]:
-    inputs = []
-    for name, array in req.items():
-        item = triton_grpc.InferInput(name, list(array.shape), DATATYPES.get(name, "INT64"))
-        item.set_data_from_numpy(array)
-        inputs.append(item)
-    return inputs
+    return triton_inputs(req, binary=True)
 
 
 def served_version(port: int = HTTP) -> str:

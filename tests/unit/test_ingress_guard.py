@@ -357,20 +357,14 @@ def test_limits_are_strict_config() -> None:
 def test_grpc_long_model_name_and_bad_request_id() -> None:
     import grpc
 
-    from mpsserve.ingress.grpc import GrpcLimits, start_grpc_server
+    from mpsserve.ingress.grpc import GrpcLimits
     from mpsserve.protocol import grpc_service_pb2 as pb
     from mpsserve.protocol import grpc_service_pb2_grpc as pb_grpc
+    from tests.grpc_server import grpc_server_thread
 
     limits = GrpcLimits(1 << 20, 8192, 1.0, 16, 10, 8, 5.0, None, 60.0, 10.0)
     plane = DataPlane({"echo": echo_backend()}, 1 << 20, 10, max_in_flight=4)
-    loop = asyncio.new_event_loop()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = loop.run_until_complete(start_grpc_server(plane, "127.0.0.1", port, limits))
-    thread = threading.Thread(target=loop.run_forever)
-    thread.start()
-    try:
+    with grpc_server_thread(plane, limits) as port:
         stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         request = pb.ModelInferRequest(model_name="m" * (1 << 20))
         with pytest.raises(grpc.RpcError) as info:
@@ -383,8 +377,3 @@ def test_grpc_long_model_name_and_bad_request_id() -> None:
         _, call = stub.ModelInfer.with_call(request, timeout=10)
         (item,) = [m for m in call.trailing_metadata() if m.key == "x-request-id"]
         assert valid_request_id(item.value)
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()

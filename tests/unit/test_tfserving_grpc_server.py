@@ -4,8 +4,6 @@ gRPC request meets (size, in-flight bound, unknown model) and the request id; no
 
 from __future__ import annotations
 
-import asyncio
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,8 +15,9 @@ import pytest
 
 from mpsserve.ingress.backends import MockBackend
 from mpsserve.ingress.dataplane import DataPlane
-from mpsserve.ingress.grpc import GrpcLimits, start_grpc_server
+from mpsserve.ingress.grpc import GrpcLimits
 from mpsserve.types import InferRequest, InferResponse
+from tests.grpc_server import grpc_server_thread
 
 tf = pytest.importorskip("tensorflow")
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
@@ -43,22 +42,12 @@ def served() -> Iterator[tuple[prediction_service_pb2_grpc.PredictionServiceStub
     BLOCK.set()
     plane = DataPlane({"echo": MockBackend(double, METADATA)}, 4096, 10, max_in_flight=1)
     limits = GrpcLimits(1 << 20, 8192, 1.0, 16, 10, 8, 5.0, None, 60.0, 10.0)
-    loop = asyncio.new_event_loop()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = loop.run_until_complete(start_grpc_server(plane, "127.0.0.1", port, limits))
-    thread = threading.Thread(target=loop.run_forever)
-    thread.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield prediction_service_pb2_grpc.PredictionServiceStub(channel), plane
-    finally:
-        channel.close()
-        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+    with grpc_server_thread(plane, limits) as port:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            yield prediction_service_pb2_grpc.PredictionServiceStub(channel), plane
+        finally:
+            channel.close()
 
 
 def request(values: np.ndarray, model: str = "echo") -> Any:
