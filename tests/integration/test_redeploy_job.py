@@ -37,18 +37,19 @@ T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-# Every port above 19999 (Ray's worker ports are 10002-19999) and apart from the other tests',
-# shifted by MPSSERVE_TEST_PORT_OFFSET like theirs.
-GCS_PORT, DASHBOARD_PORT = 36379 + PORT_OFFSET, 38265 + PORT_OFFSET
+# Every port above 19999 (Ray's worker ports are 10002-19999), below the kernel's ephemeral
+# range (32768-60999) and apart from the other tests', shifted by MPSSERVE_TEST_PORT_OFFSET
+# like theirs.
+GCS_PORT, DASHBOARD_PORT = 25450 + PORT_OFFSET, 25460 + PORT_OFFSET
 HTTP_PORT, GRPC_PORT = 30800 + PORT_OFFSET, 30900 + PORT_OFFSET
 RAY_PORTS = {
-    "--ray-client-server-port": 36380 + PORT_OFFSET,
-    "--dashboard-agent-listen-port": 36381 + PORT_OFFSET,
-    "--dashboard-agent-grpc-port": 36382 + PORT_OFFSET,
-    "--metrics-export-port": 36383 + PORT_OFFSET,
-    "--runtime-env-agent-port": 36384 + PORT_OFFSET,
-    "--node-manager-port": 36385 + PORT_OFFSET,
-    "--object-manager-port": 36386 + PORT_OFFSET,
+    "--ray-client-server-port": 25461 + PORT_OFFSET,
+    "--dashboard-agent-listen-port": 25462 + PORT_OFFSET,
+    "--dashboard-agent-grpc-port": 25463 + PORT_OFFSET,
+    "--metrics-export-port": 25464 + PORT_OFFSET,
+    "--runtime-env-agent-port": 25465 + PORT_OFFSET,
+    "--node-manager-port": 25466 + PORT_OFFSET,
+    "--object-manager-port": 25467 + PORT_OFFSET,
 }
 DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"
 INFER = f"http://127.0.0.1:{HTTP_PORT}/v2/models/rec/infer"

@@ -29,9 +29,10 @@ from tests.conftest import SMALL
 from tests.integration.conftest import PORT_OFFSET
 from tests.processes import read_until
 
-# Apart from the other tests' ports and outside Ray's worker range (10002-19999).
+# Apart from the other tests' ports, outside Ray's worker range (10002-19999) and below the
+# kernel's ephemeral range (32768-60999), where any outgoing connection may hold a port.
 HTTP_PORT, GRPC_PORT = 28500 + PORT_OFFSET, 29500 + PORT_OFFSET
-GCS_PORT, DASHBOARD_PORT, AGENT_PORT = 37000 + PORT_OFFSET, 37010 + PORT_OFFSET, 37011 + PORT_OFFSET
+GCS_PORT, DASHBOARD_PORT, AGENT_PORT = 25400 + PORT_OFFSET, 25410 + PORT_OFFSET, 25411 + PORT_OFFSET
 RAY_DEFAULT_AGENT_PORT = 52365  # what ray.init's local cluster always took
 BODY = encode_json_request(make_request(SMALL, rows=50, seed=5))
 
