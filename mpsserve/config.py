@@ -752,6 +752,20 @@ class EmbeddingsConfig(_Strict):
         le=1_000_000,
         description="Rows written per pipelined round trip when publishing.",
     )
+    node_cache_rows: int = Field(
+        1 << 20,
+        ge=0,
+        le=1 << 30,
+        description="Rows of each table of the served embedding version cached in host memory "
+        "shared by every replica on the node (rounded down to a power of two, and never more "
+        "than the table needs); 0: no node cache. Costs rows x (dim x 4 + 16) bytes per table.",
+    )
+    node_cache_dir: str = Field(
+        "/dev/shm/mpsserve-embeddings",
+        description="Where the node cache's files live (a tmpfs: /dev/shm); reserved in full "
+        "when a version is loaded, so a full tmpfs is an error then (the replica serves "
+        "without the node cache and says so), never later.",
+    )
 
     @model_validator(mode="after")
     def _one_secret_source(self) -> EmbeddingsConfig:

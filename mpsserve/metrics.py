@@ -166,6 +166,26 @@ GPU_MEMORY_USED = _spec(
 GPU_MEMORY_TOTAL = _spec(
     "mpsserve_gpu_memory_total_bytes", "gauge", "GPU memory installed", "node", "gpu"
 )
+EMBEDDING_IDS = _spec(
+    "mpsserve_embedding_ids_total",
+    "counter",
+    "Distinct embedding ids of split models' requests, by level: requested (distinct ids per "
+    "request and table), node_cache (hits in the node's shared cache), store (fetched from "
+    "the embedding store); hit rate = node_cache / requested",
+    *("model", "table", "level"),
+)
+EMBEDDING_LOOKUP_DURATION = _spec(
+    "mpsserve_embedding_lookup_duration_seconds",
+    "histogram",
+    "Time to look up one request's embeddings (every table: caches and store)",
+    "model",
+)
+EMBEDDING_STORE_ERRORS = _spec(
+    "mpsserve_embedding_store_errors_total",
+    "counter",
+    "Requests of split models failed by the embedding store (unreachable, a shard down)",
+    "model",
+)
 GPU_POWER = _spec("mpsserve_gpu_power_watts", "gauge", "GPU board power draw", "node", "gpu")
 
 METRICS: tuple[MetricSpec, ...] = (
@@ -173,6 +193,7 @@ METRICS: tuple[MetricSpec, ...] = (
     IN_FLIGHT, SERVED_VERSION, LOAD_FAILURES, SWAPS, CPU_OPS, MPS_UP, MPS_RESTARTS, MPS_CLIENTS,
     GPU_UTILIZATION, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_POWER,
     WARMUP_REQUESTS, WARMUP_SECONDS,
+    EMBEDDING_IDS, EMBEDDING_LOOKUP_DURATION, EMBEDDING_STORE_ERRORS,
 )  # fmt: skip
 
 
@@ -448,13 +469,19 @@ COUNTS_FLUSH_S = 1.0
 
 def _count_later(spec: MetricSpec, tags: dict[str, str]) -> None:
     """+1 on a series, given to Ray with the others once ``COUNTS_FLUSH_S`` has passed."""
+    _add_later(spec, tags, 1)
+
+
+def _add_later(spec: MetricSpec, tags: dict[str, str], amount: int) -> None:
+    """+``amount`` on a series, given to Ray with the others once ``COUNTS_FLUSH_S`` has
+    passed."""
     key = (spec.name, tuple(tags.items()))
     with _lock:
         entry = _pending.get(key)
         if entry is None:
-            _pending[key] = [spec, 1, tags]
+            _pending[key] = [spec, amount, tags]
         else:
-            entry[1] += 1
+            entry[1] += amount
         due = time.monotonic() - _flushed_at >= COUNTS_FLUSH_S
     if due:
         flush_counts()
@@ -542,3 +569,19 @@ def set_gpu(
     _record(GPU_MEMORY_TOTAL, memory_total_bytes, node=node, gpu=gpu)
     if power_watts is not None:
         _record(GPU_POWER, power_watts, node=node, gpu=gpu)
+
+
+def observe_embedding_lookup(
+    model: str, seconds: float, ids: dict[str, tuple[int, int, int]]
+) -> None:
+    """One request's embedding lookup: its time, and per table (distinct ids requested,
+    node-cache hits, fetched from the store), summed and flushed like Serve's counts."""
+    _record(EMBEDDING_LOOKUP_DURATION, max(seconds, 0.0), model=model)
+    for table, counts in ids.items():
+        for level, count in zip(("requested", "node_cache", "store"), counts, strict=True):
+            if count > 0:
+                _add_later(EMBEDDING_IDS, {"model": model, "table": table, "level": level}, count)
+
+
+def count_embedding_store_error(model: str) -> None:
+    _record(EMBEDDING_STORE_ERRORS, 1, model=model)

@@ -264,9 +264,10 @@ class EmbeddingStore:
 
     # -- lookup --------------------------------------------------------------------------
 
-    def require(self, version: str, dims: Mapping[str, int] | None = None) -> VersionRecord:
-        """The complete ``version``, holding each table of ``dims`` at that dimension;
-        EmbeddingVersionMissing or EmbeddingDataError otherwise (what a model checks at load)."""
+    def require(self, version: str, dims: Mapping[str, int | None] | None = None) -> VersionRecord:
+        """The complete ``version``, holding each table of ``dims`` at that dimension (None:
+        any); EmbeddingVersionMissing or EmbeddingDataError otherwise (what a model checks at
+        load)."""
         record = self._complete.get(version) or self.record(version)
         if record is None:
             raise EmbeddingVersionMissing(f"no embedding version {version!r} in the store")
@@ -279,7 +280,7 @@ class EmbeddingStore:
             info = record.tables.get(table)
             if info is None:
                 raise EmbeddingVersionMissing(f"embedding version {version!r} has no table {table}")
-            if info.dim != dim:
+            if dim is not None and info.dim != dim:
                 raise EmbeddingDataError(
                     f"table {table} of embedding version {version!r} has dim {info.dim}, "
                     f"expected {dim}"
@@ -287,12 +288,18 @@ class EmbeddingStore:
         return record
 
     def lookup(self, version: str, table: str, ids: np.ndarray) -> np.ndarray:
-        """The rows of ``ids`` (any shape) as float32 [*ids.shape, dim]: each distinct id is
-        fetched once, one HMGET per bucket, pipelined per node. A missing id is an
-        EmbeddingDataError (the version's tables are complete by construction)."""
-        info = self._table(version, table)
+        """The rows of ``ids`` (any shape) as float32 [*ids.shape, dim], each distinct id
+        fetched once (``fetch``)."""
         ids = np.asarray(ids, dtype=ID_DTYPE)
         unique, inverse = np.unique(ids.reshape(-1), return_inverse=True)
+        found = self.fetch(version, table, unique)
+        return found[inverse].reshape(*ids.shape, found.shape[1])
+
+    def fetch(self, version: str, table: str, unique: np.ndarray) -> np.ndarray:
+        """The rows of the distinct ``unique`` ids as float32 [n, dim]: one HMGET per bucket,
+        pipelined per node. A missing id is an EmbeddingDataError (the version's tables are
+        complete by construction)."""
+        info = self._table(version, table)
         found = np.empty((len(unique), info.dim), dtype=ROW_DTYPE)
         groups = group_by_bucket(unique, info.buckets)
         pipe = self._client.pipeline(transaction=False)
@@ -303,7 +310,7 @@ class EmbeddingStore:
             answers = pipe.execute() if groups else []
         for group, values in zip(groups, answers, strict=True):
             found[group.positions] = _rows(values, info.dim, table, unique[group.positions])
-        return found[inverse].reshape(*ids.shape, info.dim)
+        return found
 
     def _table(self, version: str, table: str) -> TableInfo:
         record = self.require(version)

@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from mpsserve import metrics
-from mpsserve.config import ModelConfig, VersionPolicy
+from mpsserve.config import EmbeddingsConfig, ModelConfig, VersionPolicy
+from mpsserve.embeddings.lookup import EmbeddingTier
 from mpsserve.errors import (
     InferenceError,
     InvalidInput,
@@ -61,6 +62,7 @@ from mpsserve.model.runtime import (
     injected,
     load_runtime,
 )
+from mpsserve.model.split import SplitManifest, SplitRuntime
 from mpsserve.model.store import ModelStore
 from mpsserve.model.warmup import FileRequests, warmup_file
 from mpsserve.periodic import Periodic
@@ -121,8 +123,16 @@ class Loaded:
 class Servable:
     """Holds the served version of one model, answers requests, and follows the store."""
 
-    def __init__(self, config: ModelConfig, device: str = "auto") -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        device: str = "auto",
+        embeddings: EmbeddingsConfig | None = None,
+    ) -> None:
         self.config = config
+        #: The embedding tier, for split versions (``model.split``); None: the service has no
+        #: ``embeddings:`` section, and a split version fails to load saying so.
+        self.embeddings = EmbeddingTier(embeddings) if embeddings is not None else None
         self.policy = config.version_policy
         self.replica = f"{socket.gethostname()}:{os.getpid()}"  # the label in metrics
         self.options = RuntimeOptions(
@@ -321,7 +331,7 @@ class Servable:
     def _load_version(self, version: int) -> tuple[ModelRuntime, dict[str, Any]]:
         """The version loaded and warmed up, and what its warm-up ran."""
         path = self.store.fetch(version)
-        runtime = load_runtime(self.config.runtime, path, self.options)
+        runtime = self._load_runtime(path, version)
         try:
             warmup = self._warm_up(runtime, path, version)
         except Exception as exc:
@@ -329,6 +339,24 @@ class Servable:
             message = exc.message if isinstance(exc, MpsServeError) else str(exc)
             raise ModelLoadError(f"version {version} failed its warm-up: {message}") from exc
         return runtime, warmup
+
+    def _load_runtime(self, path: Path, version: int) -> ModelRuntime:
+        """The version's runtime: its model, or for a split model (``embeddings.json``) its
+        DNN with the lookup of the embedding version it names."""
+        manifest = SplitManifest.read(path)
+        if manifest is not None and self.embeddings is None:
+            raise ModelLoadError(
+                f"version {version} is a split model (it names embedding version "
+                f"{manifest.embedding_version!r}) but the service has no embeddings: section"
+            )
+        runtime = load_runtime(self.config.runtime, path, self.options)
+        if manifest is None or self.embeddings is None:
+            return runtime
+        try:
+            return SplitRuntime.open(runtime, manifest, self.embeddings, self.config.name)
+        except Exception:
+            runtime.close()
+            raise
 
     def _warm_up(self, runtime: ModelRuntime, path: Path, version: int) -> dict[str, Any]:
         """The requests of the version's TF Serving warm-up file when it ships one, else a

@@ -159,6 +159,15 @@ def _parser() -> argparse.ArgumentParser:
         help="also write N requests (1-1000) to the version's TF Serving warm-up file, "
         "assets.extra/tf_serving_warmup_requests (default: none)",
     )
+    demo.add_argument(
+        "--split",
+        metavar="TAG",
+        default=None,
+        help="write the split build: the DNN alone and an embeddings.json naming embedding "
+        "version TAG, whose tables `mpsserve embeddings publish --model-dir DIR/<version> "
+        "--version TAG` puts in the store (same scores as the monolithic build; "
+        "docs/embeddings.md) (default: monolithic)",
+    )
 
     audit = sub.add_parser(
         "audit-ops",
@@ -256,9 +265,10 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     started = time.monotonic()
     spec = DemoSpec(table_rows=args.table_rows)
     path = write_demo_model(
-        args.out, args.format, args.version, args.seed, spec, args.warmup_requests
+        args.out, args.format, args.version, args.seed, spec, args.warmup_requests, args.split
     )
-    print(f"wrote {args.format} demo model to {path} in {time.monotonic() - started:.1f}s")
+    kind = f"split demo model (embedding version {args.split})" if args.split else "demo model"
+    print(f"wrote {args.format} {kind} to {path} in {time.monotonic() - started:.1f}s")
     return 0
 
 

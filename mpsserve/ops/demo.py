@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 
 from mpsserve.model.runtime.base import Signature, TensorSpec, write_signature_file
+from mpsserve.model.split import MANIFEST_FILE
 from mpsserve.model.warmup import MAX_RECORDS, WARMUP_FILE
 from mpsserve.protocol.tfrecord import write_records
 from mpsserve.protocol.tfserving_grpc import warmup_record
@@ -145,6 +146,36 @@ def signature(spec: DemoSpec) -> Signature:
     )
 
 
+def dnn_signature(spec: DemoSpec) -> Signature:
+    """The split build's DNN: the dense features and the pooled embeddings (``embeddings.json``
+    says how the served signature's ids become them)."""
+    return Signature.from_dict(
+        {
+            "inputs": [
+                {"name": "dense", "dtype": "float32", "shape": [-1, spec.n_dense]},
+                {"name": "cat_emb", "dtype": "float32", "shape": [-1, spec.n_cat * spec.dim]},
+                {"name": "history_emb", "dtype": "float32", "shape": [-1, spec.dim]},
+            ],
+            "outputs": [{"name": "score", "dtype": "float32", "shape": [-1]}],
+        }
+    )
+
+
+def split_manifest(spec: DemoSpec, embedding_version: str) -> dict[str, object]:
+    """The split build's ``embeddings.json``: the tables ``demo_tables`` publishes, hashed as
+    the monolithic model hashes its ids."""
+    common = {"hash_buckets": spec.table_rows, "min_value": 0, "max_value": ID_MAX}
+    return {
+        "embedding_version": embedding_version,
+        "features": [
+            {"input": "cat", "table": "cat", "output": "cat_emb", "combiner": "concat",
+             "column_stride": spec.table_rows, **common},
+            {"input": "history", "ragged": True, "table": "history", "output": "history_emb",
+             "combiner": "mean", **common},
+        ],
+    }  # fmt: skip
+
+
 def reference(spec: DemoSpec, w: DemoWeights, request: dict[str, np.ndarray]) -> np.ndarray:
     """The model in numpy float64: the ground truth for both framework builds."""
     rows = request["dense"].shape[0]
@@ -247,6 +278,61 @@ def build_torch(spec: DemoSpec, w: DemoWeights, out: Path) -> None:
     torch.export.save(program, str(out / "model.pt2"))
 
 
+def build_tensorflow_dnn(spec: DemoSpec, w: DemoWeights, out: Path) -> None:
+    """The split build's DNN as a SavedModel (``dnn_signature``): the MLP alone."""
+    from mpsserve.model.runtime.tensorflow import tf
+
+    class Dnn(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = [(tf.Variable(a), tf.Variable(b)) for a, b in w.layers]
+
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, spec.n_dense], tf.float32, name="dense"),
+                tf.TensorSpec([None, spec.n_cat * spec.dim], tf.float32, name="cat_emb"),
+                tf.TensorSpec([None, spec.dim], tf.float32, name="history_emb"),
+            ]
+        )
+        def serve(self, dense, cat_emb, history_emb):  # type: ignore[no-untyped-def]
+            x = tf.concat([dense, cat_emb, history_emb], axis=1)
+            for i, (weight, bias) in enumerate(self.layers):
+                x = tf.matmul(x, weight) + bias
+                x = tf.nn.relu(x) if i < len(self.layers) - 1 else x
+            return {"score": tf.sigmoid(x[:, 0])}
+
+    module = Dnn()
+    tf.saved_model.save(module, str(out), signatures={"serving_default": module.serve})
+
+
+def build_torch_dnn(spec: DemoSpec, w: DemoWeights, out: Path) -> None:
+    """The split build's DNN as a ``torch.export`` program (``dnn_signature``)."""
+    import torch
+
+    class Dnn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linears = torch.nn.ModuleList()
+            for a, b in w.layers:
+                linear = torch.nn.Linear(a.shape[0], a.shape[1])
+                linear.weight.data = torch.from_numpy(np.ascontiguousarray(a.T))
+                linear.bias.data = torch.from_numpy(b)
+                self.linears.append(linear)
+
+        def forward(self, dense, cat_emb, history_emb):  # type: ignore[no-untyped-def]
+            x = torch.cat([dense, cat_emb, history_emb], dim=1)
+            for i, linear in enumerate(self.linears):
+                x = linear(x)
+                x = torch.relu(x) if i < len(self.linears) - 1 else x
+            return torch.sigmoid(x[:, 0])
+
+    rows = torch.export.Dim("rows")
+    example = tuple(torch.zeros((4, s.shape[1])) for s in dnn_signature(spec).inputs)
+    dynamic = {name: {0: rows} for name in ("dense", "cat_emb", "history_emb")}
+    program = torch.export.export(Dnn().eval(), example, dynamic_shapes=dynamic, strict=False)
+    torch.export.save(program, str(out / "model.pt2"))
+
+
 def write_demo_model(
     out: Path,
     fmt: Literal["tensorflow", "torch"],
@@ -254,9 +340,13 @@ def write_demo_model(
     seed: int = 0,
     spec: DemoSpec | None = None,
     warmup_requests: int = 0,
+    split: str | None = None,
 ) -> Path:
     """Build the demo into ``out/<version>/``; the version appears only when complete.
-    ``warmup_requests``: that many requests in a TF Serving warm-up file (either format)."""
+    ``warmup_requests``: that many requests in a TF Serving warm-up file (either format).
+    ``split``: an embedding version tag; the build is then the DNN alone with an
+    ``embeddings.json`` naming that version (publish its tables with ``mpsserve embeddings
+    publish --model-dir``), serving the same scores as the monolithic build."""
     spec = spec or DemoSpec()
     if not 0 <= warmup_requests <= MAX_RECORDS:
         raise ValueError(f"warm-up requests must be 0..{MAX_RECORDS} (TF Serving's limit)")
@@ -268,9 +358,15 @@ def write_demo_model(
     staging.mkdir(parents=True)
     logger.info("building demo model (%s, seed %d) in %s", fmt, seed, final)
     weights = make_weights(spec, seed)
-    (build_tensorflow if fmt == "tensorflow" else build_torch)(spec, weights, staging)
-    write_signature_file(staging, signature(spec))
-    about = {"seed": seed, "format": fmt, **asdict(spec)}
+    if split is None:
+        (build_tensorflow if fmt == "tensorflow" else build_torch)(spec, weights, staging)
+        write_signature_file(staging, signature(spec))
+    else:
+        (build_tensorflow_dnn if fmt == "tensorflow" else build_torch_dnn)(spec, weights, staging)
+        write_signature_file(staging, dnn_signature(spec))
+        manifest = json.dumps(split_manifest(spec, split), indent=2) + "\n"
+        (staging / MANIFEST_FILE).write_text(manifest)
+    about = {"seed": seed, "format": fmt, "split": split, **asdict(spec)}
     (staging / "demo.json").write_text(json.dumps(about, indent=2) + "\n")
     if warmup_requests:
         write_warmup_file(staging, spec, warmup_requests)

@@ -191,12 +191,13 @@ def _application(
     a model's settings reach its replicas through its options (``model_options``)."""
     _transport.rotate(shared.ray.app_name)  # each build a new data-port key (see transport)
     transport = _transport.TransportSpec.of(shared)
+    embeddings = shared.embeddings.model_dump(mode="json") if shared.embeddings else None
     router = RequestRouterConfig(request_router_class=ROUTER_CLASS)  # type: ignore[arg-type]
     models = {
         name: ModelReplica.options(
             name=f"model-{name}",
             **{"request_router_config": router, **options.get(name, {})},
-        ).bind(name, transport)
+        ).bind(name, transport, embeddings)
         for name in names
     }
     ingress = Ingress.options(

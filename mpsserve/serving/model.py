@@ -31,7 +31,7 @@ import ray
 from ray import serve
 
 from mpsserve import metrics
-from mpsserve.config import ModelConfig, VersionPolicy, parse_model
+from mpsserve.config import EmbeddingsConfig, ModelConfig, VersionPolicy, parse_model
 from mpsserve.errors import ConfigError, MpsServeError
 from mpsserve.ingress.replica_server import ReplicaServer
 from mpsserve.ingress.stats import ReplicaStats, Timing
@@ -72,12 +72,18 @@ class ModelReplica:
     unloads) through Serve's controller (``serving.repository``), so every replica, and any
     Serve starts later, follows."""
 
-    def __init__(self, name: str, transport: TransportSpec | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        transport: TransportSpec | None = None,
+        embeddings: dict[str, Any] | None = None,
+    ) -> None:
         config = replica_model(name)
         configure_replica_logging()
         hook.worker_setup()  # the daemon and this process's limits, before any CUDA call
         gpus = [str(g) for g in ray.get_gpu_ids()]
-        self._servable = Servable(config, device="auto" if gpus else "cpu")
+        tier = EmbeddingsConfig.model_validate(embeddings) if embeddings else None
+        self._servable = Servable(config, device="auto" if gpus else "cpu", embeddings=tier)
         # The first CUDA call is the model load (``reconfigure``).
         self._mps = ReplicaMps(hook.replica_config().mps, gpu=gpus[0] if gpus else None)
         self._servable.on_fault = self._device_fault

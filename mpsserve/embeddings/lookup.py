@@ -1,0 +1,163 @@
+"""Embedding rows for split models' requests: distinct ids, the node's shared cache, the store.
+
+A model replica holds one ``EmbeddingTier`` (one connection pool to the store for the process)
+and, per loaded model version, one ``EmbeddingLookup`` bound to the embedding version that
+model version was trained with: every row it returns comes from that version, so a request
+never mixes two versions, and a new version's rows are never confused with an old one's (the
+node cache keeps one file per version and table, ``node_cache``).
+
+A lookup of one table: the request's ids are de-duplicated, the node cache answers what it
+holds, the misses are fetched from the store in one pipelined round trip per shard, and put in
+the node cache for every replica on the node. Runs on the replica's inference threads (it
+blocks on the network), never on an event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from mpsserve.config import EmbeddingsConfig
+from mpsserve.embeddings.layout import ID_DTYPE
+from mpsserve.embeddings.node_cache import NodeCache, cache_capacity, sweep
+from mpsserve.embeddings.registry import VersionRecord
+from mpsserve.embeddings.store import EmbeddingStore
+from mpsserve.errors import EmbeddingCacheError
+
+logger = logging.getLogger(__name__)
+
+#: Per table: (distinct ids requested, node-cache hits, fetched from the store).
+Counts = tuple[int, int, int]
+
+
+class RowSource(Protocol):
+    """What a lookup needs of the store (``EmbeddingStore``)."""
+
+    def require(
+        self, version: str, dims: Mapping[str, int | None] | None = None
+    ) -> VersionRecord: ...
+
+    def fetch(self, version: str, table: str, unique: np.ndarray) -> np.ndarray: ...
+
+
+class EmbeddingLookup:
+    """The tables of one embedding version, for one process: ``rows`` by id."""
+
+    def __init__(
+        self, source: RowSource, record: VersionRecord, caches: Mapping[str, NodeCache]
+    ) -> None:
+        self.source = source
+        self.record = record
+        self.version = record.version
+        self.caches = dict(caches)
+        self.cache_problem: str | None = None  # why a table has no node cache, if one has not
+
+    def rows(self, table: str, ids: np.ndarray) -> tuple[np.ndarray, Counts]:
+        """The rows of ``ids`` (any shape) as float32 [*ids.shape, dim], and the counts."""
+        flat = np.asarray(ids, dtype=ID_DTYPE).reshape(-1)
+        unique, inverse = np.unique(flat, return_inverse=True)
+        found, hits, fetched = self._unique_rows(table, unique)
+        dim = found.shape[1]
+        return found[inverse].reshape(*np.shape(ids), dim), (len(unique), hits, fetched)
+
+    def _unique_rows(self, table: str, unique: np.ndarray) -> tuple[np.ndarray, int, int]:
+        cache = self.caches.get(table)
+        if cache is None:
+            return self.source.fetch(self.version, table, unique), 0, len(unique)
+        found, hit = cache.get(unique)
+        missing = np.flatnonzero(~hit)
+        if len(missing):
+            fetched = self.source.fetch(self.version, table, unique[missing])
+            found[missing] = fetched
+            cache.put(unique[missing], fetched)
+        return found, len(unique) - len(missing), len(missing)
+
+    def stats(self) -> dict[str, object]:
+        """What ``status`` shows: the version, and each table's node cache."""
+        return {
+            "version": self.version,
+            "node_cache": {table: cache.stats() for table, cache in self.caches.items()},
+            "node_cache_problem": self.cache_problem,
+        }
+
+    def close(self) -> None:
+        """Let go of the node cache's files (the last process on the node removes them)."""
+        for cache in self.caches.values():
+            cache.close()
+        self.caches.clear()
+
+
+class EmbeddingTier:
+    """This process's way to the embedding tier: one store connection (made on first use,
+    shared by every version's lookup) and the node cache's directory."""
+
+    def __init__(self, config: EmbeddingsConfig) -> None:
+        self.config = config
+        self.cache_dir = node_cache_dir(config)
+        self._store: EmbeddingStore | None = None
+        self._lock = threading.Lock()
+        self._swept = False
+
+    def store(self) -> EmbeddingStore:
+        with self._lock:
+            if self._store is None:
+                self._store = EmbeddingStore.connect(self.config)
+            return self._store
+
+    def lookup(self, version: str, dims: Mapping[str, int | None]) -> EmbeddingLookup:
+        """A lookup of ``version``, which must be complete in the store and hold each table
+        of ``dims`` at that dimension (None: any); EmbeddingVersionMissing or
+        EmbeddingDataError if not."""
+        store = self.store()
+        record = store.require(version, dims)
+        lookup = EmbeddingLookup(store, record, {})
+        if self.config.node_cache_rows == 0:
+            return lookup
+        self._sweep_once()
+        for table in dims:
+            capacity = cache_capacity(record.tables[table].rows, self.config.node_cache_rows)
+            try:
+                lookup.caches[table] = NodeCache.open(
+                    self.cache_dir, version, table, record.tables[table].dim, capacity
+                )
+            except EmbeddingCacheError as exc:
+                lookup.cache_problem = exc.message
+                logger.warning(
+                    "embedding version %s: no node cache for %s: %s", version, table, exc
+                )
+        return lookup
+
+    def _sweep_once(self) -> None:
+        """Remove the node cache files that processes which died left behind, once."""
+        with self._lock:
+            if self._swept:
+                return
+            self._swept = True
+        try:
+            removed = sweep(self.cache_dir)
+        except OSError as exc:
+            logger.warning("cannot sweep the node cache %s: %s", self.cache_dir, exc)
+            return
+        if removed:
+            logger.info("node cache: removed %d file(s) nobody uses", len(removed))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+
+def node_cache_dir(config: EmbeddingsConfig) -> Path:
+    """The node cache's directory for this store: ``node_cache_dir``/<store id>, the id a
+    digest of the store's nodes and key prefix, so that two stores never share files."""
+    digest = hashlib.sha256(
+        "\n".join([config.key_prefix, *sorted(config.nodes)]).encode()
+    ).hexdigest()
+    return Path(config.node_cache_dir) / f"{config.key_prefix}-{digest[:12]}"
