@@ -172,6 +172,15 @@ class EmbeddingDataError(EmbeddingStoreError):
     """Rows in the store do not fit what was asked: a wrong dimension, missing ids."""
 
 
+class EmbeddingCacheError(MpsServeError):
+    """The node's shared embedding cache (files in /dev/shm) cannot be opened or used: no
+    space, no permission, a file of another layout; callers serve without it. The message
+    names the file, the bytes it needs and why."""
+
+    http_status = 503
+    grpc_code = GrpcCode.UNAVAILABLE
+
+
 class MetricsUnavailable(MpsServeError):
     """The metrics port cannot read the node's Ray metrics agent now (the message says why)."""
 
