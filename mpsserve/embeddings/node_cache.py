@@ -82,8 +82,8 @@ SEQ_DTYPE = np.dtype("<i8")
 SUFFIX = ".rows"
 LOCK_SUFFIX = ".lock"
 FILE_MODE, DIR_MODE = 0o660, 0o770
-#: CPUs whose memory order the lock-free readers rely on (see the module's docstring).
-TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686"})
+#: CPUs with the memory order the lock-free readers rely on (see the module docstring).
+TSO_MACHINES = frozenset({"x86_64", "amd64"})  # 64-bit: an int64 is one load
 #: Map the whole file at open (MAP_POPULATE): no page faults on the serving path later.
 MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 #: Slots ``stats`` counts per step (bounds its temporary arrays on a large cache).
