@@ -82,8 +82,8 @@ SEQ_DTYPE = np.dtype("<i8")
 SUFFIX = ".rows"
 LOCK_SUFFIX = ".lock"
 FILE_MODE, DIR_MODE = 0o660, 0o770
-#: CPUs whose memory order the lock-free readers rely on (see the module's docstring).
-TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686"})
+#: CPUs with the memory order the lock-free readers rely on (see the module docstring).
+TSO_MACHINES = frozenset({"x86_64", "amd64"})  # 64-bit: an int64 is one load
 #: Map the whole file at open (MAP_POPULATE): no page faults on the serving path later.
 MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 #: Slots ``stats`` counts per step (bounds its temporary arrays on a large cache).
@@ -153,13 +153,14 @@ class NodeCache:
         except BaseException:
             os.close(lock_fd)
             raise
-        try:
-            cache = cls(path, dim, capacity, fd, lock_fd)
-        except OSError as exc:  # mapping it: no address space or memory left
-            _close_unused(path, fd, lock_fd)
-            raise _cannot(path, need, _reason(exc)) from exc
+        # Our shared flock keeps the file; mapping it (all its pages: a while for gigabytes)
+        # need not hold up the other processes' writes.
         fcntl.flock(lock_fd, fcntl.LOCK_UN)
-        return cache
+        try:
+            return cls(path, dim, capacity, fd, lock_fd)
+        except OSError as exc:  # no address space or memory left to map it
+            _close_unused(path, fd, _relock(lock_path(path), lock_fd))
+            raise _cannot(path, need, _reason(exc)) from exc
 
     def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows float32 [n, dim], hit bool [n]) of ``ids`` (int64 [n]); a miss's row is
@@ -265,14 +266,7 @@ class NodeCache:
             self._map = None
 
     def _take_lock(self) -> None:
-        """Our lock file's flock; if the file was replaced (never while we hold the cache
-        open, unless someone deletes it by hand), the new one's."""
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        if _same_file(lock_path(self.path), self._lock_fd):
-            return
-        fresh = _lock(lock_path(self.path))
-        os.close(self._lock_fd)
-        self._lock_fd = fresh
+        self._lock_fd = _relock(lock_path(self.path), self._lock_fd)
 
 
 def sweep(directory: Path) -> list[Path]:
@@ -371,6 +365,18 @@ def _lock(path: Path) -> int:
             os.close(fd)
             raise
         os.close(fd)
+
+
+def _relock(path: Path, fd: int) -> int:
+    """``fd`` of the lock file at ``path`` flock'd exclusively again, or if that file was
+    replaced (never while we hold its cache file open, unless someone deletes it by hand) a
+    new fd of the one there now, ``fd`` closed."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    if _same_file(path, fd):
+        return fd
+    fresh = _lock(path)
+    os.close(fd)
+    return fresh
 
 
 def _same_file(path: Path, fd: int) -> bool:

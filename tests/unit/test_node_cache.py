@@ -247,6 +247,18 @@ def test_a_full_disk_is_an_error_naming_the_file_and_bytes(
     assert cache_files(tmp_path) == []  # the empty file it made is gone
 
 
+def test_no_memory_to_map_it_is_an_error_and_the_file_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_memory(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+    monkeypatch.setattr(node_cache.mmap, "mmap", no_memory)
+    with pytest.raises(EmbeddingCacheError, match="Cannot allocate memory"):
+        NodeCache.open(tmp_path, "v1", "cat", DIM, 8)
+    assert cache_files(tmp_path) == []
+
+
 def test_a_weakly_ordered_cpu_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(node_cache.platform, "machine", lambda: "aarch64")
     with pytest.raises(EmbeddingCacheError, match="not safe on aarch64"):
