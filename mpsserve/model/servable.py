@@ -565,6 +565,11 @@ class Servable:
             "cpu_ops": current.runtime.cpu_ops,
             "graphs": current.runtime.graph_status(),
             "store": self.store_status(),
+            "embeddings": (
+                current.runtime.lookup.stats()
+                if isinstance(current.runtime, SplitRuntime)
+                else None
+            ),
         }
 
     def repository_state(self) -> dict[str, Any]:

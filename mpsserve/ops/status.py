@@ -143,6 +143,7 @@ def _replica(metadata: dict[str, Any], model: str) -> dict[str, Any]:
         "cpu_ops": len(metadata.get("cpu_ops") or []),
         "graphs": metadata.get("graphs"),
         "store": {k: (metadata.get("store") or {}).get(k) for k in STORE_FIELDS},
+        "embeddings": metadata.get("embeddings"),  # a split model's version and node cache
     }
 
 
@@ -212,7 +213,13 @@ def _model(rows: list[dict[str, Any]], now: float) -> dict[str, Any]:
     bounds = [s["converge_within_s"] for s in stores if s.get("converge_within_s") is not None]
     since = [s["serving_since"] for s in stores if s.get("serving_since") is not None]
     split = len(serving) > 1
+    embeddings: dict[str, int] = {}  # a split model's embedding versions, replicas on each
+    for row in rows:
+        if row.get("embeddings"):
+            tag = str(row["embeddings"]["version"])
+            embeddings[tag] = embeddings.get(tag, 0) + 1
     return {
+        "embeddings": dict(sorted(embeddings.items())),
         "serving": dict(sorted(serving.items())),
         "split": split,
         # Since the last version change in any replica: the split is at least that old.
@@ -391,6 +398,8 @@ def _model_lines(models: dict[str, Any]) -> list[str]:
             late = m["split_s"] is None or m["split_s"] > m["bound_s"]
             state = f": {'SPLIT' if late else 'converging'} for {age} s (bound {m['bound_s']:g} s)"
         lines.append(f"versions of {name}: {_versions_text(m['serving'])}{state}")
+        if m.get("embeddings"):
+            lines.append(f"  embedding versions: {_versions_text(m['embeddings'])}")
         for version, f in m["failed"].items():
             reason = str(f["reason"])
             if len(reason) > REASON_CHARS:

@@ -165,7 +165,15 @@ def test_new_embeddings_swap_in_under_load_without_a_failed_request(
             load.stop.set()
             load.join(timeout=60)
         answer = requests.post(url, data=body, timeout=60).json()
+        report = service.status()
+        cli_text = service.cli("status").stdout
     failed = [o for o in load.outcomes if not o.ok]
+    # status says which embedding version each replica serves, and its node cache
+    assert report["models"]["rec"]["embeddings"] == {"s-2": 1}, report["models"]
+    [replica] = [r for r in report["replicas"] if "error" not in r]
+    assert replica["embeddings"]["version"] == "s-2"
+    assert replica["embeddings"]["node_cache"]["cat"]["filled"] > 0
+    assert "embedding versions: s-2 on 1 replica(s)" in cli_text, cli_text
     print(f"{len(load.outcomes)} requests during the swap, {len(failed)} failed, "
           f"versions {load.versions()}")  # fmt: skip
     assert not failed and load.versions() == ["1", "2"]
