@@ -15,7 +15,7 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -193,6 +193,33 @@ def reference(spec: DemoSpec, w: DemoWeights, request: dict[str, np.ndarray]) ->
     return (1 / (1 + np.exp(-x[:, 0]))).astype(np.float32)
 
 
+def _tf_mlp(tf: Any, layers: list[tuple[Any, Any]], x: Any) -> Any:
+    """The MLP's score (ReLU between layers, sigmoid at the end), in TensorFlow."""
+    for i, (weight, bias) in enumerate(layers):
+        x = tf.matmul(x, weight) + bias
+        x = tf.nn.relu(x) if i < len(layers) - 1 else x
+    return tf.sigmoid(x[:, 0])
+
+
+def _torch_linears(torch: Any, w: DemoWeights) -> Any:
+    """The MLP's layers as a ``ModuleList`` of ``Linear`` with the demo's weights."""
+    linears = torch.nn.ModuleList()
+    for a, b in w.layers:
+        linear = torch.nn.Linear(a.shape[0], a.shape[1])
+        linear.weight.data = torch.from_numpy(np.ascontiguousarray(a.T))
+        linear.bias.data = torch.from_numpy(b)
+        linears.append(linear)
+    return linears
+
+
+def _torch_mlp(torch: Any, linears: Any, x: Any) -> Any:
+    """The MLP's score, in PyTorch (as ``_tf_mlp``)."""
+    for i, linear in enumerate(linears):
+        x = linear(x)
+        x = torch.relu(x) if i < len(linears) - 1 else x
+    return torch.sigmoid(x[:, 0])
+
+
 def build_tensorflow(spec: DemoSpec, w: DemoWeights, out: Path) -> None:
     """Write a SavedModel whose ``serving_default`` takes the history as values + lengths."""
     from mpsserve.model.runtime.tensorflow import tf
@@ -222,10 +249,7 @@ def build_tensorflow(spec: DemoSpec, w: DemoWeights, out: Path) -> None:
             pooled = tf.math.unsorted_segment_sum(hist, segments, rows)
             count = tf.cast(tf.maximum(history_lengths, 1), tf.float32)[:, None]
             x = tf.concat([dense, cat_emb, pooled / count], axis=1)
-            for i, (weight, bias) in enumerate(self.layers):
-                x = tf.matmul(x, weight) + bias
-                x = tf.nn.relu(x) if i < len(self.layers) - 1 else x
-            return {"score": tf.sigmoid(x[:, 0])}
+            return {"score": _tf_mlp(tf, self.layers, x)}
 
     module = Recommender()
     tf.saved_model.save(module, str(out), signatures={"serving_default": module.serve})
@@ -244,12 +268,7 @@ def build_torch(spec: DemoSpec, w: DemoWeights, out: Path) -> None:
             )
             offsets = torch.arange(spec.n_cat, dtype=torch.int64) * spec.table_rows
             self.register_buffer("offsets", offsets)
-            self.linears = torch.nn.ModuleList()
-            for a, b in w.layers:
-                linear = torch.nn.Linear(a.shape[0], a.shape[1])
-                linear.weight.data = torch.from_numpy(np.ascontiguousarray(a.T))
-                linear.bias.data = torch.from_numpy(b)
-                self.linears.append(linear)
+            self.linears = _torch_linears(torch, w)
 
         def forward(self, dense, cat, history_values, history_lengths):  # type: ignore[no-untyped-def]
             ids = torch.remainder(cat, spec.table_rows) + self.offsets
@@ -258,10 +277,7 @@ def build_torch(spec: DemoSpec, w: DemoWeights, out: Path) -> None:
             pooled = self.history(torch.remainder(history_values, spec.table_rows), starts)
             pooled = pooled / history_lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
             x = torch.cat([dense, cat_emb, pooled], dim=1)
-            for i, linear in enumerate(self.linears):
-                x = linear(x)
-                x = torch.relu(x) if i < len(self.linears) - 1 else x
-            return torch.sigmoid(x[:, 0])
+            return _torch_mlp(torch, self.linears, x)
 
     request = make_request(spec, rows=4)
     example = tuple(torch.from_numpy(request[s.name]) for s in signature(spec).inputs)
@@ -296,10 +312,7 @@ def build_tensorflow_dnn(spec: DemoSpec, w: DemoWeights, out: Path) -> None:
         )
         def serve(self, dense, cat_emb, history_emb):  # type: ignore[no-untyped-def]
             x = tf.concat([dense, cat_emb, history_emb], axis=1)
-            for i, (weight, bias) in enumerate(self.layers):
-                x = tf.matmul(x, weight) + bias
-                x = tf.nn.relu(x) if i < len(self.layers) - 1 else x
-            return {"score": tf.sigmoid(x[:, 0])}
+            return {"score": _tf_mlp(tf, self.layers, x)}
 
     module = Dnn()
     tf.saved_model.save(module, str(out), signatures={"serving_default": module.serve})
@@ -312,19 +325,11 @@ def build_torch_dnn(spec: DemoSpec, w: DemoWeights, out: Path) -> None:
     class Dnn(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.linears = torch.nn.ModuleList()
-            for a, b in w.layers:
-                linear = torch.nn.Linear(a.shape[0], a.shape[1])
-                linear.weight.data = torch.from_numpy(np.ascontiguousarray(a.T))
-                linear.bias.data = torch.from_numpy(b)
-                self.linears.append(linear)
+            self.linears = _torch_linears(torch, w)
 
         def forward(self, dense, cat_emb, history_emb):  # type: ignore[no-untyped-def]
             x = torch.cat([dense, cat_emb, history_emb], dim=1)
-            for i, linear in enumerate(self.linears):
-                x = linear(x)
-                x = torch.relu(x) if i < len(self.linears) - 1 else x
-            return torch.sigmoid(x[:, 0])
+            return _torch_mlp(torch, self.linears, x)
 
     rows = torch.export.Dim("rows")
     example = tuple(torch.zeros((4, s.shape[1])) for s in dnn_signature(spec).inputs)

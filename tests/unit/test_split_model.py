@@ -92,6 +92,19 @@ def test_split_demo_scores_as_the_monolithic_model(split_store: Path) -> None:
     assert source.fetched[0] == SMALL.n_cat
 
 
+def test_the_torch_split_build_scores_as_the_monolithic_model(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    version_dir = write_demo_model(tmp_path, "torch", 1, seed=SEED, spec=SMALL, split=TAG)
+    manifest = SplitManifest.read(version_dir)
+    assert manifest is not None
+    source = RowsInMemory(demo_tables(SMALL, SEED))
+    dnn = load_runtime("torch", version_dir, RuntimeOptions(device="cpu"))
+    runtime = SplitRuntime(dnn, manifest, EmbeddingLookup(source, source.record, {}), "rec")
+    request = make_request(SMALL, rows=200, seed=5)
+    got = runtime.predict(prepare_inputs(runtime.signature, request, max_rows=1000))["score"]
+    assert np.max(np.abs(got - reference(SMALL, make_weights(SMALL, SEED), request))) <= 1e-4
+
+
 def test_ids_are_checked_before_a_lookup(split_store: Path) -> None:
     runtime = split_runtime(split_store / "1", RowsInMemory(demo_tables(SMALL, SEED)))
     request = make_request(SMALL, rows=4, seed=1)
