@@ -14,10 +14,11 @@ blocks on the network), never on an event loop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -45,6 +46,8 @@ class RowSource(Protocol):
 
     def fetch(self, version: str, table: str, unique: np.ndarray) -> np.ndarray: ...
 
+    def dims(self, version: str) -> dict[str, int]: ...
+
 
 class EmbeddingLookup:
     """The tables of one embedding version, for one process: ``rows`` by id."""
@@ -57,6 +60,32 @@ class EmbeddingLookup:
         self.version = record.version
         self.caches = dict(caches)
         self.cache_problem: str | None = None  # why a table has no node cache, if one has not
+        self.dims = source.dims(record.version)  # every table's dim (a delta's: its chain's)
+        self._users = 0  # requests using it now (``using``)
+        self._retired = False  # replaced by a newer version: closed once no request uses it
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def using(self) -> Iterator[EmbeddingLookup]:
+        """Hold this lookup for one request: ``retire`` closes it only after the request."""
+        with self._lock:
+            self._users += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._users -= 1
+                last = self._retired and self._users == 0
+            if last:
+                self.close()
+
+    def retire(self) -> None:
+        """Close now if no request uses it, else when the last one ends."""
+        with self._lock:
+            self._retired = True
+            idle = self._users == 0
+        if idle:
+            self.close()
 
     def rows(self, table: str, ids: np.ndarray) -> tuple[np.ndarray, Counts]:
         """The rows of ``ids`` (any shape) as float32 [*ids.shape, dim], and the counts."""
@@ -110,28 +139,53 @@ class EmbeddingTier:
                 self._store = EmbeddingStore.connect(self.config)
             return self._store
 
-    def lookup(self, version: str, dims: Mapping[str, int | None]) -> EmbeddingLookup:
+    def lookup(
+        self,
+        version: str,
+        dims: Mapping[str, int | None],
+        previous: EmbeddingLookup | None = None,
+    ) -> EmbeddingLookup:
         """A lookup of ``version``, which must be complete in the store and hold each table
         of ``dims`` at that dimension (None: any); EmbeddingVersionMissing or
         EmbeddingDataError if not."""
         store = self.store()
         record = store.require(version, dims)
+        full = store.chain(version)[-1].tables  # a delta's tables are its chain's
         lookup = EmbeddingLookup(store, record, {})
         if self.config.node_cache_rows == 0:
             return lookup
         self._sweep_once()
         for table in dims:
-            capacity = cache_capacity(record.tables[table].rows, self.config.node_cache_rows)
+            capacity = cache_capacity(full[table].rows, self.config.node_cache_rows)
             try:
-                lookup.caches[table] = NodeCache.open(
-                    self.cache_dir, version, table, record.tables[table].dim, capacity
-                )
+                cache = NodeCache.open(self.cache_dir, version, table, full[table].dim, capacity)
             except EmbeddingCacheError as exc:
                 lookup.cache_problem = exc.message
                 logger.warning(
                     "embedding version %s: no node cache for %s: %s", version, table, exc
                 )
+                continue
+            lookup.caches[table] = cache
+            if previous is not None and record.base == previous.version:
+                self._seed(cache, previous, version, table)
         return lookup
+
+    def _seed(self, cache: NodeCache, previous: EmbeddingLookup, version: str, table: str) -> None:
+        """A delta's node cache starts as its base's, less the rows the delta changes."""
+        old = previous.caches.get(table)
+        if old is None:
+            return
+        changed = self.store().changed_ids(version, table)
+        try:
+            copied = cache.seed_from(old, changed)
+        except EmbeddingCacheError as exc:  # the base's cache closed meanwhile
+            logger.warning("node cache of %s %s not seeded: %s", version, table, exc)
+            return
+        if copied:
+            logger.info(
+                "node cache of %s %s: %d rows from %s, %d changed ids left out",
+                version, table, copied, previous.version, len(changed),
+            )  # fmt: skip
 
     def _sweep_once(self) -> None:
         """Remove the node cache files that processes which died left behind, once."""

@@ -199,6 +199,36 @@ class NodeCache:
             values[slots] = rows.view(self._rows.dtype).reshape(-1)
             seq[slots] = begin + 1
 
+    def seed_from(self, other: NodeCache, forget: np.ndarray) -> int:
+        """Fill this cache, if it is still empty, with what ``other`` (the same table of the
+        version this one's patches, same layout) holds, less the ids in ``forget`` (the rows
+        the new version changes): a delta starts warm. Read from ``other`` lock-free, as
+        ``get`` does (a slot being written there is left out); written under this file's
+        write lock, rows before sequence numbers, so a reader here sees a slot only once its
+        row is in. Returns the rows copied (0: not empty, or another layout)."""
+        if (other.dim, other.capacity) != (self.dim, self.capacity):
+            return 0
+        forget = np.asarray(forget, dtype=ID_DTYPE)
+        copied = 0
+        with self._writing():
+            seq, keys, values = self._arrays()
+            if np.count_nonzero(seq):  # another process seeded or filled it first
+                return 0
+            theirs = other._arrays()
+            for start in range(0, self.capacity, STATS_CHUNK):
+                part = slice(start, start + STATS_CHUNK)
+                before = theirs[0][part].copy()
+                their_keys = theirs[1][part].copy()
+                their_rows = theirs[2][part].copy()
+                after = theirs[0][part]
+                valid = (before == after) & (before > 0) & ((before & 1) == 0)
+                valid &= ~np.isin(their_keys, forget)
+                keys[part] = their_keys
+                values[part] = their_rows
+                seq[part] = np.where(valid, 2, 0)
+                copied += int(np.count_nonzero(valid))
+        return copied
+
     def stats(self) -> dict[str, Any]:
         """What a status call shows; counting filled slots reads ``seq`` (8 bytes a slot)."""
         seq, _, _ = self._arrays()

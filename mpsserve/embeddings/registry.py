@@ -1,7 +1,11 @@
 """What the store says about each version: its tables (rows, dim, buckets), when it was
 created, and whether it is complete. Rows are written before a version is marked complete,
 and a lookup refuses an incomplete version, so a half-published (or half-deleted) version is
-never served."""
+never served.
+
+A version may be a **delta**: ``base`` names the version it patches, and its tables hold only
+the rows that changed (a table it does not list is its base's). A lookup of a delta reads the
+delta first and its base for the rest, down the chain to a full version."""
 
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class VersionRecord:
     state: State = "publishing"
     created: float = field(default_factory=time.time)
     completed: float | None = None
+    base: str | None = None  # the version this delta patches; None: a full version
 
     @property
     def complete(self) -> bool:

@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 #: Keys unlinked per pipelined round trip when deleting a version.
 DELETE_BATCH = 1000
+#: The longest chain of deltas (a lookup of a miss reads each level in turn).
+MAX_CHAIN = 32
 
 
 @dataclass(frozen=True)
@@ -145,17 +147,22 @@ class EmbeddingStore:
         tables: Mapping[str, Table],
         progress: Progress | None = None,
         buckets: int | None = None,
+        base: str | None = None,
     ) -> VersionRecord:
         """Write every table's rows under ``version``, then mark it complete: until then no
         lookup uses it, so a publish that fails half way is never served. Publishing an
-        incomplete version again overwrites its rows (a resume); a complete one is refused."""
+        incomplete version again overwrites its rows (a resume); a complete one is refused.
+        ``base``: ``version`` is a delta of that complete version, ``tables`` its changed rows
+        (each table one of the base's, at its dim)."""
         check_name("version", version)
         checked = {check_name("table", n): t.checked(n) for n, t in tables.items()}
         infos = {
             name: TableInfo(len(ids), rows.shape[1], buckets or default_buckets(len(ids)))
             for name, (ids, rows) in checked.items()
         }
-        record = self._begin(version, infos)
+        if base is not None:
+            self._check_delta(version, base, infos)
+        record = self._begin(version, infos, base)
         for name, (ids, rows) in checked.items():
             self._write_table(version, name, infos[name], ids, rows, progress)
         self._verify(record)
@@ -163,19 +170,41 @@ class EmbeddingStore:
         self._put(done)
         return done
 
-    def _begin(self, version: str, infos: dict[str, TableInfo]) -> VersionRecord:
+    def _check_delta(self, version: str, base: str, infos: dict[str, TableInfo]) -> None:
+        """A delta's tables are its base's, at their dims; the chain stays within bounds."""
+        chain = self.chain(base)
+        if len(chain) >= MAX_CHAIN:
+            raise EmbeddingDataError(
+                f"embedding version {base!r} is the end of a chain of {len(chain)} versions; "
+                f"a delta of it would pass {MAX_CHAIN}: publish a full version instead"
+            )
+        full = chain[-1].tables
+        for name, info in infos.items():
+            if name not in full:
+                raise EmbeddingDataError(
+                    f"delta {version}: table {name} is not in base {base!r} "
+                    f"(its tables: {sorted(full)})"
+                )
+            if info.dim != full[name].dim:
+                raise EmbeddingDataError(
+                    f"delta {version}: table {name} has dim {info.dim}, its base {full[name].dim}"
+                )
+
+    def _begin(
+        self, version: str, infos: dict[str, TableInfo], base: str | None = None
+    ) -> VersionRecord:
         existing = self.record(version)
         if existing is not None and existing.state != "publishing":
             raise EmbeddingDataError(
                 f"embedding version {version!r} already exists ({existing.state}); delete it "
                 "first or publish under a new tag"
             )
-        if existing is not None and existing.tables != infos:
+        if existing is not None and (existing.tables != infos or existing.base != base):
             raise EmbeddingDataError(
-                f"embedding version {version!r} was begun with other tables or sizes; delete "
-                "it first or publish under a new tag"
+                f"embedding version {version!r} was begun with other tables, sizes or base; "
+                "delete it first or publish under a new tag"
             )
-        record = existing or VersionRecord(version, infos)
+        record = existing or VersionRecord(version, infos, base=base)
         self._put(record)
         return record
 
@@ -249,6 +278,12 @@ class EmbeddingStore:
             raise EmbeddingDataError(
                 f"embedding version {version!r} is pinned (in use); unpin it or pass --force"
             )
+        deltas = sorted(r.version for r in self.versions() if r.base == version)
+        if deltas:
+            raise EmbeddingDataError(
+                f"embedding version {version!r} is the base of {', '.join(deltas)}; delete "
+                "those first"
+            )
         self._put(replace(record, state="deleting"))
         self._complete.pop(version, None)
         keys = [
@@ -266,18 +301,12 @@ class EmbeddingStore:
 
     def require(self, version: str, dims: Mapping[str, int | None] | None = None) -> VersionRecord:
         """The complete ``version``, holding each table of ``dims`` at that dimension (None:
-        any); EmbeddingVersionMissing or EmbeddingDataError otherwise (what a model checks at
-        load)."""
-        record = self._complete.get(version) or self.record(version)
-        if record is None:
-            raise EmbeddingVersionMissing(f"no embedding version {version!r} in the store")
-        if not record.complete:
-            raise EmbeddingVersionMissing(
-                f"embedding version {version!r} is {record.state}, not complete"
-            )
-        self._complete[version] = record
+        any; a delta's tables are its chain's); EmbeddingVersionMissing or EmbeddingDataError
+        otherwise (what a model checks at load)."""
+        chain = self.chain(version)
+        full = chain[-1].tables
         for table, dim in (dims or {}).items():
-            info = record.tables.get(table)
+            info = full.get(table)
             if info is None:
                 raise EmbeddingVersionMissing(f"embedding version {version!r} has no table {table}")
             if dim is not None and info.dim != dim:
@@ -285,7 +314,31 @@ class EmbeddingStore:
                     f"table {table} of embedding version {version!r} has dim {info.dim}, "
                     f"expected {dim}"
                 )
-        return record
+        return chain[0]
+
+    def chain(self, version: str) -> list[VersionRecord]:
+        """``version``'s record, then its base's, down to a full version; each complete
+        (EmbeddingVersionMissing otherwise). Complete records never change: cached."""
+        chain: list[VersionRecord] = []
+        tag: str | None = version
+        while tag is not None:
+            if len(chain) > MAX_CHAIN:
+                raise EmbeddingDataError(f"embedding version {version!r}: a chain of deltas loops")
+            record = self._complete.get(tag) or self.record(tag)
+            if record is None:
+                raise EmbeddingVersionMissing(f"no embedding version {tag!r} in the store")
+            if not record.complete:
+                raise EmbeddingVersionMissing(
+                    f"embedding version {tag!r} is {record.state}, not complete"
+                )
+            self._complete[tag] = record
+            chain.append(record)
+            tag = record.base
+        return chain
+
+    def dims(self, version: str) -> dict[str, int]:
+        """Each table's dim, as the chain's full version has it."""
+        return {name: info.dim for name, info in self.chain(version)[-1].tables.items()}
 
     def lookup(self, version: str, table: str, ids: np.ndarray) -> np.ndarray:
         """The rows of ``ids`` (any shape) as float32 [*ids.shape, dim], each distinct id
@@ -297,27 +350,85 @@ class EmbeddingStore:
 
     def fetch(self, version: str, table: str, unique: np.ndarray) -> np.ndarray:
         """The rows of the distinct ``unique`` ids as float32 [n, dim]: one HMGET per bucket,
-        pipelined per node. A missing id is an EmbeddingDataError (the version's tables are
-        complete by construction)."""
-        info = self._table(version, table)
-        found = np.empty((len(unique), info.dim), dtype=ROW_DTYPE)
-        groups = group_by_bucket(unique, info.buckets)
-        pipe = self._client.pipeline(transaction=False)
-        for group in groups:
-            key = self.layout.row_key(version, table, group.bucket)
-            pipe.hmget(key, encode_ids(unique[group.positions]))
-        with _talking(self.config, f"looking up {len(unique)} ids in {table}"):
-            answers = pipe.execute() if groups else []
-        for group, values in zip(groups, answers, strict=True):
-            found[group.positions] = _rows(values, info.dim, table, unique[group.positions])
+        pipelined per node; for a delta, the ids it does not hold from its base, and so on
+        down the chain. An id missing from the full version is an EmbeddingDataError (its
+        tables are complete by construction)."""
+        chain = self.chain(version)
+        dim = self._dim(chain, version, table)
+        found = np.empty((len(unique), dim), dtype=ROW_DTYPE)
+        wanted = np.arange(len(unique))
+        for record in chain:
+            info = record.tables.get(table)
+            if info is None:
+                continue
+            last = record is chain[-1]
+            hit = self._fetch_level(record.version, table, info, unique[wanted], last)
+            found[wanted[hit.positions]] = hit.rows
+            wanted = np.delete(wanted, hit.positions)
+            if len(wanted) == 0:
+                break
         return found
 
-    def _table(self, version: str, table: str) -> TableInfo:
-        record = self.require(version)
-        info = record.tables.get(table)
+    def _fetch_level(
+        self, version: str, table: str, info: TableInfo, ids: np.ndarray, last: bool
+    ) -> _Found:
+        """The rows of ``ids`` one version holds; at the chain's end, every id must be there."""
+        groups = group_by_bucket(ids, info.buckets)
+        pipe = self._client.pipeline(transaction=False)
+        for group in groups:
+            pipe.hmget(
+                self.layout.row_key(version, table, group.bucket), encode_ids(ids[group.positions])
+            )
+        with _talking(self.config, f"looking up {len(ids)} ids in {table}"):
+            answers = pipe.execute() if groups else []
+        positions: list[np.ndarray] = []
+        rows: list[np.ndarray] = []
+        for group, values in zip(groups, answers, strict=True):
+            have = np.array([v is not None for v in values], dtype=bool)
+            if last and not have.all():
+                missing = ids[group.positions[~have]]
+                raise EmbeddingDataError(
+                    f"{len(missing)} id(s) not in table {table}, e.g. {missing[:3].tolist()}"
+                )
+            present = [v for v in values if v is not None]
+            if present:
+                positions.append(group.positions[have])
+                rows.append(_rows(present, info.dim, table))
+        if not positions:
+            return _Found(np.empty(0, dtype=np.int64), np.empty((0, info.dim), dtype=ROW_DTYPE))
+        return _Found(np.concatenate(positions), np.concatenate(rows))
+
+    def changed_ids(self, version: str, table: str) -> np.ndarray:
+        """The ids whose rows the delta ``version`` changes in ``table`` (none for a table it
+        does not hold): what a cache of its base must forget."""
+        info = self.chain(version)[0].tables.get(table)
+        if info is None:
+            return np.empty(0, dtype=ID_DTYPE)
+        keys = list(self.layout.table_keys(version, table, info.buckets))
+        fields = self._per_key("hkeys", keys, f"listing the ids of {table} in {version}")
+        raw = b"".join(f for bucket in fields for f in bucket)
+        return np.frombuffer(raw, dtype=ID_DTYPE).copy()
+
+    def newest_descendant(self, version: str) -> str | None:
+        """The newest complete version whose chain passes through ``version`` (the updates
+        published on top of it), None if there is none newer than it."""
+        records = {r.version: r for r in self.versions()}
+        best: VersionRecord | None = None
+        for record in records.values():
+            if not record.complete or record.version == version:
+                continue
+            if _descends(record, version, records) and (
+                best is None or (record.created, record.version) > (best.created, best.version)
+            ):
+                best = record
+        return None if best is None else best.version
+
+    @staticmethod
+    def _dim(chain: list[VersionRecord], version: str, table: str) -> int:
+        info = chain[-1].tables.get(table)
         if info is None:
             raise EmbeddingVersionMissing(f"embedding version {version!r} has no table {table}")
-        return info
+        return info.dim
 
     # -- health --------------------------------------------------------------------------
 
@@ -343,14 +454,30 @@ class EmbeddingStore:
         }
 
 
-def _rows(values: Sequence[bytes | None], dim: int, table: str, ids: np.ndarray) -> np.ndarray:
-    missing = [int(i) for i, v in zip(ids, values, strict=True) if v is None]
-    if missing:
-        raise EmbeddingDataError(f"{len(missing)} id(s) not in table {table}, e.g. {missing[:3]}")
-    raw = b"".join(values)  # type: ignore[arg-type]  # no None left
+@dataclass(frozen=True)
+class _Found:
+    positions: np.ndarray  # indices into the ids asked of one version
+    rows: np.ndarray
+
+
+def _rows(values: Sequence[bytes], dim: int, table: str) -> np.ndarray:
+    raw = b"".join(values)
     if len(raw) != len(values) * dim * ROW_DTYPE.itemsize:
         raise EmbeddingDataError(f"rows of table {table} in the store are not {dim} float32")
     return np.frombuffer(raw, dtype=ROW_DTYPE).reshape(len(values), dim)
+
+
+def _descends(record: VersionRecord, ancestor: str, records: Mapping[str, VersionRecord]) -> bool:
+    """Whether ``ancestor`` is on ``record``'s chain of bases."""
+    seen = 0
+    while record.base is not None and seen <= MAX_CHAIN:
+        if record.base == ancestor:
+            return True
+        parent = records.get(record.base)
+        if parent is None:
+            return False
+        record, seen = parent, seen + 1
+    return False
 
 
 @contextlib.contextmanager

@@ -250,6 +250,23 @@ class Servable:
             for gone in set(self.failed) - set(scan.complete) - set(scan.skipped):
                 del self.failed[gone]  # deleted from the store: forget it
             self._prune(scan.complete)
+            self._follow_embeddings()
+
+    def _follow_embeddings(self) -> None:
+        """A split model moves to the newest embedding delta published for it (its
+        ``follow_updates``); a store that cannot say is logged, and serving goes on."""
+        current = self._current
+        if current is None or not isinstance(current.runtime, SplitRuntime):
+            return
+        try:
+            moved = current.runtime.refresh()
+        except MpsServeError as exc:
+            logger.warning(
+                "model %s: cannot check for embedding updates: %s", self.config.name, exc.message
+            )
+            return
+        if moved is not None:
+            logger.info("model %s: now serving embedding version %s", self.config.name, moved)
 
     def _fingerprint(self, version: int) -> str | None:
         try:

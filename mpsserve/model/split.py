@@ -25,6 +25,7 @@ feature's ``combiner`` says, and runs the DNN on the result.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -125,6 +126,12 @@ class SplitManifest(BaseModel):
 
     embedding_version: str = Field(pattern=NAME.pattern)
     features: list[EmbeddingFeature] = Field(min_length=1)
+    follow_updates: bool = Field(
+        True,
+        description="Serve the newest delta published on top of embedding_version (mpsserve "
+        "embeddings publish --base), checked at every poll of the model store; false: "
+        "embedding_version alone.",
+    )
 
     @classmethod
     def read(cls, version_dir: Path) -> SplitManifest | None:
@@ -164,16 +171,23 @@ class SplitRuntime(ModelRuntime):
     version it was trained with."""
 
     def __init__(
-        self, dnn: ModelRuntime, manifest: SplitManifest, lookup: EmbeddingLookup, model: str
+        self,
+        dnn: ModelRuntime,
+        manifest: SplitManifest,
+        lookup: EmbeddingLookup,
+        model: str,
+        tier: EmbeddingTier | None = None,
     ) -> None:
-        dims = {table: info.dim for table, info in lookup.record.tables.items()}
-        super().__init__(manifest.signature(dnn.signature, dims), dnn.device)
+        super().__init__(manifest.signature(dnn.signature, lookup.dims), dnn.device)
         self.platform = dnn.platform  # type: ignore[misc]  # the DNN's, per instance
         self.dnn = dnn
         self.manifest = manifest
-        self.lookup = lookup
+        self.lookup = lookup  # replaced whole by ``refresh``; a request reads it once
         self.model = model
         self.cpu_ops = dnn.cpu_ops
+        self._tier = tier
+        self._tables: dict[str, int | None] = {f.table: None for f in manifest.features}
+        self._refreshing = threading.Lock()
 
     @classmethod
     def load(cls, model_dir: Path, options: Any) -> ModelRuntime:
@@ -186,36 +200,61 @@ class SplitRuntime(ModelRuntime):
         """``dnn`` with the lookup of the manifest's embedding version, which must be complete
         in the store with every table the features name (checked now, not at a request)."""
         dims = {f.table: _row_width(f, dnn.signature) for f in manifest.features}
-        lookup = tier.lookup(manifest.embedding_version, dims)
+        version = manifest.embedding_version
+        if manifest.follow_updates:
+            version = tier.store().newest_descendant(version) or version
+        lookup = tier.lookup(version, dims)
         try:
             for feature in manifest.features:
-                _check_width(feature, dnn.signature, lookup.record.tables[feature.table].dim)
+                _check_width(feature, dnn.signature, lookup.dims[feature.table])
         except ModelLoadError:
             lookup.close()
             raise
-        return cls(dnn, manifest, lookup, model)
+        return cls(dnn, manifest, lookup, model, tier)
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         dnn_inputs = {k: v for k, v in inputs.items() if self.dnn.signature.input(k) is not None}
         counts: dict[str, Counts] = {}
         try:
-            for feature in self.manifest.features:
-                ids = inputs[feature.input + VALUES_SUFFIX if feature.ragged else feature.input]
-                rows, counted = self.lookup.rows(feature.table, feature.table_ids(ids))
-                counts[feature.table] = _added(counts.get(feature.table), counted)
-                dnn_inputs[feature.output] = feature.pooled(rows, inputs)
+            with self.lookup.using() as lookup:  # one embedding version for the whole request
+                for feature in self.manifest.features:
+                    ids = inputs[feature.input + VALUES_SUFFIX if feature.ragged else feature.input]
+                    rows, counted = lookup.rows(feature.table, feature.table_ids(ids))
+                    counts[feature.table] = _added(counts.get(feature.table), counted)
+                    dnn_inputs[feature.output] = feature.pooled(rows, inputs)
         except EmbeddingStoreError:
             metrics.count_embedding_store_error(self.model)
             raise
         metrics.observe_embedding_lookup(self.model, time.perf_counter() - started, counts)
         return self.dnn.predict(dnn_inputs)
 
+    def refresh(self) -> str | None:
+        """Move to the newest delta published on top of the manifest's embedding version, if
+        it is newer than the one served (``follow_updates``); the new lookup's node cache
+        starts as the old one's less the changed rows, requests in flight finish on the old
+        one. Returns the version moved to, None if none. Store errors propagate (the caller
+        logs them and keeps serving)."""
+        if not self.manifest.follow_updates or self._tier is None:
+            return None
+        with self._refreshing:
+            current = self.lookup
+            newest = self._tier.store().newest_descendant(self.manifest.embedding_version)
+            if newest is None or newest == current.version:
+                return None
+            chain = [r.version for r in self._tier.store().chain(newest)]
+            if current.version not in chain:  # not on top of what is served: not newer
+                return None
+            fresh = self._tier.lookup(newest, self._tables, previous=current)
+            self.lookup = fresh
+        current.retire()
+        return newest
+
     def graph_status(self) -> dict[str, Any] | None:
         return self.dnn.graph_status()
 
     def close(self) -> None:
-        self.lookup.close()
+        self.lookup.retire()
         self.dnn.close()
 
 

@@ -235,6 +235,14 @@ def _embeddings_parser(sub: Any, config_help: str) -> None:
         metavar="N",
         help="hashes per table (default: one per 8192 rows, at least 256)",
     )
+    publish.add_argument(
+        "--base",
+        metavar="TAG",
+        default=None,
+        help="publish a delta of complete version TAG: the tables hold only changed rows "
+        "(an .npz with <table>__ids), lookups read the rest from TAG; replicas serving TAG "
+        "(or a delta of it) move to it without a restart (default: a full version)",
+    )
     publish.add_argument("--pin", action="store_true", help="pin the version once complete")
     listing = actions.add_parser("list", help="the versions, their tables, state and pins")
     listing.add_argument("--json", action="store_true", help="print the versions as JSON")
@@ -290,7 +298,7 @@ def cmd_embeddings(args: argparse.Namespace) -> int:
 
     store = embeddings.store_config(load_config(args.config), args.config)
     if args.action == "publish":
-        embeddings.publish(store, args.model_dir, args.version, args.buckets, args.pin)
+        embeddings.publish(store, args.model_dir, args.version, args.buckets, args.pin, args.base)
     elif args.action == "list":
         embeddings.list_versions(store, args.json)
     elif args.action == "delete":

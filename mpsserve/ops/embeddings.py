@@ -96,14 +96,20 @@ class ProgressLines:
 
 
 def publish(
-    config: EmbeddingsConfig, source: Path, version: str, buckets: int | None, pin: bool
+    config: EmbeddingsConfig,
+    source: Path,
+    version: str,
+    buckets: int | None,
+    pin: bool,
+    base: str | None = None,
 ) -> VersionRecord:
     tables = read_tables(source)
     rows = sum(len(t.rows) for t in tables.values())
-    print(f"publishing {len(tables)} table(s), {rows} rows, from {source} as version {version}")
+    what = f"{version}, a delta of {base}" if base else f"version {version}"
+    print(f"publishing {len(tables)} table(s), {rows} rows, from {source} as {what}")
     started = time.monotonic()
     with EmbeddingStore.connect(config) as store:
-        record = store.publish(version, tables, ProgressLines(), buckets)
+        record = store.publish(version, tables, ProgressLines(), buckets, base)
         if pin:
             store.pin(version)
     took = time.monotonic() - started
@@ -121,13 +127,15 @@ def list_versions(config: EmbeddingsConfig, as_json: bool) -> None:
     if as_json:
         print(json.dumps(records, indent=2))
         return
-    print(f"{'version':<24}{'state':<12}{'rows':>12}  {'created (UTC)':<21}pinned  tables")
+    print(
+        f"{'version':<24}{'state':<12}{'rows':>12}  {'created (UTC)':<21}pinned  {'base':<20}tables"
+    )
     for r in records:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created"]))
         tables = ", ".join(f"{n} {t['rows']}x{t['dim']}" for n, t in r["tables"].items())
         print(
             f"{r['version']:<24}{r['state']:<12}{r['rows']:>12}  {created:<21}"
-            f"{'yes' if r['pinned'] else 'no':<8}{tables}"
+            f"{'yes' if r['pinned'] else 'no':<8}{r['base'] or '-':<20}{tables}"
         )
     if not records:
         print("(no versions)")

@@ -42,6 +42,12 @@ class RowsInMemory:
     def require(self, version: str, dims: Mapping[str, int | None] | None = None) -> VersionRecord:
         return self.record
 
+    def dims(self, version: str) -> dict[str, int]:
+        return {name: table.shape[1] for name, table in self.tables.items()}
+
+    def newest_descendant(self, version: str) -> str | None:
+        return None  # no deltas here (tests/integration/test_split_model.py has them)
+
     def fetch(self, version: str, table: str, unique: np.ndarray) -> np.ndarray:
         assert version == self.record.version
         rows = self.tables[table]
@@ -125,9 +131,13 @@ def test_a_table_narrower_than_the_dnn_input_is_refused(split_store: Path) -> No
     dnn = load_runtime("tensorflow", split_store / "1", RuntimeOptions(device="cpu"))
 
     class Tier:
+        source = RowsInMemory(tables)
+
+        def store(self) -> RowsInMemory:
+            return self.source
+
         def lookup(self, version: str, dims: Mapping[str, int | None]) -> EmbeddingLookup:
-            source = RowsInMemory(tables)
-            return EmbeddingLookup(source, source.record, {})
+            return EmbeddingLookup(self.source, self.source.record, {})
 
     with pytest.raises(ModelLoadError, match="table history has dim 16"):
         SplitRuntime.open(dnn, manifest, Tier(), "rec")  # type: ignore[arg-type]
