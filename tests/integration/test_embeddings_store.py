@@ -309,3 +309,38 @@ def test_a_healthy_store_in_doctor_and_status(
     assert cli.main(["doctor", "--config", config]) == 0  # mps auto, no GPU: not judged
     out = capsys.readouterr().out
     assert "[  ok] embedding store: 3 node(s), cluster_state ok; 1 complete version(s)" in out
+
+
+def test_a_delta_patches_its_base_down_the_chain(
+    store: EmbeddingStore,
+) -> None:
+    rng = np.random.default_rng(9)
+    users = rng.standard_normal((400, 6), dtype=np.float32)
+    items = rng.standard_normal((100, 6), dtype=np.float32)
+    store.publish("full", {"users": Table(users), "items": Table(items)})
+    first = users.copy()
+    first[:10] += 1
+    store.publish("full.1", {"users": Table(first[:10], np.arange(10))}, base="full")
+    second = first.copy()
+    second[[5, 300]] -= 3
+    store.publish("full.2", {"users": Table(second[[5, 300]], np.array([5, 300]))}, base="full.1")
+    every = rng.permutation(400)
+    assert np.array_equal(store.lookup("full.2", "users", every), second[every])
+    assert np.array_equal(store.lookup("full.1", "users", every), first[every])
+    assert np.array_equal(store.lookup("full.2", "items", np.arange(100)), items)  # base's
+    assert sorted(store.changed_ids("full.2", "users").tolist()) == [5, 300]
+    assert len(store.changed_ids("full.2", "items")) == 0
+    assert store.newest_descendant("full") == "full.2"
+    assert store.newest_descendant("full.2") is None
+    assert store.require("full.2", {"users": 6, "items": 6}).base == "full.1"
+    with pytest.raises(EmbeddingDataError, match="not in base"):
+        store.publish("bad", {"other": Table(users)}, base="full")
+    with pytest.raises(EmbeddingDataError, match="has dim 3, its base 6"):
+        store.publish("bad", {"users": Table(users[:, :3])}, base="full")
+    with pytest.raises(EmbeddingVersionMissing, match="no embedding version 'nope'"):
+        store.publish("bad", {"users": Table(users)}, base="nope")
+    with pytest.raises(EmbeddingDataError, match=r"'full\.1' is the base of full\.2"):
+        store.delete("full.1")
+    store.delete("full.2")
+    store.delete("full.1")
+    store.delete("full")

@@ -292,3 +292,19 @@ def test_sweep_removes_the_files_of_dead_processes_and_keeps_those_in_use(
     assert sweep(tmp_path) == []
     live.close()
     assert cache_files(tmp_path) == []
+
+
+def test_a_new_version_is_seeded_from_its_base_less_the_changed_ids(tmp_path: Path) -> None:
+    ids = np.arange(0, 600, dtype=np.int64)
+    with NodeCache.open(tmp_path, "v1", "cat", DIM, 1024) as base:
+        base.put(ids, rows_of(ids))
+        with NodeCache.open(tmp_path, "v1.1", "cat", DIM, 1024) as delta:
+            changed = np.array([3, 4, 500, 9999], dtype=np.int64)
+            assert delta.seed_from(base, changed) == 597
+            rows, hit = delta.get(ids)
+            assert not hit[[3, 4, 500]].any() and hit.sum() == 597
+            assert np.array_equal(rows[hit], rows_of(ids[hit]))
+            assert delta.seed_from(base, changed) == 0  # not empty any more: left as it is
+        with NodeCache.open(tmp_path, "v2", "cat", DIM, 2048) as other:
+            assert other.seed_from(base, changed) == 0  # another layout
+            assert not other.get(ids)[1].any()
