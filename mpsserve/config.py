@@ -760,6 +760,14 @@ class EmbeddingsConfig(_Strict):
         "shared by every replica on the node (rounded down to a power of two, and never more "
         "than the table needs); 0: no node cache. Costs rows x (dim x 4 + 16) bytes per table.",
     )
+    lease_ttl_s: float = Field(
+        300.0,
+        ge=10,
+        description="How long a replica's lease on the embedding versions it serves lasts "
+        "unless renewed (at each poll of its model store; at least 3 polls): `mpsserve "
+        "embeddings gc` and `delete` keep leased versions, and a replica that died stops "
+        "holding them after this.",
+    )
     node_cache_dir: str = Field(
         "/dev/shm/mpsserve-embeddings",
         description="Where the node cache's files live (a tmpfs: /dev/shm); reserved in full "

@@ -70,6 +70,12 @@ class Layout:
         """Set: the version tags in use, which ``delete`` refuses without force."""
         return f"{self.prefix}:{{registry}}:pins"
 
+    @property
+    def leases_key(self) -> str:
+        """Hash: ``<version> <holder>`` -> expiry (unix seconds): the versions replicas
+        serve now, renewed while they do (``EmbeddingStore.lease``); gc keeps them."""
+        return f"{self.prefix}:{{registry}}:leases"
+
     def table_keys(self, version: str, table: str, buckets: int) -> Iterator[str]:
         return (self.row_key(version, table, b) for b in range(buckets))
 

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
+import os
+import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -29,7 +32,7 @@ from mpsserve.embeddings.layout import ID_DTYPE
 from mpsserve.embeddings.node_cache import NodeCache, cache_capacity, sweep
 from mpsserve.embeddings.registry import VersionRecord
 from mpsserve.embeddings.store import EmbeddingStore
-from mpsserve.errors import EmbeddingCacheError
+from mpsserve.errors import EmbeddingCacheError, EmbeddingStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +64,11 @@ class EmbeddingLookup:
         self.caches = dict(caches)
         self.cache_problem: str | None = None  # why a table has no node cache, if one has not
         self.dims = source.dims(record.version)  # every table's dim (a delta's: its chain's)
+        #: Called once when closed (the tier's lease bookkeeping).
+        self.on_close: Callable[[EmbeddingLookup], None] = lambda lookup: None
         self._users = 0  # requests using it now (``using``)
         self._retired = False  # replaced by a newer version: closed once no request uses it
+        self._closed = False
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -117,9 +123,14 @@ class EmbeddingLookup:
 
     def close(self) -> None:
         """Let go of the node cache's files (the last process on the node removes them)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         for cache in self.caches.values():
             cache.close()
         self.caches.clear()
+        self.on_close(self)
 
 
 class EmbeddingTier:
@@ -129,9 +140,13 @@ class EmbeddingTier:
     def __init__(self, config: EmbeddingsConfig) -> None:
         self.config = config
         self.cache_dir = node_cache_dir(config)
+        # its name in leases: the process, and which tier of it
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{next(_TIERS)}"
+        self.lease_ttl_s = config.lease_ttl_s
         self._store: EmbeddingStore | None = None
         self._lock = threading.Lock()
         self._swept = False
+        self._active: dict[int, list[str]] = {}  # open lookups (by id): their chains' tags
 
     def store(self) -> EmbeddingStore:
         with self._lock:
@@ -150,8 +165,13 @@ class EmbeddingTier:
         EmbeddingDataError if not."""
         store = self.store()
         record = store.require(version, dims)
-        full = store.chain(version)[-1].tables  # a delta's tables are its chain's
+        chain = store.chain(version)
+        full = chain[-1].tables  # a delta's tables are its chain's
         lookup = EmbeddingLookup(store, record, {})
+        store.lease([r.version for r in chain], self.holder, self.lease_ttl_s)
+        with self._lock:
+            self._active[id(lookup)] = [r.version for r in chain]
+        lookup.on_close = self._closed
         if self.config.node_cache_rows == 0:
             return lookup
         self._sweep_once()
@@ -187,6 +207,26 @@ class EmbeddingTier:
                 version, table, copied, previous.version, len(changed),
             )  # fmt: skip
 
+    def renew(self) -> None:
+        """Renew the leases on every version an open lookup uses (and its chain)."""
+        with self._lock:
+            tags = sorted({tag for chain in self._active.values() for tag in chain})
+        self.store().lease(tags, self.holder, self.lease_ttl_s)
+
+    def _closed(self, lookup: EmbeddingLookup) -> None:
+        """A lookup closed: release the versions no other open lookup uses."""
+        with self._lock:
+            chain = self._active.pop(id(lookup), [])
+            still = {tag for tags in self._active.values() for tag in tags}
+            store = self._store
+        gone = [tag for tag in chain if tag not in still]
+        if store is None or not gone:
+            return
+        try:
+            store.release(gone, self.holder)
+        except EmbeddingStoreError as exc:  # they expire on their own
+            logger.warning("cannot release leases on %s: %s", ", ".join(gone), exc.message)
+
     def _sweep_once(self) -> None:
         """Remove the node cache files that processes which died left behind, once."""
         with self._lock:
@@ -206,6 +246,9 @@ class EmbeddingTier:
             if self._store is not None:
                 self._store.close()
                 self._store = None
+
+
+_TIERS = itertools.count(1)
 
 
 def node_cache_dir(config: EmbeddingsConfig) -> Path:

@@ -135,6 +135,60 @@ class EmbeddingStore:
             change = self._client.sadd if pinned else self._client.srem
             change(self.layout.pins_key, version)
 
+    # -- leases and garbage collection ----------------------------------------------------
+
+    def lease(self, versions: Sequence[str], holder: str, ttl_s: float) -> None:
+        """``holder`` (a replica) uses ``versions`` for the next ``ttl_s`` seconds (renewed
+        while it does); ``gc`` and ``delete`` keep a leased version."""
+        if not versions:
+            return
+        expiry = str(time.time() + ttl_s)
+        with _talking(self.config, "renewing leases"):
+            self._client.hset(
+                self.layout.leases_key, mapping={f"{v} {holder}": expiry for v in versions}
+            )
+
+    def release(self, versions: Sequence[str], holder: str) -> None:
+        """``holder`` no longer uses ``versions``."""
+        if versions:
+            with _talking(self.config, "releasing leases"):
+                self._client.hdel(self.layout.leases_key, *[f"{v} {holder}" for v in versions])
+
+    def leases(self) -> dict[str, list[str]]:
+        """Version -> the holders whose lease has not expired; expired ones are removed."""
+        with _talking(self.config, "reading leases"):
+            raw = self._client.hgetall(self.layout.leases_key)
+        now, expired = time.time(), []
+        held: dict[str, list[str]] = {}
+        for field, expiry in raw.items():
+            version, _, holder = field.decode().partition(" ")
+            if float(expiry) < now:
+                expired.append(field)
+            else:
+                held.setdefault(version, []).append(holder)
+        if expired:
+            with _talking(self.config, "removing expired leases"):
+                self._client.hdel(self.layout.leases_key, *expired)
+        return {v: sorted(h) for v, h in sorted(held.items())}
+
+    def collectable(self, keep: int) -> list[VersionRecord]:
+        """Complete versions ``gc`` would delete, deltas before their bases: all but the
+        ``keep`` newest, less those pinned or leased and every version their chains need."""
+        records = self.versions()
+        by_tag = {r.version: r for r in records}
+        complete = [r for r in records if r.complete]
+        needed = {r.version for r in complete[len(complete) - keep :]} if keep > 0 else set()
+        needed |= self.pins() | set(self.leases())
+        needed |= {r.version for r in records if not r.complete}  # their bases stay too
+        for tag in list(needed):
+            record = by_tag.get(tag)
+            while record is not None and record.base is not None:
+                needed.add(record.base)
+                record = by_tag.get(record.base)
+        doomed = [r for r in complete if r.version not in needed]
+        depth = {r.version: len(_bases(r, by_tag)) for r in doomed}
+        return sorted(doomed, key=lambda r: -depth[r.version])
+
     def _put(self, record: VersionRecord) -> None:
         with _talking(self.config, f"recording version {record.version}"):
             self._client.hset(self.layout.versions_key, record.version, record.to_json())
@@ -277,6 +331,12 @@ class EmbeddingStore:
         if version in self.pins() and not force:
             raise EmbeddingDataError(
                 f"embedding version {version!r} is pinned (in use); unpin it or pass --force"
+            )
+        holders = self.leases().get(version)
+        if holders and not force:
+            raise EmbeddingDataError(
+                f"embedding version {version!r} is served now by {len(holders)} replica(s) "
+                f"({', '.join(holders[:3])}); pass --force to delete it anyway"
             )
         deltas = sorted(r.version for r in self.versions() if r.base == version)
         if deltas:
@@ -465,6 +525,18 @@ def _rows(values: Sequence[bytes], dim: int, table: str) -> np.ndarray:
     if len(raw) != len(values) * dim * ROW_DTYPE.itemsize:
         raise EmbeddingDataError(f"rows of table {table} in the store are not {dim} float32")
     return np.frombuffer(raw, dtype=ROW_DTYPE).reshape(len(values), dim)
+
+
+def _bases(record: VersionRecord, records: Mapping[str, VersionRecord]) -> list[str]:
+    """``record``'s bases, nearest first, as far as ``records`` knows them."""
+    bases: list[str] = []
+    while record.base is not None and len(bases) <= MAX_CHAIN:
+        bases.append(record.base)
+        parent = records.get(record.base)
+        if parent is None:
+            break
+        record = parent
+    return bases
 
 
 def _descends(record: VersionRecord, ancestor: str, records: Mapping[str, VersionRecord]) -> bool:

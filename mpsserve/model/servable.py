@@ -133,6 +133,10 @@ class Servable:
         #: The embedding tier, for split versions (``model.split``); None: the service has no
         #: ``embeddings:`` section, and a split version fails to load saying so.
         self.embeddings = EmbeddingTier(embeddings) if embeddings is not None else None
+        if self.embeddings is not None:  # renewed at each poll: outlive three of them
+            self.embeddings.lease_ttl_s = max(
+                self.embeddings.lease_ttl_s, 3 * config.poll_interval_s
+            )
         self.policy = config.version_policy
         self.replica = f"{socket.gethostname()}:{os.getpid()}"  # the label in metrics
         self.options = RuntimeOptions(
@@ -260,6 +264,8 @@ class Servable:
             return
         try:
             moved = current.runtime.refresh()
+            if self.embeddings is not None:
+                self.embeddings.renew()
         except MpsServeError as exc:
             logger.warning(
                 "model %s: cannot check for embedding updates: %s", self.config.name, exc.message

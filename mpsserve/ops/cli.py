@@ -248,12 +248,35 @@ def _embeddings_parser(sub: Any, config_help: str) -> None:
     listing.add_argument("--json", action="store_true", help="print the versions as JSON")
     delete = actions.add_parser("delete", help="remove a version's rows and record")
     delete.add_argument("--version", required=True, metavar="TAG", help="version to delete")
-    delete.add_argument("--force", action="store_true", help="delete it even if pinned")
+    delete.add_argument(
+        "--force", action="store_true", help="delete it even if pinned or served now"
+    )
+    collect = actions.add_parser(
+        "gc",
+        help="delete old versions no replica serves: all but the --keep newest, less the "
+        "pinned, the leased (served now) and the bases they need",
+    )
+    collect.add_argument(
+        "--keep",
+        type=_count,
+        default=2,
+        metavar="N",
+        help="complete versions kept whatever their use, newest first (default: %(default)s)",
+    )
+    collect.add_argument(
+        "--dry-run", action="store_true", help="print what would be deleted, delete nothing"
+    )
     for name, text in (("pin", "mark a version in use"), ("unpin", "unmark a version")):
         action = actions.add_parser(name, help=f"{text} (delete refuses pinned versions)")
         action.add_argument("--version", required=True, metavar="TAG", help="version tag")
     for action in actions.choices.values():
         action.add_argument("--config", default=DEFAULT_CONFIG, help=config_help)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
 
 
 def _warmup_requests(text: str) -> int:
@@ -303,6 +326,8 @@ def cmd_embeddings(args: argparse.Namespace) -> int:
         embeddings.list_versions(store, args.json)
     elif args.action == "delete":
         embeddings.delete(store, args.version, args.force)
+    elif args.action == "gc":
+        embeddings.collect(store, args.keep, args.dry_run)
     else:
         embeddings.pin(store, args.version, args.action == "pin")
     return 0

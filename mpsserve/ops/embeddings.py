@@ -122,20 +122,25 @@ def publish(
 
 def list_versions(config: EmbeddingsConfig, as_json: bool) -> None:
     with EmbeddingStore.connect(config) as store:
-        pins = store.pins()
-        records = [r.to_dict(r.version in pins) for r in store.versions()]
+        pins, leases = store.pins(), store.leases()
+        records = [
+            {**r.to_dict(r.version in pins), "served_by": leases.get(r.version, [])}
+            for r in store.versions()
+        ]
     if as_json:
         print(json.dumps(records, indent=2))
         return
     print(
-        f"{'version':<24}{'state':<12}{'rows':>12}  {'created (UTC)':<21}pinned  {'base':<20}tables"
+        f"{'version':<24}{'state':<12}{'rows':>12}  {'created (UTC)':<21}pinned  "
+        f"{'served by':<11}{'base':<20}tables"
     )
     for r in records:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created"]))
         tables = ", ".join(f"{n} {t['rows']}x{t['dim']}" for n, t in r["tables"].items())
+        served = f"{len(r['served_by'])} replica(s)" if r["served_by"] else "-"
         print(
             f"{r['version']:<24}{r['state']:<12}{r['rows']:>12}  {created:<21}"
-            f"{'yes' if r['pinned'] else 'no':<8}{r['base'] or '-':<20}{tables}"
+            f"{'yes' if r['pinned'] else 'no':<8}{served:<11}{r['base'] or '-':<20}{tables}"
         )
     if not records:
         print("(no versions)")
@@ -145,6 +150,21 @@ def delete(config: EmbeddingsConfig, version: str, force: bool) -> None:
     with EmbeddingStore.connect(config) as store:
         removed = store.delete(version, force)
     print(f"deleted embedding version {version} ({removed} row hashes)")
+
+
+def collect(config: EmbeddingsConfig, keep: int, dry_run: bool) -> None:
+    """``mpsserve embeddings gc``: old versions no replica serves, deleted (or listed)."""
+    with EmbeddingStore.connect(config) as store:
+        doomed = [r.version for r in store.collectable(keep)]
+        if not doomed:
+            print(f"nothing to collect (keeping the {keep} newest, the pinned and the served)")
+            return
+        if dry_run:
+            print(f"would delete {len(doomed)} version(s): {', '.join(doomed)}")
+            return
+        for version in doomed:
+            removed = store.delete(version)
+            print(f"deleted embedding version {version} ({removed} row hashes)")
 
 
 def pin(config: EmbeddingsConfig, version: str, pinned: bool) -> None:

@@ -344,3 +344,30 @@ def test_a_delta_patches_its_base_down_the_chain(
     store.delete("full.2")
     store.delete("full.1")
     store.delete("full")
+
+
+def test_gc_keeps_the_newest_the_pinned_the_leased_and_their_bases(
+    store: EmbeddingStore,
+    tmp_path: Path,
+    redis_cluster: Cluster,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rows = np.ones((10, 2), dtype=np.float32)
+    for tag in ("a", "b", "c", "d"):
+        store.publish(tag, {"t": Table(rows)})
+    store.publish("b.1", {"t": Table(rows[:2])}, base="b")
+    store.publish("e", {"t": Table(rows)})
+    store.pin("a")
+    store.lease(["b.1", "b"], "host:1:1", ttl_s=60)
+    store.lease(["c"], "host:2:1", ttl_s=-1)  # expired: a replica that died
+    # keep the newest 1 (e); a pinned; b.1 leased, and b its base; c's lease has expired
+    assert [r.version for r in store.collectable(keep=1)] == ["c", "d"]
+    assert store.leases() == {"b": ["host:1:1"], "b.1": ["host:1:1"]}
+    with pytest.raises(EmbeddingDataError, match="served now by 1 replica"):
+        store.delete("b.1")
+    store.release(["b.1", "b"], "host:1:1")
+    config = config_file(tmp_path, redis_cluster)
+    assert cli.main(["embeddings", "gc", "--config", config, "--keep", "1", "--dry-run"]) == 0
+    assert "would delete 4 version(s): b.1, b, c, d" in capsys.readouterr().out
+    assert cli.main(["embeddings", "gc", "--config", config, "--keep", "1"]) == 0
+    assert [r.version for r in store.versions()] == ["a", "e"]

@@ -151,10 +151,23 @@ def test_split_model_from_the_store_with_the_node_cache(
     assert np.max(np.abs(out["score"] - reference(SMALL, changed, request))) <= 1e-4
     print(f"after the delta: node cache {after['node_cache']:.0f} of {after['requested']:.0f}")
     with (
-        EmbeddingStore.connect(embeddings) as store,
+        EmbeddingStore.connect(embeddings) as client,
         pytest.raises(EmbeddingDataError, match=f"is the base of {TAG}.1"),
     ):
-        store.delete(TAG, force=True)
+        client.delete(TAG, force=True)
+
+    # both servables lease the delta and its base: gc keeps them even with --keep 0; the
+    # others' leases go when they unload, and gc then takes the delta, then its base
+    with EmbeddingStore.connect(embeddings) as client:
+        leases = client.leases()
+        assert set(leases) == {TAG, f"{TAG}.1"} and len(leases[f"{TAG}.1"]) == 2, leases
+        assert client.collectable(keep=0) == []
+        for servable in (early, other):
+            servable.unload()
+        assert len(client.leases()[f"{TAG}.1"]) == 1
+        client.pin(TAG, pinned=False)
+        client.pin(f"{TAG}.1", pinned=False)
+        assert client.collectable(keep=0) == []  # served still serves them
 
     # a shard killed: cached ids still answer, new ids fail fast and clearly (503)
     redis_cluster.nodes[0].kill()
@@ -169,8 +182,7 @@ def test_split_model_from_the_store_with_the_node_cache(
     assert took < FAIL_FAST_S and raised.value.http_status == 503
     errors = recorder.of(metrics.EMBEDDING_STORE_ERRORS.name)
     assert errors and errors[-1][1] == {"model": "rec"}
-    for servable in (early, served, other):
-        servable.unload()
+    served.unload()
     # the last user of the version's cache files removes them
     assert not [p for p in (tmp_path / "node-cache").rglob("*") if p.is_file()]
 
