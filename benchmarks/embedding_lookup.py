@@ -45,7 +45,8 @@ TAG = "bench-lookup"
 
 @contextlib.contextmanager
 def cluster_nodes(given: list[str], directory: Path) -> Iterator[list[str]]:
-    """``given``, or a 3-master cluster on loopback for the run."""
+    """``given``, or a 3-master cluster on loopback for the run (stopped by PID after;
+    ``tests.redis_cluster``, so pytest must be importable)."""
     if given:
         yield given
         return
