@@ -27,6 +27,9 @@ from mpsserve.node.state import read_state
 Status = Literal["ok", "fail", "info"]
 #: The check of the config's embedding store, judged whatever MPS needs.
 STORE_CHECK = "embedding store"
+#: The node cache's directory: room for the store's largest version (information only:
+#: without it, replicas serve from the store).
+NODE_CACHE_CHECK = "embedding node cache"
 
 
 @dataclass
@@ -189,10 +192,12 @@ def _check_embeddings(report: Report, config: ServiceConfig) -> None:
     node whatever MPS needs, since split models cannot load without it."""
     if config.embeddings is None:
         return
-    from mpsserve.embeddings.probe import probe
+    from mpsserve.embeddings.probe import node_cache_room, probe
 
     found = probe(config.embeddings)
     report.add(STORE_CHECK, "ok" if found.ok else "fail", found.detail)
+    room, detail = node_cache_room(config.embeddings, found.versions)
+    report.add(NODE_CACHE_CHECK, "ok" if room else "info", detail)
 
 
 def diagnose(config: ServiceConfig, gpus: Inventory | None = None) -> Report:

@@ -309,6 +309,8 @@ def test_a_healthy_store_in_doctor_and_status(
     assert cli.main(["doctor", "--config", config]) == 0  # mps auto, no GPU: not judged
     out = capsys.readouterr().out
     assert "[  ok] embedding store: 3 node(s), cluster_state ok; 1 complete version(s)" in out
+    assert "[  ok] embedding node cache: /dev/shm/mpsserve-embeddings/mpsserve-" in out
+    assert "the largest version needs 0 MiB" in out
 
 
 def test_a_delta_patches_its_base_down_the_chain(

@@ -192,7 +192,7 @@ def test_every_embeddings_action_and_flag_has_help() -> None:
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     group = commands.choices["embeddings"]
     actions = next(a for a in group._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(actions.choices) == {"publish", "list", "delete", "pin", "unpin"}
+    assert set(actions.choices) == {"publish", "list", "delete", "pin", "unpin", "gc"}
     helps = {c.dest: c.help for c in actions._choices_actions}
     for name, sub in actions.choices.items():
         assert helps.get(name), name
@@ -230,3 +230,19 @@ def test_a_redeploy_says_the_embeddings_section_changed() -> None:
     assert any(line.startswith("embeddings: ") and "nodes None -> ['redis-0:6379']" in line
                for line in lines), lines  # fmt: skip
     assert "embeddings" in changes._shared_changes(old, new)
+
+
+def test_the_node_cache_room_is_checked_against_the_largest_version(tmp_path: Path) -> None:
+    from mpsserve.embeddings.probe import node_cache_room
+
+    config = EmbeddingsConfig(
+        nodes=["127.0.0.1:7000"], node_cache_dir=str(tmp_path / "cache"), node_cache_rows=2**30
+    )
+    small = {"version": "a", "base": None, "tables": {"t": {"rows": 1000, "dim": 32}}}
+    room, detail = node_cache_room(config, [small])
+    assert room and f"{tmp_path}/cache/mpsserve-" in detail and "needs 0 MiB" in detail
+    huge = {"version": "b", "base": None, "tables": {"t": {"rows": 2**40, "dim": 4096}}}
+    room, detail = node_cache_room(config, [small, huge])
+    assert not room and "raise its size or lower node_cache_rows" in detail
+    off = config.model_copy(update={"node_cache_rows": 0})
+    assert node_cache_room(off, [huge]) == (True, "off (embeddings.node_cache_rows is 0)")
