@@ -87,6 +87,10 @@ def _version(body: bytes) -> str | None:
         return None
 
 
+#: The first port of Linux's default ephemeral range (net.ipv4.ip_local_port_range).
+EPHEMERAL_PORTS_START = 32768
+
+
 def service_config(
     store: Path,
     http_port: int,
@@ -97,7 +101,9 @@ def service_config(
 ) -> dict[str, Any]:
     """A small CPU service for ``Service``: fits a 2-CPU local Ray (0.5 CPU per replica);
     the gRPC port is the HTTP port + 1000, the metrics port the HTTP port + 1. ``model`` adds
-    or overrides model fields."""
+    or overrides model fields. Every port stays below the kernel's ephemeral range, where an
+    outgoing connection may hold any port (CI saw it: a gRPC port in use)."""
+    assert http_port + 1000 < EPHEMERAL_PORTS_START, f"{http_port}: pick a lower port"
     return {
         "models": [
             {

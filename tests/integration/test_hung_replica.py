@@ -11,9 +11,10 @@ import signal
 import time
 from pathlib import Path
 
+from tests.integration.conftest import PORT_OFFSET
 from tests.processes import Load, Service, service_config
 
-HTTP = 32410
+HTTP = 26410 + PORT_OFFSET
 FREEZE_S = 15.0
 
 

@@ -63,6 +63,11 @@ EXPECTED: list[tuple[str, dict[str, str], float]] = [
     ("ray_mpsserve_mps_clients", {"node": NODE, "gpu": "all"}, 3),
     ("ray_mpsserve_warmup_requests_total", {"version": "2", "source": "file"}, 3),
     ("ray_mpsserve_warmup_seconds_total", {"version": "2", "source": "file"}, 0.5),
+    ("ray_mpsserve_embedding_ids_total", {"table": "cat", "level": "requested"}, 200),
+    ("ray_mpsserve_embedding_ids_total", {"table": "cat", "level": "node_cache"}, 120),
+    ("ray_mpsserve_embedding_ids_total", {"table": "cat", "level": "store"}, 80),
+    ("ray_mpsserve_embedding_lookup_duration_seconds_count", {"model": "rec"}, 2),
+    ("ray_mpsserve_embedding_store_errors_total", {"model": "rec"}, 1),
 ]
 
 
@@ -85,6 +90,10 @@ def record_known_values(state_dir: Path) -> None:
     metrics.count_swap("rec", "2")
     metrics.set_cpu_ops("rec", "2", 4)
     metrics.observe_warmup("rec", "2", "file", 3, 0.5)
+    for _ in range(2):
+        metrics.observe_embedding_lookup("rec", 0.004, {"cat": (100, 60, 40)})
+    metrics.count_embedding_store_error("rec")
+    metrics.flush_counts()  # the summed counts, as a replica's health check flushes them
     servers = {"100": [11, 12, 13]}
     write_state(state_dir, NodeState(node=NODE, up=True, restarts=2, servers=servers))
     NodeSampler(state_dir, node=NODE).sample()

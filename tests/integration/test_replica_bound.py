@@ -12,9 +12,10 @@ from pathlib import Path
 
 import requests
 
+from tests.integration.conftest import PORT_OFFSET
 from tests.processes import Service, service_config
 
-HTTP = 32510
+HTTP = 26510 + PORT_OFFSET
 LIMIT = 2
 CLIENTS = 24
 LOAD_S = 8.0
