@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -48,7 +49,11 @@ MODELS = ("rec", "rec_split")
 
 
 def service(args: argparse.Namespace, store: Path, nodes: list[str]) -> dict[str, Any]:
-    placement: dict[str, Any] = {"cpu_replicas": args.cpu_replicas, "cpus_per_replica": 1}
+    placement: dict[str, Any] = {
+        "cpu_replicas": args.cpu_replicas,
+        "cpus_per_replica": args.cpus_per_replica,
+        "gpu_share": 0.5,  # the two models share each GPU half and half
+    }
     if args.replicas_per_gpu:
         placement["replicas_per_gpu"] = args.replicas_per_gpu
     model = {"runtime": args.format, "max_rows": 4096, "placement": placement}
@@ -68,8 +73,10 @@ def service(args: argparse.Namespace, store: Path, nodes: list[str]) -> dict[str
     }
 
 
-def serve(config: Path, timeout_s: float) -> subprocess.Popen[str]:
-    """``mpsserve serve``, once its banner says it serves; its output echoed meanwhile."""
+def serve(config: Path, timeout_s: float, log: Path) -> subprocess.Popen[str]:
+    """``mpsserve serve``, once its banner says it serves; its output echoed until then, and
+    copied to ``log`` after (a thread keeps reading it, so serve never blocks on a full
+    pipe)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "mpsserve.ops.cli", "serve", "--config", str(config)],
         cwd=config.parent,
@@ -84,18 +91,26 @@ def serve(config: Path, timeout_s: float) -> subprocess.Popen[str]:
     for line in proc.stdout:
         print(f"  serve: {line.rstrip()}", flush=True)
         if "Ctrl-C stops" in line:
+            threading.Thread(target=_copy, args=(proc, log), daemon=True).start()
             return proc
         if time.monotonic() > deadline:
-            break
-    stop(proc)
-    raise SystemExit(f"mpsserve serve did not start within {timeout_s:g}s")
+            stop(proc)
+            raise SystemExit(f"mpsserve serve did not start within {timeout_s:g}s")
+    raise SystemExit(f"mpsserve serve exited ({proc.wait()}) before it served")
+
+
+def _copy(proc: subprocess.Popen[str], log: Path) -> None:
+    assert proc.stdout is not None
+    with log.open("a") as out:
+        for line in proc.stdout:
+            out.write(line)
 
 
 def stop(proc: subprocess.Popen[str]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.communicate(timeout=120)
+            proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
 
@@ -179,6 +194,7 @@ def main() -> None:
     parser.add_argument("--zipf-exponent", type=float, default=1.05)
     parser.add_argument("--cache-rows", type=int, default=1 << 20)
     parser.add_argument("--cpu-replicas", type=int, default=1)
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0)
     parser.add_argument("--replicas-per-gpu", type=int, default=0)
     parser.add_argument("--http-port", type=int, default=28900)
     parser.add_argument("--nodes", nargs="*", default=[])
@@ -199,7 +215,7 @@ def main() -> None:
         print(f"published the tables in {time.monotonic() - started:.1f}s to {nodes}")
         config = Path(tmp) / "service.yaml"
         config.write_text(yaml.safe_dump(service(args, store, nodes)))
-        proc = serve(config, args.start_timeout_s)
+        proc = serve(config, args.start_timeout_s, args.out / "serve.log")
         metrics_url = f"http://127.0.0.1:{args.http_port + 2}/metrics"
         try:
             for model in MODELS:
