@@ -5,7 +5,9 @@ Cluster path is tests/integration/test_split_model.py)."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +181,68 @@ def test_pooling_matches_a_loop() -> None:
     means = sums / np.maximum(lengths, 1)[:, None]
     np.testing.assert_allclose(pool_segments(values, lengths, mean=True), means, atol=1e-6)
     assert not pool_segments(values, lengths, mean=True)[[0, 3]].any()
+
+
+class TwoVersions:
+    """A store double with a base and a delta of it, whose fetch of ``cat`` (the first
+    feature) from the base waits at ``gate``: a swap then lands in the middle of a request."""
+
+    def __init__(self, base: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> None:
+        self.tables = {TAG: base, f"{TAG}.1": delta}
+        infos = {n: TableInfo(len(t), t.shape[1], 256) for n, t in base.items()}
+        self.records = {
+            TAG: VersionRecord(TAG, infos, state="complete"),
+            f"{TAG}.1": VersionRecord(f"{TAG}.1", infos, state="complete", base=TAG),
+        }
+        self.gate, self.waiting = threading.Event(), threading.Event()
+
+    def require(self, version: str, dims: Mapping[str, int | None] | None = None) -> VersionRecord:
+        return self.records[version]
+
+    def dims(self, version: str) -> dict[str, int]:
+        return {name: table.shape[1] for name, table in self.tables[version].items()}
+
+    def fetch(self, version: str, table: str, unique: np.ndarray) -> np.ndarray:
+        if version == TAG and table == "cat" and not self.gate.is_set():
+            self.waiting.set()
+            assert self.gate.wait(30)
+        return self.tables[version][table][unique]
+
+    def newest_descendant(self, version: str) -> str | None:
+        return f"{TAG}.1"
+
+    def chain(self, version: str) -> list[VersionRecord]:
+        record = self.records[version]
+        return [record] if record.base is None else [record, self.records[record.base]]
+
+    def store(self) -> TwoVersions:  # the tier's face too
+        return self
+
+    def lookup(
+        self, version: str, dims: Mapping[str, int | None], previous: object = None
+    ) -> EmbeddingLookup:
+        return EmbeddingLookup(self, self.records[version], {})
+
+
+def test_a_request_in_flight_when_a_delta_arrives_uses_one_version(split_store: Path) -> None:
+    base = demo_tables(SMALL, SEED)
+    changed = {name: -table for name, table in base.items()}  # every row differs
+    source = TwoVersions(base, changed)
+    manifest = SplitManifest.read(split_store / "1")
+    assert manifest is not None
+    dnn = load_runtime("tensorflow", split_store / "1", RuntimeOptions(device="cpu"))
+    runtime = SplitRuntime(dnn, manifest, source.lookup(TAG, {}), "rec", source)  # type: ignore[arg-type]
+    request = make_request(SMALL, rows=100, seed=8)
+    prepared = prepare_inputs(runtime.signature, request, max_rows=1000)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(runtime.predict, prepared)  # waits in cat's fetch
+        assert source.waiting.wait(30)
+        assert runtime.refresh() == f"{TAG}.1"  # the delta swaps in meanwhile
+        source.gate.set()
+        during = pending.result(timeout=60)["score"]
+    weights = make_weights(SMALL, SEED)
+    # history too came from the base, though the delta was served when it was looked up
+    assert np.max(np.abs(during - reference(SMALL, weights, request))) <= 1e-4
+    weights.cat_tables, weights.history_table = changed["cat"], changed["history"]
+    after = runtime.predict(prepared)["score"]
+    assert np.max(np.abs(after - reference(SMALL, weights, request))) <= 1e-4  # all delta
