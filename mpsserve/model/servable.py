@@ -501,6 +501,16 @@ class Servable:
     def stop(self) -> None:
         self._watcher.stop()
 
+    def shutdown(self) -> None:
+        """The process ends: stop watching, and let go of what outlives the process (a split
+        model's node cache files, removed by their last user, and its leases in the store)."""
+        self.stop()
+        current = self._current
+        if current is not None and isinstance(current.runtime, SplitRuntime):
+            current.runtime.lookup.retire()
+        if self.embeddings is not None:
+            self.embeddings.close()
+
     # -- requests -------------------------------------------------------------------------
 
     def infer(

@@ -486,6 +486,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         remove_record(app, os.getpid())
         _stop_ray(head)
         _stop_mps(config)
+        _sweep_node_cache(config)
     print("stopped.")
     return 0
 
@@ -557,6 +558,24 @@ def _metrics_line(config: ServiceConfig) -> str:
         f"  metrics:          {url}  (Prometheus text format)\n"
         f"                    Prometheus targets: {discovery_path(config.ray.app_name)}\n"
     )
+
+
+def _sweep_node_cache(config: ServiceConfig) -> None:
+    """The embedding node cache's files no process holds any more (replicas that Ray ended
+    without their shutdown), so that a stopped service leaves nothing in /dev/shm."""
+    if config.embeddings is None:
+        return
+    from mpsserve.embeddings.lookup import node_cache_dir
+    from mpsserve.embeddings.node_cache import sweep
+
+    directory = node_cache_dir(config.embeddings)
+    try:
+        removed = sweep(directory) if directory.exists() else []
+    except OSError as exc:
+        print(f"cannot sweep the embedding node cache {directory}: {exc}", flush=True)
+        return
+    if removed:
+        print(f"removed {len(removed)} embedding node cache file(s) from {directory}", flush=True)
 
 
 def _stop_mps(config: ServiceConfig) -> None:

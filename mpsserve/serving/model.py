@@ -326,7 +326,7 @@ class ModelReplica:
             server.refuse("the replica is shutting down")
             server.stop()
         metrics.flush_counts()
-        self._servable.stop()
+        self._servable.shutdown()
 
 
 DRAIN_BEFORE_SWAP_S = 0.5  # most a swap waits for the requests in flight here

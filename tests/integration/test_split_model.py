@@ -238,6 +238,8 @@ def test_new_embeddings_swap_in_under_load_without_a_failed_request(
         report = service.status()
         cli_text = service.cli("status").stdout
     failed = [o for o in load.outcomes if not o.ok]
+    # stopped: the node cache's files are gone from the node (nothing left in its tmpfs)
+    assert not list((tmp_path / "node-cache").rglob("*.rows")), service.output[-2000:]
     delta_failed = [o for o in delta_load.outcomes if not o.ok]
     print(f"{len(delta_load.outcomes)} requests while the delta was published, "
           f"{len(delta_failed)} failed")  # fmt: skip
