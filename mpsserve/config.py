@@ -895,12 +895,16 @@ class SharedConfig(_Strict):
         return cls.model_validate(config.as_deployed().model_dump(exclude={"models"}))
 
 
+def field_errors(error: ValidationError) -> list[str]:
+    """Each of ``error``'s problems as ``path.to.field: message`` (``(top level)``: the whole)."""
+    return [
+        f"{'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}"
+        for item in error.errors()
+    ]
+
+
 def _describe(error: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
-    for item in error.errors():
-        path = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        lines.append(f"  {path}: {item['msg']}")
-    return "\n".join(lines)
+    return "\n".join([f"invalid config {source}:", *(f"  {e}" for e in field_errors(error))])
 
 
 def parse_config(data: object, source: str = "<dict>", check_files: bool = True) -> ServiceConfig:

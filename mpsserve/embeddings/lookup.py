@@ -137,12 +137,12 @@ class EmbeddingTier:
     """This process's way to the embedding tier: one store connection (made on first use,
     shared by every version's lookup) and the node cache's directory."""
 
-    def __init__(self, config: EmbeddingsConfig) -> None:
+    def __init__(self, config: EmbeddingsConfig, min_lease_ttl_s: float = 0.0) -> None:
         self.config = config
         self.cache_dir = node_cache_dir(config)
         # its name in leases: the process, and which tier of it
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{next(_TIERS)}"
-        self.lease_ttl_s = config.lease_ttl_s
+        self.lease_ttl_s = max(config.lease_ttl_s, min_lease_ttl_s)
         self._store: EmbeddingStore | None = None
         self._lock = threading.Lock()
         self._swept = False

@@ -172,7 +172,7 @@ class NodeCache:
         found = keys.take(slots)
         values = rows.take(slots)
         after = seq.take(slots)
-        hit = (before == after) & (before > 0) & ((before & 1) == 0) & (found == ids)
+        hit = _steady(before, after) & (found == ids)
         return values.view(ROW_DTYPE).reshape(*ids.shape, self.dim), hit
 
     def put(self, ids: np.ndarray, rows: np.ndarray) -> None:
@@ -221,7 +221,7 @@ class NodeCache:
                 their_keys = theirs[1][part].copy()
                 their_rows = theirs[2][part].copy()
                 after = theirs[0][part]
-                valid = (before == after) & (before > 0) & ((before & 1) == 0)
+                valid = _steady(before, after)
                 valid &= ~np.isin(their_keys, forget)
                 keys[part] = their_keys
                 values[part] = their_rows
@@ -235,7 +235,7 @@ class NodeCache:
         filled = 0
         for start in range(0, self.capacity, STATS_CHUNK):
             part = seq[start : start + STATS_CHUNK]
-            filled += int(np.count_nonzero((part > 0) & ((part & 1) == 0)))
+            filled += int(np.count_nonzero(_written(part)))
         return {
             "path": str(self.path),
             "dim": self.dim,
@@ -370,6 +370,16 @@ def _views(buffer: mmap.mmap, dim: int, capacity: int) -> tuple[np.ndarray, ...]
     keys = np.frombuffer(buffer, ID_DTYPE, capacity, HEADER_BYTES + 8 * capacity)
     row = np.dtype((np.void, dim * ROW_DTYPE.itemsize))
     return seq, keys, np.frombuffer(buffer, row, capacity, HEADER_BYTES + 16 * capacity)
+
+
+def _written(seq: np.ndarray) -> np.ndarray:
+    """Slots holding a row: written (> 0) and no write under way (even)."""
+    return (seq > 0) & ((seq & 1) == 0)
+
+
+def _steady(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Slots read consistently: written, and unchanged between the reads before and after."""
+    return (before == after) & _written(before)
 
 
 def _last_per_slot(

@@ -181,10 +181,8 @@ class EmbeddingStore:
         needed |= self.pins() | set(self.leases())
         needed |= {r.version for r in records if not r.complete}  # their bases stay too
         for tag in list(needed):
-            record = by_tag.get(tag)
-            while record is not None and record.base is not None:
-                needed.add(record.base)
-                record = by_tag.get(record.base)
+            if tag in by_tag:
+                needed.update(_bases(by_tag[tag], by_tag))
         doomed = [r for r in complete if r.version not in needed]
         depth = {r.version: len(_bases(r, by_tag)) for r in doomed}
         return sorted(doomed, key=lambda r: -depth[r.version])
@@ -477,7 +475,7 @@ class EmbeddingStore:
         for record in records.values():
             if not record.complete or record.version == version:
                 continue
-            if _descends(record, version, records) and (
+            if version in _bases(record, records) and (
                 best is None or (record.created, record.version) > (best.created, best.version)
             ):
                 best = record
@@ -537,19 +535,6 @@ def _bases(record: VersionRecord, records: Mapping[str, VersionRecord]) -> list[
             break
         record = parent
     return bases
-
-
-def _descends(record: VersionRecord, ancestor: str, records: Mapping[str, VersionRecord]) -> bool:
-    """Whether ``ancestor`` is on ``record``'s chain of bases."""
-    seen = 0
-    while record.base is not None and seen <= MAX_CHAIN:
-        if record.base == ancestor:
-            return True
-        parent = records.get(record.base)
-        if parent is None:
-            return False
-        record, seen = parent, seen + 1
-    return False
 
 
 @contextlib.contextmanager

@@ -132,11 +132,11 @@ class Servable:
         self.config = config
         #: The embedding tier, for split versions (``model.split``); None: the service has no
         #: ``embeddings:`` section, and a split version fails to load saying so.
-        self.embeddings = EmbeddingTier(embeddings) if embeddings is not None else None
-        if self.embeddings is not None:  # renewed at each poll: outlive three of them
-            self.embeddings.lease_ttl_s = max(
-                self.embeddings.lease_ttl_s, 3 * config.poll_interval_s
-            )
+        self.embeddings = (  # leases are renewed at each poll: they outlive three of them
+            EmbeddingTier(embeddings, min_lease_ttl_s=3 * config.poll_interval_s)
+            if embeddings is not None
+            else None
+        )
         self.policy = config.version_policy
         self.replica = f"{socket.gethostname()}:{os.getpid()}"  # the label in metrics
         self.options = RuntimeOptions(

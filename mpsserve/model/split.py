@@ -35,6 +35,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mpsserve import metrics
+from mpsserve.config import field_errors
 from mpsserve.embeddings.layout import NAME
 from mpsserve.embeddings.lookup import Counts, EmbeddingLookup, EmbeddingTier
 from mpsserve.errors import EmbeddingStoreError, ModelLoadError
@@ -143,7 +144,7 @@ class SplitManifest(BaseModel):
         try:
             return cls.model_validate(json.loads(path.read_text()))
         except (OSError, ValueError) as exc:
-            detail = _first_error(exc) if isinstance(exc, ValidationError) else str(exc)
+            detail = field_errors(exc)[0] if isinstance(exc, ValidationError) else str(exc)
             raise ModelLoadError(f"{path} is not a valid split-model manifest: {detail}") from exc
 
     def signature(self, dnn: Signature, dims: Mapping[str, int]) -> Signature:
@@ -159,11 +160,6 @@ class SplitManifest(BaseModel):
             concat = feature.combiner == "concat" and spec.shape[1] != -1
             inputs += feature.id_inputs(spec.shape[1] // dims[feature.table] if concat else -1)
         return Signature.build(inputs, list(dnn.outputs))
-
-
-def _first_error(exc: ValidationError) -> str:
-    item = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}"
 
 
 class SplitRuntime(ModelRuntime):
