@@ -30,7 +30,7 @@ import numpy as np
 from mpsserve.config import EmbeddingsConfig
 from mpsserve.embeddings.layout import ID_DTYPE
 from mpsserve.embeddings.node_cache import NodeCache, cache_capacity, sweep
-from mpsserve.embeddings.registry import VersionRecord
+from mpsserve.embeddings.registry import TableInfo, VersionRecord
 from mpsserve.embeddings.store import EmbeddingStore
 from mpsserve.errors import EmbeddingCacheError, EmbeddingStoreError
 
@@ -174,11 +174,27 @@ class EmbeddingTier:
         lookup.on_close = self._closed
         if self.config.node_cache_rows == 0:
             return lookup
+        try:
+            self._open_caches(lookup, {table: full[table] for table in dims}, previous)
+        except BaseException:  # a store error while seeding: let go of what it holds
+            lookup.close()
+            raise
+        return lookup
+
+    def _open_caches(
+        self,
+        lookup: EmbeddingLookup,
+        tables: Mapping[str, TableInfo],
+        previous: EmbeddingLookup | None,
+    ) -> None:
+        """Each table's node cache (none where it cannot be opened: ``cache_problem``), a
+        delta's seeded from ``previous`` when that is its base."""
         self._sweep_once()
-        for table in dims:
-            capacity = cache_capacity(full[table].rows, self.config.node_cache_rows)
+        version = lookup.version
+        for table, info in tables.items():
+            capacity = cache_capacity(info.rows, self.config.node_cache_rows)
             try:
-                cache = NodeCache.open(self.cache_dir, version, table, full[table].dim, capacity)
+                cache = NodeCache.open(self.cache_dir, version, table, info.dim, capacity)
             except EmbeddingCacheError as exc:
                 lookup.cache_problem = exc.message
                 logger.warning(
@@ -186,9 +202,8 @@ class EmbeddingTier:
                 )
                 continue
             lookup.caches[table] = cache
-            if previous is not None and record.base == previous.version:
+            if previous is not None and lookup.record.base == previous.version:
                 self._seed(cache, previous, version, table)
-        return lookup
 
     def _seed(self, cache: NodeCache, previous: EmbeddingLookup, version: str, table: str) -> None:
         """A delta's node cache starts as its base's, less the rows the delta changes."""

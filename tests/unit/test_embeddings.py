@@ -246,3 +246,50 @@ def test_the_node_cache_room_is_checked_against_the_largest_version(tmp_path: Pa
     assert not room and "raise its size or lower node_cache_rows" in detail
     off = config.model_copy(update={"node_cache_rows": 0})
     assert node_cache_room(off, [huge]) == (True, "off (embeddings.node_cache_rows is 0)")
+
+
+def test_a_lookup_that_fails_while_seeding_lets_go_of_its_caches_and_leases(
+    tmp_path: Path,
+) -> None:
+    from mpsserve.embeddings.lookup import EmbeddingTier
+    from mpsserve.errors import EmbeddingStoreError
+
+    infos = {"t": TableInfo(100, 4, 256)}
+    records = {
+        "v1": VersionRecord("v1", infos, state="complete"),
+        "v1.1": VersionRecord("v1.1", infos, state="complete", base="v1"),
+    }
+
+    class Store:
+        def __init__(self) -> None:
+            self.released: list[str] = []
+
+        def require(self, version: str, dims: object = None) -> VersionRecord:
+            return records[version]
+
+        def chain(self, version: str) -> list[VersionRecord]:
+            return [records[v] for v in (["v1.1", "v1"] if version == "v1.1" else ["v1"])]
+
+        def dims(self, version: str) -> dict[str, int]:
+            return {"t": 4}
+
+        def lease(self, versions: list[str], holder: str, ttl_s: float) -> None:
+            pass
+
+        def release(self, versions: list[str], holder: str) -> None:
+            self.released += versions
+
+        def changed_ids(self, version: str, table: str) -> np.ndarray:
+            raise EmbeddingStoreError("embedding store: a shard is down")
+
+    config = EmbeddingsConfig(nodes=["127.0.0.1:7000"], node_cache_dir=str(tmp_path))
+    tier = EmbeddingTier(config)
+    store = Store()
+    tier._store = store  # type: ignore[assignment]
+    base = tier.lookup("v1", {"t": None})
+    with pytest.raises(EmbeddingStoreError, match="a shard is down"):
+        tier.lookup("v1.1", {"t": None}, previous=base)
+    assert store.released == ["v1.1"]  # v1 is still used by the base's lookup
+    assert [p.name for p in tier.cache_dir.glob("*.rows")] == ["v1.t.d4.c128.rows"]
+    base.close()
+    assert not list(tier.cache_dir.glob("*.rows")) and store.released == ["v1.1", "v1"]
