@@ -147,6 +147,20 @@ class SplitManifest(BaseModel):
             detail = field_errors(exc)[0] if isinstance(exc, ValidationError) else str(exc)
             raise ModelLoadError(f"{path} is not a valid split-model manifest: {detail}") from exc
 
+    def embed(
+        self, lookup: EmbeddingLookup, inputs: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, Counts]]:
+        """Each feature's pooled rows from ``lookup``, by the DNN input they go to, and per
+        table the counts (distinct ids, node-cache hits, fetched from the store)."""
+        pooled: dict[str, np.ndarray] = {}
+        counts: dict[str, Counts] = {}
+        for feature in self.features:
+            ids = inputs[feature.input + VALUES_SUFFIX if feature.ragged else feature.input]
+            rows, counted = lookup.rows(feature.table, feature.table_ids(ids))
+            counts[feature.table] = _added(counts.get(feature.table), counted)
+            pooled[feature.output] = feature.pooled(rows, inputs)
+        return pooled, counts
+
     def signature(self, dnn: Signature, dims: Mapping[str, int]) -> Signature:
         """The served signature: the DNN's, each feature's output replaced by its ids (a
         concat feature's columns are its DNN input's width over its table's ``dims``)."""
@@ -211,19 +225,14 @@ class SplitRuntime(ModelRuntime):
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         dnn_inputs = {k: v for k, v in inputs.items() if self.dnn.signature.input(k) is not None}
-        counts: dict[str, Counts] = {}
         try:
             with self.lookup.using() as lookup:  # one embedding version for the whole request
-                for feature in self.manifest.features:
-                    ids = inputs[feature.input + VALUES_SUFFIX if feature.ragged else feature.input]
-                    rows, counted = lookup.rows(feature.table, feature.table_ids(ids))
-                    counts[feature.table] = _added(counts.get(feature.table), counted)
-                    dnn_inputs[feature.output] = feature.pooled(rows, inputs)
+                pooled, counts = self.manifest.embed(lookup, inputs)
         except EmbeddingStoreError:
             metrics.count_embedding_store_error(self.model)
             raise
         metrics.observe_embedding_lookup(self.model, time.perf_counter() - started, counts)
-        return self.dnn.predict(dnn_inputs)
+        return self.dnn.predict({**dnn_inputs, **pooled})
 
     def refresh(self) -> str | None:
         """Move to the newest delta published on top of the manifest's embedding version, if
